@@ -1,5 +1,525 @@
-"""Placeholder until generate.py lands (issue 6): says so instead of failing obscurely."""
+"""Text-, image- and video-to-video with CogVideoX: the command line and the Python API.
+
+    python generate.py --prompt "a red circle moving right on a black background"
+    python generate.py --model CogVideoX-5b-I2V --image cat.png --prompt "a cat turns its head"
+    python generate.py --model CogVideoX-5b --video in.mp4 --strength 0.7 --prompt "the same scene in winter"
+
+The flow, top to bottom in `generate()`: tokenize -> T5 (prompt and negative prompt) -> initial noise from the seed
+(after the VAE posterior sample of the conditioning image/video, the order diffusers uses, so one seed gives the same
+video here and there) -> the sampler loop with classifier-free guidance -> VAE decode -> frames in [0, 1] -> file.
+
+Legend: B batch, F latent frames, C channels, H/W height/width (latent unless said "pixel"), L text tokens.
+"""
+import argparse
+import dataclasses
+import math
+import os
 import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoint import CheckpointError, read_json
+from model import CogVideoXTransformer, load_transformer
+from sampler import SchedulerConfig, add_noise, denoise, load_scheduler_config, make_sampler
+from text_encoder import T5Encoder, Tokenizer, load_text_encoder
+from vae import CogVideoXVAE, load_vae, sample_posterior
+
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "shapes-tiny")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading a snapshot
+
+
+@dataclass
+class ModelInfo:
+    """What a snapshot is and the defaults it implies (the official cards: 49 frames at 480x720, 8 fps for 1.0;
+    81 frames at 768x1360, 16 fps for 1.5)."""
+    path: str
+    is_i2v: bool            # the transformer takes [noise; image latents] on channels
+    is_v15: bool            # CogVideoX 1.5: patch_size_t = 2, 16k+1 frames
+    num_frames: int
+    height: int
+    width: int
+    fps: int
+    frame_multiple: int     # valid frame counts are frame_multiple * k + 1
+    temporal_compression: int
+    spatial_compression: int
+
+
+@dataclass
+class Pipeline:
+    tokenizer: Tokenizer
+    text_encoder: T5Encoder
+    transformer: CogVideoXTransformer
+    vae: CogVideoXVAE
+    scheduler: SchedulerConfig
+    info: ModelInfo
+    device: torch.device
+    dtype: torch.dtype
+    offload: bool = False   # keep each stage on the CPU until it runs (T5, then transformer, then VAE)
+
+
+def resolve_model_path(model: str | None) -> str:
+    """A local snapshot folder; the bundled demo model when None; a Hub repo id only if huggingface_hub is installed."""
+    if model is None:
+        if not os.path.isdir(DEMO_MODEL):
+            raise ValueError(f"the bundled demo model is missing ({DEMO_MODEL}); pass --model PATH to a CogVideoX snapshot")
+        print(f"using the bundled demo model {os.path.relpath(DEMO_MODEL)} (tiny, trained on moving shapes); pass --model for a real one")
+        return DEMO_MODEL
+    if os.path.isdir(model):
+        return model
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download  # optional: never a requirement
+        except ImportError:
+            pass
+        else:
+            return snapshot_download(model)
+    name = os.path.basename(model.rstrip("/")) or "CogVideoX-2b"
+    raise ValueError(f"model folder not found: {model}. Download a snapshot first, e.g. "
+                     f"`huggingface-cli download THUDM/{name} --local-dir {model}`")
+
+
+def model_info(path: str, transformer_config, vae_config) -> ModelInfo:
+    is_v15 = transformer_config.patch_size_t is not None
+    spatial = 2 ** (len(vae_config.block_out_channels) - 1)
+    if is_v15 and transformer_config.sample_height == 300:  # official 1.5: sample size is the max RoPE grid, not a default
+        height, width, fps = 768, 1360, 16
+    else:
+        height, width = transformer_config.sample_height * spatial, transformer_config.sample_width * spatial
+        fps = 16 if is_v15 else 8
+    return ModelInfo(path=path, is_i2v=transformer_config.in_channels == 2 * transformer_config.out_channels,
+                     is_v15=is_v15, num_frames=transformer_config.sample_frames, height=height, width=width, fps=fps,
+                     frame_multiple=16 if is_v15 else 8,
+                     temporal_compression=vae_config.temporal_compression_ratio, spatial_compression=spatial)
+
+
+def load_pipeline(path: str, dtype=torch.float32, device="cpu", offload: bool = False) -> Pipeline:
+    """Load every component of a CogVideoX snapshot folder (the official Hugging Face layout)."""
+    device = torch.device(device)
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not os.path.isdir(os.path.join(path, sub)):
+            raise CheckpointError(f"{path} is not a CogVideoX snapshot: the folder {sub}/ is missing")
+    where = torch.device("cpu") if offload else device
+    transformer = load_transformer(os.path.join(path, "transformer"), dtype=dtype, device=where)
+    vae = load_vae(os.path.join(path, "vae"), dtype=dtype, device=where)
+    pipe = Pipeline(tokenizer=Tokenizer(os.path.join(path, "tokenizer")),
+                    text_encoder=load_text_encoder(os.path.join(path, "text_encoder"), dtype=dtype, device=where),
+                    transformer=transformer, vae=vae,
+                    scheduler=load_scheduler_config(os.path.join(path, "scheduler")),
+                    info=model_info(path, transformer.config, vae.config), device=device, dtype=dtype, offload=offload)
+    return pipe
+
+
+class on_device:
+    """With offload, move a stage to the compute device for the duration of a `with` block, then back to the CPU."""
+
+    def __init__(self, pipe: Pipeline, module: nn.Module):
+        self.pipe, self.module = pipe, module
+
+    def __enter__(self):
+        if self.pipe.offload:
+            self.module.to(self.pipe.device)
+        return self.module
+
+    def __exit__(self, *exc):
+        if self.pipe.offload:
+            self.module.to("cpu")
+            if self.pipe.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Weight-only int8: about half the memory of bf16 for the transformer's linear layers
+
+
+class Int8Linear(nn.Module):
+    """A Linear whose weight is stored as int8 with one scale per output channel (symmetric, absmax/127); it is
+    dequantized to the activation dtype one layer at a time, so only one layer's full-precision weight is ever live."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0                   # (out,)
+        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None], self.bias)
+
+
+def quantize_int8(module: nn.Module) -> nn.Module:
+    """Replace every nn.Linear inside `module` by an Int8Linear, in place."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, Int8Linear(child))
+        else:
+            quantize_int8(child)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs and outputs
+
+
+def read_image(path: str) -> torch.Tensor:
+    """An image file -> (3, H, W) float in [0, 1]."""
+    import imageio.v3 as iio
+    try:
+        img = np.asarray(iio.imread(path))
+    except Exception as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    if img.ndim != 3 or img.shape[-1] not in (3, 4):
+        raise ValueError(f"image {path} has shape {img.shape}, expected (H, W, 3) RGB")
+    return torch.from_numpy(img[..., :3].copy()).permute(2, 0, 1).float() / 255.0
+
+
+def read_video(path: str) -> torch.Tensor:
+    """A video file (mp4, gif, ...) -> (F, 3, H, W) float in [0, 1]."""
+    import imageio.v3 as iio
+    try:
+        frames = np.asarray(iio.imread(path, index=None))
+    except Exception as e:
+        raise ValueError(f"cannot read video {path}: {e}") from None
+    if frames.ndim != 4 or frames.shape[-1] not in (3, 4):
+        raise ValueError(f"video {path} has shape {frames.shape}, expected (F, H, W, 3)")
+    return torch.from_numpy(frames[..., :3].copy()).permute(0, 3, 1, 2).float() / 255.0
+
+
+def resize(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, 3, h, w) in [0, 1] -> (N, 3, height, width): scale to cover, then centre-crop (no-op at the right size)."""
+    h, w = frames.shape[-2:]
+    if (h, w) == (height, width):
+        return frames
+    s = max(height / h, width / w)
+    nh, nw = max(height, round(h * s)), max(width, round(w * s))
+    frames = F.interpolate(frames, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return frames[..., top:top + height, left:left + width]
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """(F, 3, H, W) in [0, 1] -> (F, H, W, 3) uint8, truncating like diffusers' export_to_video."""
+    return (frames.permute(0, 2, 3, 1).float().cpu().numpy() * 255).astype(np.uint8)
+
+
+def contact_sheet(frames: np.ndarray, columns: int = 8) -> np.ndarray:
+    """(F, H, W, 3) uint8 -> one image of the frames in a grid, 2-pixel gaps, for a quick look at a video."""
+    n, h, w, _ = frames.shape
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    sheet = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, np.uint8)
+    for i, f in enumerate(frames):
+        r, c = divmod(i, cols)
+        sheet[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = f
+    return sheet
+
+
+def _atomic(path: str, write) -> None:
+    """Write through a temporary name in the same folder, then rename: a crash never leaves a partial file."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    stem, ext = os.path.splitext(name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=ext, dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_video(frames: torch.Tensor, path: str, fps: int) -> list[str]:
+    """(F, 3, H, W) in [0, 1] -> .mp4, .gif or a folder of PNGs (any other path), plus `<stem>.png` contact sheet
+    beside it. Returns the paths written."""
+    import imageio
+    import imageio.v3 as iio
+    arr = to_uint8(frames)
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".mp4":
+        _atomic(path, lambda p: imageio.mimwrite(p, list(arr), fps=fps, format="FFMPEG"))
+        sheet = os.path.splitext(path)[0] + ".png"
+    elif ext == ".gif":
+        _atomic(path, lambda p: iio.imwrite(p, arr, duration=1000 / fps, loop=0))
+        sheet = os.path.splitext(path)[0] + ".png"
+    elif ext == "":
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", dir=parent)
+        for i, f in enumerate(arr):
+            iio.imwrite(os.path.join(tmp, f"{i:04d}.png"), f)
+        if os.path.isdir(path):
+            import shutil
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        sheet = path.rstrip("/") + ".png"
+    else:
+        raise ValueError(f"output {path}: use .mp4, .gif, or a folder name (no extension) for PNG frames")
+    _atomic(sheet, lambda p: iio.imwrite(p, contact_sheet(arr), extension=".png"))
+    return [path, sheet]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def check_request(info: ModelInfo, num_frames: int, height: int, width: int, image=None, video=None) -> None:
+    """Reject what the model cannot take before any heavy work, with a message saying how to fix it."""
+    m = info.frame_multiple
+    if num_frames < 1 or (num_frames - 1) % m:
+        lo = (num_frames - 1) // m * m + 1
+        raise ValueError(f"num_frames={num_frames} is not valid for this model: use {m}k+1 frames "
+                         f"(e.g. {max(lo, 1)} or {max(lo, 1) + m})")
+    for name, v in (("height", height), ("width", width)):
+        if v < 16 or v % 16:
+            raise ValueError(f"{name}={v} is not a multiple of 16: use e.g. {max(16, v // 16 * 16)} or {v // 16 * 16 + 16}")
+    if image is not None and video is not None:
+        raise ValueError("give either an image (image-to-video) or a video (video-to-video), not both")
+    if image is not None and not info.is_i2v:
+        raise ValueError(f"{info.path} is a text-to-video model; image-to-video needs an I2V checkpoint (e.g. CogVideoX-5b-I2V)")
+    if image is None and info.is_i2v:
+        raise ValueError(f"{info.path} is an image-to-video model: pass an image (--image PATH)")
+    if video is not None:
+        lf = (num_frames - 1) // info.temporal_compression + 1
+        if info.is_v15 and lf % 2:
+            raise ValueError(f"video-to-video on CogVideoX 1.5 needs an even latent frame count; {num_frames} frames "
+                             f"give {lf}: use {num_frames + info.temporal_compression} frames")
+
+
+def _as_tensor(x, reader, ndim: int, what: str) -> torch.Tensor:
+    t = reader(x) if isinstance(x, (str, os.PathLike)) else torch.as_tensor(x).float()
+    if t.ndim != ndim or t.shape[-3] != 3:
+        raise ValueError(f"{what} must be a path or a tensor of {ndim} dims with 3 channels, got shape {tuple(t.shape)}")
+    return t
+
+
+@torch.no_grad()
+def encode_text(pipe: Pipeline, prompts: list[str], max_sequence_length: int) -> torch.Tensor:
+    """Prompts -> T5 last hidden states (B, L, D) in the pipeline dtype. No attention mask: CogVideoX was trained with
+    the padding tokens taking part, so they must take part here too."""
+    ids = pipe.tokenizer(prompts, max_length=max_sequence_length).to(pipe.device)   # (B, L)
+    with on_device(pipe, pipe.text_encoder) as t5:
+        return t5(ids).to(pipe.dtype)                                                 # (B, L, D)
+
+
+@torch.no_grad()
+def encode_video(pipe: Pipeline, pixels: torch.Tensor, generator: torch.Generator, tiled: bool) -> torch.Tensor:
+    """(B, 3, F, H, W) in [-1, 1] -> posterior samples (B, F', C, H', W'), one VAE call and one draw per video, in the
+    order diffusers draws them (before the initial noise)."""
+    with on_device(pipe, pipe.vae) as vae:
+        zs = [sample_posterior(*vae.encode(v[None].to(pipe.device, pipe.dtype), tiled=tiled), generator) for v in pixels]
+    return torch.cat(zs).to(pipe.dtype).permute(0, 2, 1, 3, 4)                       # (B, F', C, H', W')
+
+
+@torch.no_grad()
+def decode_latents(pipe: Pipeline, z: torch.Tensor, tiled: bool) -> torch.Tensor:
+    """Scaled latents (B, F', C, H', W') -> frames (B, F, 3, H, W) in [0, 1]."""
+    z = z.permute(0, 2, 1, 3, 4) / pipe.vae.config.scaling_factor                     # (B, C, F', H', W')
+    with on_device(pipe, pipe.vae) as vae:
+        video = vae.decode(z, tiled=tiled)                                            # (B, 3, F, H, W)
+    return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4).cpu()        # (B, F, 3, H, W)
+
+
+@torch.no_grad()
+def generate(pipe: Pipeline, prompt: str, *, negative_prompt: str = "", num_frames: int | None = None,
+             height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
+             guidance_scale: float = 6.0, use_dynamic_cfg: bool = False, sampler: str | None = None, seed: int = 42,
+             num_videos: int = 1, image=None, video=None, strength: float = 0.8, max_sequence_length: int = 226,
+             vae_tiling: bool = False, progress: bool = True, timings: dict | None = None) -> torch.Tensor:
+    """Generate `num_videos` videos for one prompt. Returns frames (num_videos, F, 3, H, W) float in [0, 1], the layout
+    of diffusers' `output_type="pt"`.
+
+    image: image-to-video (I2V checkpoints): a path or a (3, H, W) tensor in [0, 1], the first frame.
+    video: video-to-video: a path or an (F, 3, H, W) tensor in [0, 1]; `strength` in (0, 1] is how much of the
+      schedule is re-run (1 = ignore the input video, small = stay close to it).
+    The same seed gives the same video as the diffusers pipeline on the same checkpoint: one CPU generator, seeded
+    once, draws the VAE posterior samples, then the initial noise, then the DPM sampler's noise."""
+    info, dev, dtype = pipe.info, pipe.device, pipe.dtype
+    timings = {} if timings is None else timings
+    height, width = height or info.height, width or info.width
+    if image is not None:
+        image = _as_tensor(image, read_image, 3, "image")
+    if video is not None:
+        video = _as_tensor(video, read_video, 4, "video")
+        if num_frames is not None:
+            if len(video) < num_frames:
+                raise ValueError(f"the video has {len(video)} frames, fewer than num_frames={num_frames}")
+            video = video[:num_frames]
+        num_frames = len(video)
+    num_frames = num_frames or info.num_frames
+    check_request(info, num_frames, height, width, image, video)
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength={strength} must be in (0, 1]")
+    solver = sampler or "ddim"
+    schedule = make_sampler(solver, pipe.scheduler, num_inference_steps, strength if video is not None else 1.0)
+    generator = torch.Generator().manual_seed(seed)
+    cfg = guidance_scale > 1
+
+    # Text: (2B, L, D) with the negative prompt first under guidance, as the pipelines batch it.
+    t0 = time.perf_counter()
+    emb = encode_text(pipe, [negative_prompt, prompt] if cfg else [prompt], max_sequence_length)
+    text = emb.repeat_interleave(num_videos, dim=0)                                   # (B' = [2]B, L, D)
+    timings["text"] = time.perf_counter() - t0
+
+    # Latent frames; CogVideoX 1.5 patches 2 latent frames at once, so an odd count is padded at the front.
+    lf = (num_frames - 1) // info.temporal_compression + 1
+    p_t = pipe.transformer.config.patch_size_t or 1
+    pad = (p_t - lf % p_t) % p_t
+    h, w = height // info.spatial_compression, width // info.spatial_compression
+    channels = pipe.transformer.config.out_channels
+
+    # Conditioning latents first: their posterior samples come before the noise in the generator's stream.
+    t0 = time.perf_counter()
+    cond, start = None, None
+    if image is not None:
+        pixels = resize(image[None], height, width)[:, :, None] * 2 - 1              # (1, 3, 1, H, W)
+        z = encode_video(pipe, pixels.expand(num_videos, -1, -1, -1, -1), generator, vae_tiling)   # (B, 1, C, h, w)
+        vcfg = pipe.vae.config
+        z = z / vcfg.scaling_factor if vcfg.invert_scale_latents else z * vcfg.scaling_factor  # 1.5 divides (as trained)
+        cond = torch.cat([z, z.new_zeros(num_videos, lf + pad - 1, *z.shape[2:])], dim=1)  # (B, F, C, h, w)
+        cond = torch.cat([cond, cond]) if cfg else cond                                # (B', F, C, h, w)
+    if video is not None:
+        pixels = (resize(video, height, width) * 2 - 1).permute(1, 0, 2, 3)[None]      # (1, 3, F, H, W)
+        start = encode_video(pipe, pixels.expand(num_videos, -1, -1, -1, -1), generator, vae_tiling)
+        start = start * pipe.vae.config.scaling_factor                                 # (B, F, C, h, w)
+    latents = torch.randn((num_videos, lf + pad, channels, h, w), generator=generator).to(dev, dtype)  # (B, F, C, h, w)
+    if start is not None:
+        latents = add_noise(pipe.scheduler, start, latents, schedule.timesteps[0]).to(dtype)
+    ofs = torch.full((text.shape[0],), 2.0, device=dev, dtype=dtype) if pipe.transformer.config.ofs_embed_dim else None
+
+    def model(x, t):
+        x = x if cond is None else torch.cat([x, cond], dim=2)                       # (B', F, 2C, h, w) for I2V
+        return pipe.transformer(x, text, t, ofs)
+
+    with on_device(pipe, pipe.transformer):
+        latents = denoise(model, latents, schedule, guidance_scale=guidance_scale, dynamic_cfg=use_dynamic_cfg,
+                          generator=generator, progress=progress)
+    timings["denoise"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    frames = decode_latents(pipe, latents[:, pad:], vae_tiling)                       # (B, F, 3, H, W)
+    timings["decode"] = time.perf_counter() - t0
+    return frames
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports KiB
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generate a video with CogVideoX.")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--model", default=None, help="a local CogVideoX snapshot folder (default: the bundled demo model)")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--image", default=None, help="image-to-video: the first frame (I2V checkpoints)")
+    p.add_argument("--video", default=None, help="video-to-video: the input video")
+    p.add_argument("--strength", type=float, default=0.8, help="video-to-video: how much of the schedule to re-run")
+    p.add_argument("--num-frames", type=int, default=None, help="8k+1 for CogVideoX 1.0, 16k+1 for 1.5")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--dynamic-cfg", action="store_true")
+    p.add_argument("--sampler", choices=("ddim", "dpm"), default="ddim")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--num-videos", type=int, default=1)
+    p.add_argument("--fps", type=int, default=None)
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="default: fp32 on CPU; on GPU fp16 for 2b (trained in fp16), bf16 otherwise")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output", default="output.mp4", help=".mp4, .gif, or a folder name for PNG frames")
+    p.add_argument("--offload", action="store_true", help="keep each stage on the CPU until it runs")
+    p.add_argument("--vae-tiling", action="store_true", help="decode in overlapping spatial tiles (less memory)")
+    p.add_argument("--quantize", choices=("int8",), default=None, help="weight-only int8 transformer")
+    return p.parse_args(argv)
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def output_paths(output: str, n: int) -> list[str]:
+    if n == 1:
+        return [output]
+    stem, ext = os.path.splitext(output)
+    return [f"{stem}_{i}{ext}" for i in range(n)]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        # Everything that can be checked cheaply is checked before any weights are read.
+        from model import TransformerConfig
+        from vae import VAEConfig
+        from checkpoint import config_from_dict
+        path = resolve_model_path(args.model)
+        tcfg = config_from_dict(TransformerConfig, read_json(os.path.join(path, "transformer", "config.json")))
+        vcfg = config_from_dict(VAEConfig, read_json(os.path.join(path, "vae", "config.json")))
+        info = model_info(path, tcfg, vcfg)
+        image = read_image(args.image) if args.image else None
+        video = read_video(args.video) if args.video else None
+        if video is not None and args.num_frames:
+            if len(video) < args.num_frames:
+                raise ValueError(f"{args.video} has {len(video)} frames, fewer than --num-frames {args.num_frames}")
+            video = video[:args.num_frames]
+        num_frames = len(video) if video is not None else (args.num_frames or info.num_frames)
+        check_request(info, num_frames, args.height or info.height, args.width or info.width, image, video)
+        if os.path.splitext(args.output)[1].lower() not in (".mp4", ".gif", ""):
+            raise ValueError(f"--output {args.output}: use .mp4, .gif, or a folder name (no extension) for PNG frames")
+        if args.num_videos < 1 or args.steps < 1:
+            raise ValueError("--num-videos and --steps must be at least 1")
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        if args.dtype:
+            dtype = DTYPES[args.dtype]
+        elif device.type == "cpu":
+            dtype = torch.float32
+        else:
+            dtype = torch.bfloat16 if (tcfg.use_rotary_positional_embeddings or info.is_v15) else torch.float16
+
+        t0 = time.perf_counter()
+        pipe = load_pipeline(path, dtype=dtype, device=device, offload=args.offload)
+        if args.quantize == "int8":
+            quantize_int8(pipe.transformer)
+        load_s = time.perf_counter() - t0
+        timings = {}
+        frames = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, num_frames=num_frames,
+                          height=args.height, width=args.width, num_inference_steps=args.steps,
+                          guidance_scale=args.guidance, use_dynamic_cfg=args.dynamic_cfg, sampler=args.sampler,
+                          seed=args.seed, num_videos=args.num_videos, image=image, video=video,
+                          strength=args.strength, vae_tiling=args.vae_tiling, timings=timings,
+                          max_sequence_length=tcfg.max_text_seq_length)
+        written = []
+        for f, out in zip(frames, output_paths(args.output, args.num_videos)):
+            written += save_video(f, out, args.fps or info.fps)
+    except (ValueError, CheckpointError, OSError) as e:
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)  # one line: the cause, not a backtrace
+        return 2
+    print(f"wrote {', '.join(written)}")
+    print(f"load {load_s:.1f}s, text {timings['text']:.1f}s, denoise {timings['denoise']:.1f}s, "
+          f"decode {timings['decode']:.1f}s, peak memory {peak_memory_gb(pipe.device):.2f} GB")
+    return 0
+
 
 if __name__ == "__main__":
-    sys.exit("generate.py is not built yet: the pipeline (issue 6) and the bundled demo model (issue 7) are in progress.")
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""convert.py: SAT <-> official layout for the transformer and VAE, SAT LoRA export, and bad inputs.
+
+Official-layout weights come from tiny random diffusers models (save_pretrained); SAT-layout ones are made from them
+with hf2sat and checked independently against the SAT key inventory of the spec (official-repo-and-sat.md 1.3, 1.6).
+"""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+from safetensors import safe_open
+
+import convert
+import model
+import vae
+
+TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+            text_embed_dim=12, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, max_text_seq_length=6)
+FAMILIES = {  # one tiny stand-in per released variant, same switches as the real configs
+    "cogvideox-2b": {},
+    "cogvideox-5b": dict(use_rotary_positional_embeddings=True),
+    "cogvideox-5b-i2v": dict(in_channels=8, use_rotary_positional_embeddings=True,
+                             use_learned_positional_embeddings=True),
+    "cogvideox1.5-5b": dict(use_rotary_positional_embeddings=True, patch_size_t=2, patch_bias=False),
+    "cogvideox1.5-5b-i2v": dict(in_channels=8, use_rotary_positional_embeddings=True, patch_size_t=2,
+                                patch_bias=False, ofs_embed_dim=8),
+}
+TINY_VAE = dict(block_out_channels=(8, 8, 16, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4)
+SAT = convert.SAT
+
+
+def randomise(net):
+    with torch.no_grad():
+        for t in net.state_dict().values():  # parameters and persistent buffers (5b-I2V's learned table)
+            t.copy_(torch.randn_like(t) * 0.3)
+    return net
+
+
+def official_transformer(variant, folder=None):
+    net = randomise(CogVideoXTransformer3DModel(**{**TINY, **FAMILIES[variant]}))
+    if folder:
+        net.save_pretrained(folder)
+    return dict(net.config), {k: t.clone() for k, t in net.state_dict().items()}
+
+
+def official_vae(folder=None):
+    net = randomise(AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                           up_block_types=("CogVideoXUpBlock3D",) * 4, **TINY_VAE))
+    if folder:
+        net.save_pretrained(folder)
+    return dict(net.config), {k: t.clone() for k, t in net.state_dict().items()}
+
+
+@pytest.fixture
+def tiny_presets(monkeypatch):
+    """Make the CLI's --variant presets tiny, so whole conversions run in milliseconds."""
+    for v, extra in FAMILIES.items():
+        monkeypatch.setitem(model.PRESETS, v, model.TransformerConfig(**{**TINY, **extra}))
+    for v in vae.PRESETS:
+        monkeypatch.setitem(vae.PRESETS, v, dataclasses.replace(vae.PRESETS[v], **TINY_VAE))
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+# ---- round trips: official -> SAT -> official, bit for bit --------------------------------------------------
+
+@pytest.mark.parametrize("variant", FAMILIES)
+def test_transformer_round_trip(variant):
+    config, sd = official_transformer(variant)
+    back, unmatched = convert.sat_to_hf(convert.hf_to_sat(sd), config)
+    assert unmatched == []
+    assert_identical(back, sd)
+    assert_identical(convert.check(back, convert.expected_shapes("transformer", config), "x"), sd)
+
+
+def test_vae_round_trip():
+    config, sd = official_vae()
+    assert_identical(convert.vae_to_hf(convert.vae_to_hf(sd, reverse=True)), sd)
+    assert convert.expected_shapes("vae", config) == {k: tuple(t.shape) for k, t in sd.items()}
+
+
+# ---- the SAT side matches the spec's inventory (independent of the mapping code) ---------------------------
+
+FULL = {  # official full-size configs (diffusers-cogvideox.md 1.2)
+    "cogvideox-2b": dict(num_layers=30, num_attention_heads=30),
+    "cogvideox-5b": dict(num_layers=42, num_attention_heads=48, use_rotary_positional_embeddings=True),
+    "cogvideox1.5-5b-i2v": dict(num_layers=42, num_attention_heads=48, in_channels=32, sample_height=300,
+                                sample_width=300, sample_frames=81, patch_size_t=2, patch_bias=False,
+                                use_rotary_positional_embeddings=True, ofs_embed_dim=512),
+}
+
+
+@pytest.mark.parametrize("variant", FULL)
+def test_sat_inventory_full_size(variant):
+    with torch.device("meta"):  # full size, no memory
+        sd = CogVideoXTransformer3DModel(**FULL[variant]).state_dict()
+    sat = {k[len(SAT):]: tuple(t.shape) for k, t in convert.hf_to_sat(sd).items()}
+    D, L = (1920, 30) if variant == "cogvideox-2b" else (3072, 42)
+    # 18 keys per layer + 16 top-level; #244 counts 557 for 2b with the frozen sincos table
+    assert len(sat) == 18 * L + 16 + (4 if "i2v" in variant else 0)
+    assert sat["transformer.layers.0.attention.query_key_value.weight"] == (3 * D, D)
+    assert sat[f"mixins.adaln_layer.adaLN_modulations.{L - 1}.1.weight"] == (12 * D, 512)
+    assert sat["mixins.adaln_layer.query_layernorm_list.0.weight"] == (64,)
+    assert sat["transformer.layers.0.mlp.dense_h_to_4h.weight"] == (4 * D, D)
+    assert sat["mixins.final_layer.adaLN_modulation.1.weight"] == (2 * D, 512)
+    assert sat["time_embed.0.weight"] == (512, D) and sat["mixins.patch_embed.text_proj.weight"] == (D, 4096)
+    if variant == "cogvideox1.5-5b-i2v":
+        assert sat["mixins.patch_embed.proj.weight"] == (D, 32 * 8) and sat["ofs_embed.2.weight"] == (512, 512)
+        assert sat["mixins.final_layer.linear.weight"] == (128, D)
+    else:
+        assert sat["mixins.patch_embed.proj.weight"] == (D, 16, 2, 2)
+        assert sat["mixins.final_layer.linear.weight"] == (64, D)
+    # and back, checked against this project's model for the real preset
+    back, unmatched = convert.sat_to_hf(convert.hf_to_sat(sd), dataclasses.asdict(model.PRESETS[variant]))
+    convert.check(back, convert.expected_shapes("transformer", dataclasses.asdict(model.PRESETS[variant])), variant,
+                  unmatched, variant=variant)
+
+
+def test_sat_names_and_adaln_order():
+    config, sd = official_transformer("cogvideox-2b")
+    sat = convert.hf_to_sat(sd)
+    D = 32
+    qkv = sat[SAT + "transformer.layers.1.attention.query_key_value.weight"]
+    assert torch.equal(qkv[D:2 * D], sd["transformer_blocks.1.attn1.to_k.weight"])
+    ada = sat[SAT + "mixins.adaln_layer.adaLN_modulations.0.1.bias"].chunk(12)
+    n1 = sd["transformer_blocks.0.norm1.linear.bias"].chunk(6)
+    n2 = sd["transformer_blocks.0.norm2.linear.bias"].chunk(6)
+    # SAT: shift/scale/gate msa, shift/scale/gate mlp, then the text six; official norm1: msa video then text
+    assert torch.equal(ada[0], n1[0]) and torch.equal(ada[5], n2[2]) and torch.equal(ada[6], n1[3])
+    assert torch.equal(ada[11], n2[5])
+    assert torch.equal(sat[SAT + "mixins.adaln_layer.key_layernorm_list.1.weight"],
+                       sd["transformer_blocks.1.attn1.norm_k.weight"])
+    assert torch.equal(sat[SAT + "transformer.layers.0.post_attention_layernorm.bias"],
+                       sd["transformer_blocks.0.norm2.norm.bias"])
+    _, vsd = official_vae()
+    vs = convert.vae_to_hf(vsd, reverse=True)
+    assert torch.equal(vs["decoder.up.3.block.0.conv1.conv.weight"], vsd["decoder.up_blocks.0.resnets.0.conv1.conv.weight"])
+    assert torch.equal(vs["decoder.up.1.upsample.conv.weight"], vsd["decoder.up_blocks.2.upsamplers.0.conv.weight"])
+    assert torch.equal(vs["encoder.mid.block_2.norm1.weight"], vsd["encoder.mid_block.resnets.1.norm1.weight"])
+    assert torch.equal(vs["encoder.down.2.block.0.nin_shortcut.weight"],
+                       vsd["encoder.down_blocks.2.resnets.0.conv_shortcut.weight"])
+    assert torch.equal(vs["encoder.down.0.downsample.conv.weight"], vsd["encoder.down_blocks.0.downsamplers.0.conv.weight"])
+
+
+# ---- SAT checkpoint files -> official folders -> same model outputs --------------------------------------
+
+def sat_file(sd, path, variant):
+    """A SAT transformer checkpoint as a fine-tuned SAT run saves it: DeepSpeed extras, the T5 and VAE copies,
+    and the positional tables SAT recomputes."""
+    sat = convert.hf_to_sat(sd)
+    sat["conditioner.embedders.0.transformer.encoder.block.0.layer.0.SelfAttention.q.weight"] = torch.randn(4, 4)
+    sat["first_stage_model.encoder.conv_in.conv.weight"] = torch.randn(2, 3, 3, 3, 3)
+    if variant == "cogvideox-2b":
+        sat[SAT + "mixins.pos_embed.pos_embedding"] = torch.randn(1, 6 + 3 * 4 * 4, 32)
+    elif variant == "cogvideox-5b":
+        sat[SAT + "mixins.pos_embed.freqs_sin"] = sat[SAT + "mixins.pos_embed.freqs_cos"] = torch.randn(48, 64)
+    torch.save({"module": sat, "iteration": 1000, "np_rng_state": __import__("numpy").random.get_state()}, path)
+
+
+def run_transformer(net, variant, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    cfg = net.config
+    x = torch.randn(1, 3 if cfg.patch_size_t is None else 2, cfg.in_channels, 8, 8, generator=g)
+    text = torch.randn(1, 6, 12, generator=g)
+    return net(x, text, torch.tensor([500]), ofs=torch.tensor([2.0]) if cfg.ofs_embed_dim else None)
+
+
+@pytest.mark.parametrize("variant", FAMILIES)
+def test_sat_to_official_same_output(variant, tmp_path, tiny_presets):
+    config, sd = official_transformer(variant, tmp_path / "orig" / "transformer")
+    sat_file(sd, tmp_path / "sat.pt", variant)
+    convert.main(["sat2hf", "--transformer", str(tmp_path / "sat.pt"), "--variant", variant,
+                  "--out", str(tmp_path / "conv"), "--max-shard-size", "20KB"])
+    folder = tmp_path / "conv" / "transformer"
+    assert (folder / "diffusion_pytorch_model.safetensors.index.json").exists()  # sharded above 20KB
+    written = json.loads((folder / "config.json").read_text())
+    assert written["_class_name"] == "CogVideoXTransformer3DModel" and written["num_layers"] == 2
+    ours = model.load_transformer(str(tmp_path / "conv"))
+    orig = model.load_transformer(str(tmp_path / "orig"))
+    assert_identical(dict(ours.state_dict()), dict(orig.state_dict()))
+    for net in (ours, orig):  # tensors read from safetensors sit at arbitrary byte offsets, and CPU matmul kernels
+        net.load_state_dict({k: t.clone() for k, t in net.state_dict().items()}, assign=True)  # round by alignment
+    with torch.no_grad():
+        assert torch.equal(run_transformer(ours, variant), run_transformer(orig, variant))
+    assert not [p for p in os.listdir(tmp_path / "conv") if p.startswith(".convert-")]
+
+
+def test_vae_sat_to_official_same_output(tmp_path, tiny_presets):
+    _, vsd = official_vae(tmp_path / "orig" / "vae")
+    sat = convert.vae_to_hf(vsd, reverse=True)
+    sat["loss.discriminator.main.0.weight"] = torch.randn(3)  # SAT's training loss, dropped
+    torch.save({"state_dict": sat}, tmp_path / "3d-vae.pt")
+    convert.main(["sat2hf", "--vae", str(tmp_path / "3d-vae.pt"), "--variant", "cogvideox-5b-i2v",
+                  "--out", str(tmp_path / "conv")])
+    assert json.loads((tmp_path / "conv/vae/config.json").read_text())["scaling_factor"] == 0.7
+    ours, orig = vae.load_vae(str(tmp_path / "conv")), vae.load_vae(str(tmp_path / "orig"))
+    z = torch.randn(1, 4, 1, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(ours.decode(z), orig.decode(z))
+
+
+def test_hf2sat_cli_round_trip(tmp_path, tiny_presets):
+    _, sd = official_transformer("cogvideox1.5-5b-i2v", tmp_path / "snap" / "transformer")
+    _, vsd = official_vae(tmp_path / "snap" / "vae")
+    convert.main(["hf2sat", "--snapshot", str(tmp_path / "snap"), "--out", str(tmp_path / "sat")])
+    assert (tmp_path / "sat/transformer/latest").read_text() == "1"
+    raw = torch.load(tmp_path / "sat/transformer/1/mp_rank_00_model_states.pt", weights_only=True)
+    assert list(raw) == ["module"] and all(k.startswith(SAT) for k in raw["module"])
+    assert list(torch.load(tmp_path / "sat/vae/3d-vae.pt", weights_only=True)) == ["state_dict"]
+    for _ in range(2):  # the second run replaces the first output in place
+        convert.main(["sat2hf", "--transformer", str(tmp_path / "sat/transformer"), "--vae",
+                      str(tmp_path / "sat/vae/3d-vae.pt"), "--variant", "cogvideox1.5-5b-i2v",
+                      "--out", str(tmp_path / "back"), "--dtype", "bf16"])
+    t = model.load_transformer(str(tmp_path / "back"), dtype=None)
+    assert all(p.dtype == torch.bfloat16 for p in t.parameters())
+    assert_identical({k: v.to(torch.bfloat16) for k, v in sd.items()}, dict(t.state_dict()))
+    assert_identical(vae.load_vae(str(tmp_path / "back")).state_dict(), vsd)  # VAE stays fp32
+
+
+# ---- LoRA ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["cogvideox-2b", "cogvideox-5b"])
+def test_lora_export_matches_sat_merge(variant, tmp_path):
+    config, sd = official_transformer(variant)
+    base = convert.hf_to_sat(sd)
+    r, alpha, D = 4, 3.0, 32
+    sat_lora, merged = {}, dict(base)
+    for i in range(2):
+        for name, parts in (("query_key_value", 3), ("dense", 1)):
+            pre = f"{SAT}transformer.layers.{i}.attention.{name}."
+            A = [torch.randn(r, D) for _ in range(parts)]
+            B = [torch.randn(D, r) for _ in range(parts)]
+            for wb in ("weight", "bias"):  # SAT's LoraLinear moves the base Linear under `.original.` (#625)
+                sat_lora[pre + "original." + wb] = base[pre + wb]
+            for k in range(parts):
+                sat_lora[f"{pre}matrix_A.{k}"], sat_lora[f"{pre}matrix_B.{k}"] = A[k], B[k]
+            # SAT's merge_linear_lora: W + scaling * concat_k(B_k A_k) with scaling = alpha / r
+            merged[pre + "weight"] = base[pre + "weight"] + alpha / r * torch.cat([b @ a for a, b in zip(A, B)])
+    sat_lora.update({k: v for k, v in base.items() if ".attention." not in k})
+    torch.save({"module": sat_lora}, tmp_path / "lora.pt")
+    convert.main(["lora", "--lora", str(tmp_path / "lora.pt"), "--alpha", str(alpha), "--out", str(tmp_path / "l")])
+
+    path = str(tmp_path / "l" / "pytorch_lora_weights.safetensors")
+    with safe_open(path, "pt") as f:
+        lora = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    from diffusers.utils.state_dict_utils import _load_sft_state_dict_metadata
+    assert _load_sft_state_dict_metadata(path) == meta  # where diffusers reads LoraConfig(**meta) from
+    assert meta == {"transformer.r": r, "transformer.lora_alpha": alpha,
+                    "transformer.target_modules": ["to_k", "to_out.0", "to_q", "to_v"]}
+    assert len(lora) == 8 * 2 and "transformer.transformer_blocks.1.attn1.to_out.0.lora_B.weight" in lora
+    scale = meta["transformer.lora_alpha"] / meta["transformer.r"]
+
+    base_hf, unmatched = convert.sat_to_hf(sat_lora, config)  # the `.original.` base converts as the base
+    assert unmatched == [] and base_hf.keys() == sd.keys()
+    merged_hf, _ = convert.sat_to_hf(merged, config)
+    for i in range(2):
+        for target in ("to_q", "to_k", "to_v", "to_out.0"):
+            pre = f"transformer_blocks.{i}.attn1.{target}"
+            A, B = lora[f"transformer.{pre}.lora_A.weight"], lora[f"transformer.{pre}.lora_B.weight"]
+            torch.testing.assert_close(base_hf[pre + ".weight"] + scale * B @ A, merged_hf[pre + ".weight"],
+                                       rtol=1e-5, atol=1e-5)
+            assert torch.equal(base_hf[pre + ".bias"], merged_hf[pre + ".bias"])
+
+
+# ---- bad inputs ---------------------------------------------------------------------------------------------
+
+def fails(argv, capsys_or_none=None):
+    with pytest.raises(SystemExit) as e:
+        convert.main(argv)
+    return str(e.value.code)
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.pt").write_text("this is not a checkpoint\n")
+    msg = fails(["sat2hf", "--transformer", str(tmp_path / "notes.pt"), "--variant", "cogvideox-2b",
+                 "--out", str(tmp_path / "o")])
+    assert "notes.pt is not a PyTorch checkpoint" in msg
+    torch.save({"module": {"a": 1}}, tmp_path / "noweights.pt")
+    assert "holds no state dict" in fails(["lora", "--lora", str(tmp_path / "noweights.pt"), "--out", str(tmp_path)])
+    assert "not found" in fails(["lora", "--lora", str(tmp_path / "missing.pt"), "--out", str(tmp_path)])
+    assert not (tmp_path / "o").exists()
+
+
+class RunsCode:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_pickle_needing_code_is_refused(tmp_path):
+    torch.save({"module": {SAT + "time_embed.0.weight": torch.zeros(2)}, "x": RunsCode(str(tmp_path / "pwned"))},
+               tmp_path / "evil.pt")
+    msg = fails(["sat2hf", "--transformer", str(tmp_path / "evil.pt"), "--variant", "cogvideox-2b",
+                 "--out", str(tmp_path / "o")])
+    assert "needs code execution" in msg and "mkdir" in msg
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_wrong_variant(tmp_path, tiny_presets):
+    _, sd = official_transformer("cogvideox-5b-i2v")
+    sat_file(sd, tmp_path / "sat.pt", "cogvideox-5b-i2v")
+    msg = fails(["sat2hf", "--transformer", str(tmp_path / "sat.pt"), "--variant", "cogvideox-5b",
+                 "--out", str(tmp_path / "o")])
+    assert "does not look like --variant cogvideox-5b" in msg and "learned positions" in msg
+    assert not (tmp_path / "o" / "transformer").exists()
+
+
+def test_real_preset_rejects_other_size(tmp_path):
+    _, sd = official_transformer("cogvideox-2b")
+    sat_file(sd, tmp_path / "sat.pt", "cogvideox-2b")
+    msg = fails(["sat2hf", "--transformer", str(tmp_path / "sat.pt"), "--variant", "cogvideox-2b",
+                 "--out", str(tmp_path / "o")])
+    assert "'hidden size': 32" in msg and "'hidden size': 1920" in msg
+
+
+def test_unmatched_keys(tmp_path, tiny_presets):
+    _, sd = official_transformer("cogvideox-5b")
+    sat = convert.hf_to_sat(sd)
+    del sat[SAT + "transformer.layers.1.mlp.dense_4h_to_h.bias"]
+    sat[SAT + "mixins.some_new_mixin.weight"] = torch.zeros(3)
+    torch.save({"module": sat}, tmp_path / "sat.pt")
+    argv = ["sat2hf", "--transformer", str(tmp_path / "sat.pt"), "--variant", "cogvideox-5b", "--out",
+            str(tmp_path / "o")]
+    msg = fails(argv)
+    assert "transformer_blocks.1.ff.net.2.bias" in msg and "mixins.some_new_mixin.weight" in msg
+    assert "--allow-missing" in msg
+    convert.main(argv + ["--allow-missing"])
+    written = convert.read_tensors(convert.weight_files(str(tmp_path / "o/transformer"), "diffusion_pytorch_model"))
+    assert len(written) == len(sd) - 1
