@@ -160,7 +160,7 @@ def vae_to_hf(sd, reverse=False):
     for k, t in sd.items():
         if "loss" in k:
             continue
-        k = re.sub(rf"^decoder\.{src}\.(\d+)\.", lambda m: f"decoder.{dst}.{m[1]}.", k)
+        k = re.sub(rf"^decoder\.{src}\.(\d+)\.", lambda m: f"decoder.{dst}.{levels - 1 - int(m[1])}.", k)
         for sat, hf in reversed(VAE_RENAMES) if reverse else VAE_RENAMES:
             k = k.replace(hf, sat) if reverse else k.replace(sat, hf)
         out[k] = t

@@ -3,11 +3,11 @@
 Shapes: B batch, L text tokens (226 in the pipelines), D d_model, h heads, d head dim (d_kv), F d_ff.
 
 The parameter names equal transformers' `T5EncoderModel`, so the official `text_encoder/` folder loads
-as is. What makes this T5 *v1.1* and not the original T5: a gated-GELU feed-forward, no tied output
-scaling, and no dropout at inference. What is peculiar to T5 in general: attention scores are not
-divided by sqrt(d), positions enter only as a learned bias on the scores (one table, in block 0,
-shared by every layer), and the norm is RMS without bias. CogVideoX passes no attention mask, so the
-`<pad>` tokens attend and are attended to; their outputs are part of the conditioning.
+as is. What T5 v1.1's encoder does that a textbook transformer does not: attention scores are not
+divided by sqrt(d); positions enter only as a learned bias on the scores (one table, in block 0,
+shared by every layer); the norm is RMS without bias or mean; the feed-forward is gated GELU.
+CogVideoX passes no attention mask, so `<pad>` tokens attend and are attended to, and their outputs
+are part of the conditioning.
 """
 import math
 import os
@@ -148,13 +148,6 @@ class Block(nn.Module):
         return x + self.layer[1](x)
 
 
-class Stack(nn.Module):
-    def __init__(self, cfg: T5Config):
-        super().__init__()
-        self.block = nn.ModuleList([Block(cfg, has_relative_bias=i == 0) for i in range(cfg.num_layers)])
-        self.final_layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-
-
 class T5Encoder(nn.Module):
     """ids (B, L) int64 -> last hidden state (B, L, d_model), in the dtype of the norm weights.
 
@@ -165,7 +158,9 @@ class T5Encoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.encoder = Stack(cfg)
+        self.encoder = nn.ModuleDict(dict(
+            block=nn.ModuleList([Block(cfg, has_relative_bias=i == 0) for i in range(cfg.num_layers)]),
+            final_layer_norm=RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         blocks = self.encoder.block
@@ -223,39 +218,33 @@ class Tokenizer:
     ' '), (4) encodes each word with a '▁' prefix. We replay those steps with SentencePiece; the
     100 sentinels `<extra_id_0..99>` follow the pieces, in reverse (extra_id_0 is the last id)."""
 
-    EXTRA_IDS = 100
     # Unicode White_Space (what `tokenizers` splits on) plus SentencePiece's own space symbol.
     WORD_SPLIT = re.compile("[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\u2581]+")
-    SPECIAL = re.compile(r"(<pad>|</s>|<unk>|<extra_id_(?:\d|[1-9]\d)>)")
 
     def __init__(self, path: str):
-        file = path
-        if os.path.isdir(path):
-            file = os.path.join(_component(path, "tokenizer"), "spiece.model")
-            if not os.path.isfile(file):
-                hint = " (only tokenizer.json, as transformers 5 writes it)" if os.path.isfile(
-                    os.path.join(os.path.dirname(file), "tokenizer.json")) else ""
-                raise FileNotFoundError(f"no spiece.model in {os.path.dirname(file)}{hint}: copy tokenizer/spiece.model "
-                                        "from the official repo (THUDM/CogVideoX-2b or google/t5-v1_1-xxl)")
+        folder = _component(path, "tokenizer") if os.path.isdir(path) else None
+        file = os.path.join(folder, "spiece.model") if folder else path
         if not os.path.isfile(file):
-            raise FileNotFoundError(f"tokenizer model not found: {file}")
+            hint = " (only tokenizer.json, as transformers 5 saves it)" if folder and os.path.isfile(
+                os.path.join(folder, "tokenizer.json")) else ""
+            raise FileNotFoundError(f"no spiece.model at {file}{hint}: copy tokenizer/spiece.model from the official "
+                                    "repo (THUDM/CogVideoX-2b or google/t5-v1_1-xxl)")
         self.sp = sentencepiece.SentencePieceProcessor(model_file=file)
         self.pad_id, self.eos_id = self.sp.pad_id(), self.sp.eos_id()
         if self.pad_id < 0 or self.eos_id < 0:
             raise ValueError(f"{file} defines no pad or eos piece: not a T5 SentencePiece model")
-        self.vocab_size = self.sp.get_piece_size() + self.EXTRA_IDS
-
-    def _special_id(self, token: str) -> int:
-        if token.startswith("<extra_id_"):
-            return self.vocab_size - 1 - int(token[len("<extra_id_"):-1])
-        return self.sp.piece_to_id(token)
+        n = self.sp.get_piece_size()
+        self.vocab_size = n + 100
+        self.special = {t: self.sp.piece_to_id(t) for t in ("<pad>", "</s>", "<unk>")}
+        self.special.update({f"<extra_id_{i}>": n + 99 - i for i in range(100)})
+        self.special_split = re.compile("(" + "|".join(map(re.escape, self.special)) + ")")
 
     def encode(self, text: str) -> list[int]:
         """Token ids of one prompt, without `</s>`."""
         ids = []
-        for i, part in enumerate(self.SPECIAL.split(text)):  # odd parts are special tokens
+        for i, part in enumerate(self.special_split.split(text)):  # odd parts are special tokens
             if i % 2:
-                ids.append(self._special_id(part))
+                ids.append(self.special[part])
             else:
                 words = [w for w in self.WORD_SPLIT.split(self.sp.normalize(part)) if w]
                 ids += [t for word in self.sp.encode(words) for t in word]

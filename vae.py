@@ -166,6 +166,12 @@ def batch_to_frames(x: torch.Tensor, B: int) -> torch.Tensor:
     return x.reshape(B, -1, *x.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, C, T, H, W)
 
 
+def pool_frame_pairs(x: torch.Tensor) -> torch.Tensor:
+    """Mean of frames (0, 1), (2, 3), ...; avg_pool2d because CPU has no bf16 avg_pool3d."""
+    B, C, T, H, W = x.shape
+    return F.avg_pool2d(x.reshape(B * C, 1, T, H * W), (2, 1)).view(B, C, T // 2, H, W)
+
+
 class Downsample(nn.Module):
     """Optionally average frame pairs (an odd count keeps frame 0 alone), then a stride-2 3x3 conv per frame with
     zero padding on the right and bottom only."""
@@ -178,9 +184,9 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.compress_time and x.shape[2] > 1:
             if x.shape[2] % 2:
-                x = torch.cat([x[:, :, :1], F.avg_pool3d(x[:, :, 1:], (2, 1, 1))], dim=2)  # (B, C, 1+(T-1)/2, H, W)
+                x = torch.cat([x[:, :, :1], pool_frame_pairs(x[:, :, 1:])], dim=2)  # (B, C, 1+(T-1)/2, H, W)
             else:
-                x = F.avg_pool3d(x, (2, 1, 1))  # (B, C, T/2, H, W)
+                x = pool_frame_pairs(x)  # (B, C, T/2, H, W)
         B = x.shape[0]
         x = F.pad(x, (0, 1, 0, 1))
         return batch_to_frames(self.conv(frames_to_batch(x)), B)  # (B, C, T, H/2, W/2)

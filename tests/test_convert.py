@@ -9,8 +9,7 @@ import os
 
 import pytest
 import torch
-from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
-from safetensors import safe_open
+from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel
 
 import convert
 import model
@@ -140,12 +139,14 @@ def test_sat_names_and_adaln_order():
                        sd["transformer_blocks.0.norm2.norm.bias"])
     _, vsd = official_vae()
     vs = convert.vae_to_hf(vsd, reverse=True)
-    assert torch.equal(vs["decoder.up.3.block.0.conv1.conv.weight"], vsd["decoder.up_blocks.0.resnets.0.conv1.conv.weight"])
+    assert torch.equal(vs["decoder.up.3.block.0.conv1.conv.weight"],  # SAT level 3 = lowest resolution = first
+                       vsd["decoder.up_blocks.0.resnets.0.conv1.conv.weight"])
     assert torch.equal(vs["decoder.up.1.upsample.conv.weight"], vsd["decoder.up_blocks.2.upsamplers.0.conv.weight"])
     assert torch.equal(vs["encoder.mid.block_2.norm1.weight"], vsd["encoder.mid_block.resnets.1.norm1.weight"])
     assert torch.equal(vs["encoder.down.2.block.0.nin_shortcut.weight"],
                        vsd["encoder.down_blocks.2.resnets.0.conv_shortcut.weight"])
-    assert torch.equal(vs["encoder.down.0.downsample.conv.weight"], vsd["encoder.down_blocks.0.downsamplers.0.conv.weight"])
+    assert torch.equal(vs["encoder.down.0.downsample.conv.weight"],
+                       vsd["encoder.down_blocks.0.downsamplers.0.conv.weight"])
 
 
 # ---- SAT checkpoint files -> official folders -> same model outputs --------------------------------------
@@ -246,12 +247,8 @@ def test_lora_export_matches_sat_merge(variant, tmp_path):
     torch.save({"module": sat_lora}, tmp_path / "lora.pt")
     convert.main(["lora", "--lora", str(tmp_path / "lora.pt"), "--alpha", str(alpha), "--out", str(tmp_path / "l")])
 
-    path = str(tmp_path / "l" / "pytorch_lora_weights.safetensors")
-    with safe_open(path, "pt") as f:
-        lora = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads(f.metadata()["lora_adapter_metadata"])
-    from diffusers.utils.state_dict_utils import _load_sft_state_dict_metadata
-    assert _load_sft_state_dict_metadata(path) == meta  # where diffusers reads LoraConfig(**meta) from
+    # read back as diffusers reads it; it builds peft's LoraConfig(r, lora_alpha, target_modules) from the metadata
+    lora, meta = CogVideoXPipeline.lora_state_dict(str(tmp_path / "l"), return_lora_metadata=True)
     assert meta == {"transformer.r": r, "transformer.lora_alpha": alpha,
                     "transformer.target_modules": ["to_k", "to_out.0", "to_q", "to_v"]}
     assert len(lora) == 8 * 2 and "transformer.transformer_blocks.1.attn1.to_out.0.lora_B.weight" in lora
@@ -271,7 +268,7 @@ def test_lora_export_matches_sat_merge(variant, tmp_path):
 
 # ---- bad inputs ---------------------------------------------------------------------------------------------
 
-def fails(argv, capsys_or_none=None):
+def fails(argv):
     with pytest.raises(SystemExit) as e:
         convert.main(argv)
     return str(e.value.code)

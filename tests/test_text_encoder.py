@@ -241,5 +241,5 @@ def test_tokenizer_json_only_folder_is_an_error(tokenizers, tmp_path):
     if (tmp_path / "spiece.model").exists():
         os.remove(tmp_path / "spiece.model")
     assert (tmp_path / "tokenizer.json").exists()
-    with pytest.raises(FileNotFoundError, match="no spiece.model .*only tokenizer.json"):
+    with pytest.raises(FileNotFoundError, match="no spiece.model at .*only tokenizer.json"):
         Tokenizer(str(tmp_path))

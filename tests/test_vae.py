@@ -110,14 +110,14 @@ def test_tiled_encode_matches_peer(pair, opts):
 @pytest.mark.parametrize("opts", TILINGS)
 def test_tiled_decode_matches_peer(pair, opts):
     peer, ours, _ = pair
-    z = torch.randn(1, 4, 3, 9, 10)  # 2x3 (default) or 3x3 tiles of 6x5 or 4x6 latents, partial ones at the edges
+    z = torch.randn(1, 4, 3, 7, 6)  # 2x2 (default) or 3x2 tiles of 6x5 or 4x6 latents, partial ones at the edges
     set_peer_tiling(peer, **opts)
     try:
         ref = peer_decode(peer, z)
     finally:
         peer.use_tiling = False
     out = ours.decode(z, tiled=True, **opts)
-    assert out.shape == ref.shape == (1, 3, 9, 72, 80)
+    assert out.shape == ref.shape == (1, 3, 9, 56, 48)
     assert rel(out, ref) < 1e-5
     # Tiling changes GroupNorm statistics and edge padding per tile, so it is not exact. With random weights the
     # bound is loose; a misplaced or unblended tile would break it.
@@ -128,7 +128,7 @@ def test_tiled_decode_matches_peer(pair, opts):
 
 def test_small_input_does_not_tile(pair):
     _, ours, _ = pair
-    z = torch.randn(1, 4, 3, 6, 5)  # exactly one default tile
+    z = torch.randn(1, 4, 1, 6, 5)  # exactly one default tile
     assert torch.equal(ours.decode(z, tiled=True), ours.decode(z))
 
 
