@@ -216,13 +216,14 @@ class PatchEmbed(nn.Module):
         else:
             self.proj = nn.Linear(C * cfg.patch_size_t * p * p, D)
         self.text_proj = nn.Linear(cfg.text_embed_dim, D)
+        self.p, self.pt = p, cfg.patch_size_t or 1
         if cfg.use_learned_positional_embeddings:  # (1, L + N, D) at the sample size, text rows included
             T = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
             N = T * (cfg.sample_height // p) * (cfg.sample_width // p)
             self.register_buffer("pos_embedding", torch.zeros(1, cfg.max_text_seq_length + N, D))
 
-    def forward(self, x, p: int, pt: int):
-        return F.linear(patchify(x, p, pt), self.proj.weight.flatten(1), self.proj.bias)  # (B, N, D)
+    def forward(self, x):  # (B, F, C, H, W) -> (B, N, D)
+        return F.linear(patchify(x, self.p, self.pt), self.proj.weight.flatten(1), self.proj.bias)
 
 
 class LayerNormZero(nn.Module):
@@ -398,7 +399,7 @@ class CogVideoXTransformer(nn.Module):
             emb = emb + self.ofs_embedding(ofs)  # (B, E)
 
         c = self.patch_embed.text_proj(text)  # (B, L, D)
-        x = self.patch_embed(x, p, pt)  # (B, N, D)
+        x = self.patch_embed(x)  # (B, N, D)
         if pos_x is not None:
             x = x + pos_x
         if pos_c is not None:
