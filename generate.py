@@ -451,6 +451,9 @@ def parse_args(argv=None):
     p.add_argument("--offload", action="store_true", help="keep each stage on the CPU until it runs")
     p.add_argument("--vae-tiling", action="store_true", help="decode in overlapping spatial tiles (less memory)")
     p.add_argument("--quantize", choices=("int8",), default=None, help="weight-only int8 transformer")
+    p.add_argument("--lora", default=None, help="a LoRA file or folder (pytorch_lora_weights.safetensors)")
+    p.add_argument("--lora-scale", type=float, default=1.0,
+                   help="multiplies the LoRA's alpha/rank (THUDM finetune LoRAs: 0.5; SAT exports: 1/rank)")
     return p.parse_args(argv)
 
 
@@ -499,6 +502,9 @@ def main(argv=None) -> int:
 
         t0 = time.perf_counter()
         pipe = load_pipeline(path, dtype=dtype, device=device, offload=args.offload)
+        if args.lora:
+            from lora import load_lora
+            print(load_lora(pipe.transformer, args.lora, args.lora_scale))
         if args.quantize == "int8":
             quantize_int8(pipe.transformer)
         load_s = time.perf_counter() - t0

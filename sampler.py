@@ -85,7 +85,7 @@ def alphas_cumprod(config: SchedulerConfig) -> torch.Tensor:
     ac = ac / (s + (1 - s) * ac)
     if config.rescale_betas_zero_snr:
         a = ac.sqrt()
-        a0, a_last = a[0].clone(), a[-1].clone()
+        a0, a_last = a[0], a[-1]
         ac = ((a - a_last) * (a0 / (a0 - a_last))) ** 2
     return ac
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # the test models are tiny: one thread is fastest and deterministic
 
 
 @pytest.fixture(autouse=True)

@@ -40,8 +40,11 @@ def rel_err(a, b):
 def random_peer(cfg):
     peer = CogVideoXTransformer3DModel(**cfg)
     with torch.no_grad():
-        for name, t in peer.state_dict().items():  # parameters and the persistent learned table
-            t.normal_(1.0 if name.endswith("norm.weight") or "norm_" in name and name.endswith("weight") else 0.0, 0.3)
+        for t in peer.state_dict().values():  # all parameters and the persistent learned table
+            t.normal_(0.0, 0.3)
+        for m in peer.modules():  # LayerNorm scales around 1 (random, not the init's exact 1)
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.add_(1.0)
     return peer.eval()
 
 
@@ -185,23 +188,18 @@ def test_input_errors(saved):
         sincos(x, text, t)
 
 
-def test_block_compiles_without_graph_breaks_and_attention_is_swappable(saved, monkeypatch):
+def test_compiles_without_graph_breaks_and_attention_is_swappable(saved, monkeypatch):
     cfg, shape, L = VARIANTS["rope"]
     ours = M.load_transformer(saved["rope"][1])
     x, text, t, _ = inputs(cfg, shape, L)
-    calls = []
-    monkeypatch.setattr(M, "attention", lambda q, k, v: calls.append(q.shape) or
-                        torch.nn.functional.scaled_dot_product_attention(q, k, v))
     with torch.no_grad():
-        ref = ours(x, text, t)
-        assert len(calls) == cfg["num_layers"]
-        N = shape[0] * shape[1] * shape[2] // 4
-        h = torch.randn(2, N, 32), torch.randn(2, L, 32), torch.randn(2, 16), ours.rope(*shape, L, x.device)
-        block = ours.transformer_blocks[0]
-        compiled = torch.compile(block, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
-        for a, b in zip(block(*h), compiled(*h)):
-            assert torch.equal(a, b)
-    assert ref.shape == x[:, :, :4].shape
+        compiled = torch.compile(ours, fullgraph=True, backend="eager")  # fullgraph: any graph break raises
+        assert torch.equal(compiled(x, text, t), ours(x, text, t))
+        calls = []
+        monkeypatch.setattr(M, "attention", lambda q, k, v: calls.append(q.shape) or
+                            torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        ours(x, text, t)
+    assert len(calls) == cfg["num_layers"]
 
 
 def test_flops_per_forward():

@@ -1,0 +1,125 @@
+"""Benchmark: VAE decode time and peak memory, ours (vae.py) vs diffusers' AutoencoderKLCogVideoX, tiled and untiled.
+
+Full-size architecture (215.6M params) with the peer's random init, saved once with save_pretrained and loaded by
+both sides, so both decode the same latents with the same weights; outputs are compared too. Every case runs in a
+fresh subprocess so that peaks do not mix. Peak memory is the increase over the memory held just before decode:
+on CPU VmHWM - VmRSS from /proc/self/status (the high-water mark is reset first via /proc/self/clear_refs), on
+CUDA torch.cuda.max_memory_allocated - memory_allocated.
+
+The default tile is half the decoded size (sample_height/2 x sample_width/2 is what the official default does at
+480x720), so tiling always takes a 3x3 grid of overlapping tiles like the real 60x90-latent case.
+
+    python bench/vae.py                                  # 13 latent frames at 30x45 (49 frames 240x360)
+    python bench/vae.py --frames 5 --size 8x12           # feasible on 2 CPU cores in a few minutes
+    python bench/vae.py --device cuda --size 60x90       # the real 480x720 case on a GPU
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+CASES = ["ours tiled", "ours untiled", "peer untiled", "peer tiled"]
+
+
+def status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def run_case(args) -> dict:
+    """One case in this (fresh) process: load, decode once, report seconds and peak bytes."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype, dev = getattr(torch, args.dtype), torch.device(args.device)
+    h, w = map(int, args.size.split("x"))
+    tile = tuple(map(int, args.tile.split("x")))
+    torch.manual_seed(0)
+    z = torch.randn(1, 16, args.frames, h, w).to(dev, dtype)
+    ours, tiled = args.case.startswith("ours"), args.case.endswith(" tiled")
+    if ours:
+        from vae import load_vae
+        vae = load_vae(args.weights, dtype=dtype, device=dev)
+        decode = lambda: vae.decode(z, tiled=tiled, tile_size=tile)
+    else:
+        from diffusers import AutoencoderKLCogVideoX
+        vae = AutoencoderKLCogVideoX.from_pretrained(args.weights, dtype=dtype).to(dev).eval()
+        if tiled:
+            vae.enable_tiling(tile_sample_min_height=tile[0], tile_sample_min_width=tile[1])
+        decode = lambda: vae.decode(z).sample
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        base = status_kb("VmRSS") * 1024
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = decode()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = status_kb("VmHWM") * 1024 - base
+    seconds = time.perf_counter() - t0
+    torch.save(out.float().cpu(), os.path.join(args.outdir, args.case.replace(" ", "_") + ".pt"))
+    return {"seconds": seconds, "peak_bytes": peak, "shape": list(out.shape)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", type=int, default=13, help="latent frames (13 -> 49 video frames)")
+    p.add_argument("--size", default="30x45", help="latent HxW (60x90 = 480x720 video)")
+    p.add_argument("--tile", default=None, help="tile HxW in pixels (default: half the decoded size)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+    p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
+    p.add_argument("--weights", help=argparse.SUPPRESS)
+    p.add_argument("--outdir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    h, w = map(int, args.size.split("x"))
+    args.tile = args.tile or f"{8 * h // 2}x{8 * w // 2}"
+    if args.case:  # child process
+        print(json.dumps(run_case(args)))
+        return
+
+    from diffusers import AutoencoderKLCogVideoX
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        AutoencoderKLCogVideoX().save_pretrained(tmp)  # random init of the full-size architecture
+        res = {}
+        for case in CASES:
+            cmd = [sys.executable, __file__, "--case", case, "--weights", tmp, "--outdir", tmp,
+                   "--frames", str(args.frames), "--size", args.size, "--tile", args.tile, "--dtype", args.dtype,
+                   "--device", args.device, "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"case {case!r} failed:\n{proc.stderr[-3000:]}")
+            res[case] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"  {case}: {res[case]['seconds']:.1f} s", file=sys.stderr)
+        outs = {c: torch.load(os.path.join(tmp, c.replace(" ", "_") + ".pt")) for c in CASES}
+
+    print(f"VAE decode, {args.frames} latent frames at {args.size} -> {res['ours tiled']['shape']}, tile {args.tile} px,"
+          f" {args.dtype} on {args.device} ({torch.get_num_threads() if args.device == 'cpu' else ''} threads)")
+    print(f"{'case':<14} {'seconds':>9} {'peak MiB':>9} {'time/peer':>10} {'mem/peer':>9}")
+    for case in CASES:
+        ref = res["peer tiled" if case.endswith(" tiled") else "peer untiled"]
+        r = res[case]
+        print(f"{case:<14} {r['seconds']:9.2f} {r['peak_bytes'] / 2**20:9.0f} {r['seconds'] / ref['seconds']:10.3f}"
+              f" {r['peak_bytes'] / ref['peak_bytes']:9.3f}")
+    for a, b in [("ours tiled", "peer tiled"), ("ours untiled", "peer untiled"), ("ours tiled", "ours untiled")]:
+        d = (outs[a] - outs[b]).abs()
+        print(f"max |{a} - {b}| = {d.max().item():.2e} (mean {d.mean().item():.2e})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,546 @@
+"""LoRA fine-tuning of a CogVideoX text-to-video checkpoint on your own clips, on one GPU or many.
+
+    python train_lora.py --model CogVideoX-5b --data my_clips --output runs/my_style --steps 1000
+    torchrun --nproc_per_node 8 train_lora.py ...                  # same run, the batch split over 8 GPUs
+    python generate.py --model CogVideoX-5b --lora runs/my_style --prompt "..."
+
+The flow, top to bottom in `main()`: find the samples and validate every one (all problems in one report, nothing
+dropped silently) -> encode each clip once with the VAE and each caption once with T5 into a cache (keyed on the
+file's bytes and the settings) -> free the encoders -> train only the LoRA A/B matrices of the transformer on the
+v-prediction loss -> pytorch_lora_weights.safetensors, which `generate.py --lora` and diffusers' `load_lora_weights`
+both read at the alpha it was trained at.
+
+Dataset folder, either layout (paths relative to the folder):
+  - official (THUDM finetune/): `prompts.txt` (or `prompt.txt`) and `videos.txt`, one sample per line;
+  - pairs: `name.mp4` + `name.txt` (the caption), any number of them.
+Each clip needs at least --num-frames frames; they are taken at an even stride (the official `range(0, N, N//F)`),
+then scaled to cover --height x --width and centre-cropped.
+
+Reproducibility: the data order, the timestep, the noise and the VAE posterior draw of every sample are pure
+functions of (--seed, the sample's position in the global stream), and the LR is a pure function of the step. So a
+resumed run redoes exactly what the uninterrupted one would have done, and N processes with batch B/N each see the
+same samples and noises as one process with batch B.
+
+Legend: B batch, F latent frames, C latent channels, H/W latent height/width, L text tokens, D text width.
+"""
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from checkpoint import CheckpointError, config_from_dict, read_json
+from generate import Pipeline, _atomic, generate, model_info, read_video, resize, save_video
+from lora import WEIGHT_NAME, add_lora, lora_state_dict, save_lora, set_lora_state
+from model import TransformerConfig, load_transformer
+from sampler import add_noise, load_scheduler_config, v_target
+from text_encoder import Tokenizer, load_text_encoder
+from vae import VAEConfig, load_vae, sample_posterior
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".gif")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The dataset: find the samples, validate all of them up front
+
+
+@dataclasses.dataclass
+class Sample:
+    name: str       # how reports name it: "videos/a.mp4 (line 3)" or "a.mp4"
+    video: str      # absolute path
+    caption: str
+
+
+def _lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f.read().splitlines()]
+    while lines and not lines[-1]:  # trailing blank lines are not samples; blank lines inside are empty captions
+        lines.pop()
+    return lines
+
+
+def find_samples(folder: str) -> tuple[list[Sample], list[str]]:
+    """-> (samples, problems that concern the folder itself rather than one sample)."""
+    if not os.path.isdir(folder):
+        return [], [f"dataset folder {folder} not found"]
+    prompts = next((os.path.join(folder, n) for n in ("prompts.txt", "prompt.txt")
+                    if os.path.isfile(os.path.join(folder, n))), None)
+    videos = os.path.join(folder, "videos.txt")
+    if prompts and os.path.isfile(videos):
+        captions, paths = _lines(prompts), _lines(videos)
+        problems = [] if len(captions) == len(paths) else [
+            f"{os.path.basename(prompts)} has {len(captions)} lines but videos.txt has {len(paths)}: one caption per video"]
+        samples = [Sample(f"{p or '(blank)'} (line {i + 1})", os.path.join(folder, p) if p else "", c)
+                   for i, (p, c) in enumerate(zip(paths, captions))]
+        return samples, problems
+    files = sorted(os.listdir(folder))
+    stems = {os.path.splitext(n)[0]: n for n in files if n.lower().endswith(VIDEO_EXTENSIONS)}
+    samples, problems = [], []
+    for stem, name in stems.items():
+        txt = os.path.join(folder, stem + ".txt")
+        caption = open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else None
+        if caption is None:
+            problems.append(f"{name}: caption file {stem}.txt not found")
+        else:
+            samples.append(Sample(name, os.path.join(folder, name), caption))
+    for n in files:
+        if n.endswith(".txt") and os.path.splitext(n)[0] not in stems:
+            problems.append(f"{n}: no video named {os.path.splitext(n)[0]}.mp4 (or {', '.join(VIDEO_EXTENSIONS[1:])})")
+    if not stems and not problems:
+        problems.append(f"no samples in {folder}: expected prompts.txt + videos.txt, or name.mp4 + name.txt pairs")
+    return samples, problems
+
+
+def frame_indices(n: int, num_frames: int) -> list[int]:
+    """num_frames indices at an even stride from the start, the official `range(0, n, n // num_frames)[:num_frames]`."""
+    return list(range(0, n, n // num_frames))[:num_frames]
+
+
+def load_clip(path: str, num_frames: int, height: int, width: int) -> torch.Tensor:
+    """A video file -> (3, num_frames, height, width) in [-1, 1], the VAE's input layout."""
+    frames = read_video(path)                                                     # (N, 3, h, w) in [0, 1]
+    if len(frames) < num_frames:
+        raise ValueError(f"too short: {len(frames)} frames, at least {num_frames} needed (or lower --num-frames)")
+    frames = resize(frames[frame_indices(len(frames), num_frames)], height, width)  # (F, 3, H, W)
+    return (frames * 2 - 1).permute(1, 0, 2, 3).contiguous()                       # (3, F, H, W)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(folder: str) -> str:
+    """Identity of a model component for cache keys: its config and the names and sizes of its files."""
+    parts = []
+    for n in sorted(os.listdir(folder)):
+        p = os.path.join(folder, n)
+        parts.append(f"{n}:{open(p).read() if n.endswith('.json') else os.path.getsize(p)}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def cache_keys(sample: Sample, video_hash: str, settings: dict) -> tuple[str, str]:
+    """(latent key, text key): a changed clip, caption, size, dtype or model gives new keys, so it is recomputed."""
+    key = lambda *a: hashlib.sha256(json.dumps(a, sort_keys=True).encode()).hexdigest()[:32]
+    return key(video_hash, settings["video"]), key(sample.caption, settings["text"])
+
+
+def validate(samples: list[Sample], problems: list[str], cache: str, settings: dict, num_frames: int):
+    """Check every sample and return [(sample, latent key, text key)] for the good ones plus the full list of
+    problems. Clips already in the cache were readable when cached (same bytes), so only new ones are decoded."""
+    good = []
+    for s in samples:
+        if not s.caption:
+            problems.append(f"{s.name}: empty caption")
+        if not s.video or not os.path.isfile(s.video):
+            problems.append(f"{s.name}: file not found" + (f" ({s.video})" if s.video else ""))
+            continue
+        keys = cache_keys(s, sha256_file(s.video), settings)
+        if not os.path.isfile(os.path.join(cache, "latents", keys[0] + ".safetensors")):
+            try:
+                frames = read_video(s.video)
+                if len(frames) < num_frames:
+                    raise ValueError(f"too short: {len(frames)} frames, at least {num_frames} needed "
+                                     f"(or lower --num-frames)")
+            except ValueError as e:
+                problems.append(f"{s.name}: {e}")
+                continue
+        if s.caption:
+            good.append((s, *keys))
+    return good, problems
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The cache: VAE latents and T5 embeddings, computed once
+
+
+@torch.no_grad()
+def build_cache(args, good, cache: str, device, dtype) -> None:
+    """Encode what the cache lacks: each clip to its VAE posterior (mean, logvar), each caption to T5 states. The
+    posterior is stored rather than one draw, so every step draws a fresh latent (the VAE's own augmentation)."""
+    todo_v = [(s, k) for s, k, _ in good if not os.path.isfile(os.path.join(cache, "latents", k + ".safetensors"))]
+    todo_t = {k: s.caption for s, _, k in good if not os.path.isfile(os.path.join(cache, "text", k + ".safetensors"))}
+    if todo_v:
+        vae = load_vae(os.path.join(args.model, "vae"), dtype=dtype, device=device)
+        for s, k in tqdm(todo_v, desc="encoding clips"):
+            clip = load_clip(s.video, args.num_frames, args.height, args.width)
+            mean, logvar = vae.encode(clip[None].to(device, dtype))                 # (1, C, F, H, W) each
+            tensors = {"mean": mean[0].transpose(0, 1).contiguous().cpu(),          # (F, C, H, W)
+                       "logvar": logvar[0].transpose(0, 1).contiguous().cpu()}
+            _atomic(os.path.join(cache, "latents", k + ".safetensors"), lambda p: save_file(tensors, p))
+        del vae
+    if todo_t:
+        tokenizer = Tokenizer(os.path.join(args.model, "tokenizer"))
+        t5 = load_text_encoder(os.path.join(args.model, "text_encoder"), dtype=dtype, device=device)
+        for k, caption in tqdm(todo_t.items(), desc="encoding captions"):
+            ids = tokenizer([caption], max_length=args.max_text_len).to(device)     # (1, L)
+            emb = {"embedding": t5(ids)[0].contiguous().cpu()}                      # (L, D)
+            _atomic(os.path.join(cache, "text", k + ".safetensors"), lambda p: save_file(emb, p))
+        del t5
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training math
+
+
+def sample_generator(seed: int, position: int) -> torch.Generator:
+    """The RNG of one sample of the global stream: independent of the process count and of where a run resumed."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, position]).generate_state(1)[0]))
+
+
+def dataset_index(seed: int, position: int, n: int) -> int:
+    """Sample `position` of an endless stream of epochs, each a fresh permutation of the n samples."""
+    epoch, i = divmod(position, n)
+    return int(np.random.default_rng([seed, epoch]).permutation(n)[i])
+
+
+def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warm-up over `warmup` steps, then a cosine decay to zero at `total`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_batch(items, positions: list[int], cache: str, scaling_factor: float, timesteps: int, patch_size_t):
+    """The samples at these stream positions -> x0 (B, F, C, H, W) fp32 scaled latents, text (B, L, D), t (B,) and
+    the noise (B, F, C, H, W), all drawn from each sample's own generator."""
+    x0, text, t, noise = [], [], [], []
+    for pos, (_, lat_key, txt_key) in zip(positions, items):
+        g = sample_generator(*pos)
+        lat = load_file(os.path.join(cache, "latents", lat_key + ".safetensors"))
+        z = sample_posterior(lat["mean"].float(), lat["logvar"].float(), g) * scaling_factor  # (F, C, H, W)
+        if patch_size_t and z.shape[0] % patch_size_t:  # 1.5: pad the odd latent count with the first frame, as THUDM
+            z = torch.cat([z[:1]] * (patch_size_t - z.shape[0] % patch_size_t) + [z])
+        x0.append(z)
+        text.append(load_file(os.path.join(cache, "text", txt_key + ".safetensors"))["embedding"])
+        t.append(torch.randint(0, timesteps, (1,), generator=g))
+        noise.append(torch.randn(z.shape, generator=g))
+    return torch.stack(x0), torch.stack(text), torch.cat(t), torch.stack(noise)
+
+
+def diffusion_loss(model, scheduler, x0, text, t, noise, dtype, ofs=None):
+    """The v-prediction loss at uniformly drawn timesteps. THUDM's trainer converts v̂ to x̂0 = √ᾱ x_t − √(1−ᾱ) v̂ and
+    weights (x̂0 − x0)² by 1/(1−ᾱ); since x̂0 − x0 = −√(1−ᾱ)(v̂ − v) that is exactly (v̂ − v)², computed here directly.
+    Mean over each sample's elements, then over the batch."""
+    x_t = add_noise(scheduler, x0, noise, t)                                        # (B, F, C, H, W)
+    pred = model(x_t.to(dtype), text.to(dtype), t, ofs)                             # (B, F, C, H, W)
+    return ((pred.float() - v_target(scheduler, x0, noise, t)) ** 2).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_dir(output: str, step: int) -> str:
+    return os.path.join(output, f"checkpoint-{step:06d}")
+
+
+def save_checkpoint(output: str, step: int, model, optimizer, args) -> str:
+    """checkpoint-<step>/ with the LoRA file (usable as is by --lora) and the optimizer state; written to a temporary
+    folder and renamed, so a crash never leaves a half checkpoint."""
+    final = checkpoint_dir(output, step)
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_lora(os.path.join(tmp, WEIGHT_NAME), lora_state_dict(model), args.rank, args.alpha)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args)},
+               os.path.join(tmp, "training_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def find_resume(output: str, resume: str) -> str:
+    if resume != "latest":
+        return resume
+    found = sorted(n for n in os.listdir(output) if n.startswith("checkpoint-") and not n.endswith(".tmp")) \
+        if os.path.isdir(output) else []
+    if not found:
+        raise ValueError(f"--resume latest: no checkpoint-* folder in {output}")
+    return os.path.join(output, found[-1])
+
+
+# Settings that must not change across a resume, or it would not continue the same run.
+SAME_ON_RESUME = ("model", "rank", "alpha", "seed", "batch_size", "grad_accum", "num_frames", "height", "width")
+
+
+def load_checkpoint(path: str, model, optimizer, args) -> int:
+    state = torch.load(os.path.join(path, "training_state.pt"), map_location="cpu", weights_only=True)
+    old = state["args"]
+    changed = [f"--{k.replace('_', '-')} was {old.get(k)}" for k in SAME_ON_RESUME if old.get(k) != getattr(args, k)]
+    if changed:
+        raise ValueError(f"--resume {path}: {', '.join(changed)}; resume with the same settings")
+    set_lora_state(model, load_file(os.path.join(path, WEIGHT_NAME)))
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Logging and validation renders
+
+
+def log_step(path: str, record: dict, truncate_after: int | None = None) -> None:
+    """Append one JSON line; on resume first drop the lines past the resumed step (they will be redone)."""
+    if truncate_after is not None and os.path.isfile(path):
+        kept = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= truncate_after]
+        _atomic(path, lambda p: open(p, "w").writelines(kept))
+    if record:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(log: str, png: str) -> bool:
+    """loss.png from the log when matplotlib is installed (an optional dependency)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [json.loads(line) for line in open(log) if line.strip()]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8)
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title="LoRA training loss")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+class Renderer:
+    """Renders the validation prompt with the model being trained. T5 and the VAE wait on the CPU between renders and
+    visit the GPU only while one runs."""
+
+    def __init__(self, args, info, scheduler, device, dtype):
+        self.args, self.device = args, device
+        self.pipe = Pipeline(tokenizer=Tokenizer(os.path.join(args.model, "tokenizer")),
+                             text_encoder=load_text_encoder(os.path.join(args.model, "text_encoder"), dtype=dtype),
+                             transformer=None, vae=load_vae(os.path.join(args.model, "vae"), dtype=dtype),
+                             scheduler=scheduler, info=info, device=device, dtype=dtype)
+
+    def __call__(self, model, step: int) -> str:
+        a, pipe = self.args, self.pipe
+        pipe.transformer = model
+        for m in (pipe.text_encoder, pipe.vae):
+            m.to(self.device)
+        frames = generate(pipe, a.validation_prompt, num_frames=a.num_frames, height=a.height, width=a.width,
+                          seed=a.seed, max_sequence_length=a.max_text_len, progress=False)
+        for m in (pipe.text_encoder, pipe.vae):
+            m.to("cpu")
+        return save_video(frames[0], os.path.join(a.output, "validation", f"step-{step:06d}.mp4"), pipe.info.fps)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="LoRA fine-tuning of CogVideoX (text-to-video) on your own clips.")
+    p.add_argument("--model", required=True, help="a local CogVideoX snapshot folder (T2V: 2b, 5b, 1.5-5B)")
+    p.add_argument("--data", required=True, help="prompts.txt + videos.txt, or name.mp4 + name.txt pairs")
+    p.add_argument("--output", default="runs/lora")
+    p.add_argument("--cache-dir", default=None, help="latent/text cache (default: <output>/cache)")
+    p.add_argument("--num-frames", type=int, default=None, help="default: the model's (49; 81 for 1.5)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--rank", type=int, default=128)
+    p.add_argument("--alpha", type=float, default=64.0, help="the LoRA scale is alpha/rank (THUDM's default 64/128)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=1, help="samples per micro-step, over all processes")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then cosine decay to 0")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="frozen weights and autocast: default bf16 on GPU, fp32 on CPU (the LoRA itself is fp32)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute each block in backward: much less memory, ~30%% slower")
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--resume", default=None, help="a checkpoint-<step> folder, or 'latest' in --output")
+    p.add_argument("--validation-prompt", default=None)
+    p.add_argument("--validate-every", type=int, default=0, help="render --validation-prompt every N steps (0: never)")
+    p.add_argument("--device", default=None, help="default: cuda (the local rank's GPU) when available, else cpu")
+    return p.parse_args(argv)
+
+
+def setup_distributed(device_arg):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: then one process per GPU (nccl), or per CPU worker (gloo)."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    cuda = (device_arg or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return world, rank, local, device
+
+
+def all_ok(ok: bool, world: int, device) -> bool:
+    """True on every process only if it is true on every process (so a bad dataset stops all of them)."""
+    if world == 1:
+        return ok
+    flag = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def check_args(args, tcfg, info, world: int) -> None:
+    if info.is_i2v:
+        raise ValueError(f"{args.model} is an image-to-video model; train_lora.py trains text-to-video checkpoints")
+    m = info.frame_multiple
+    if args.num_frames < 1 or (args.num_frames - 1) % m:
+        raise ValueError(f"--num-frames {args.num_frames} is not valid for this model: use {m}k+1 frames")
+    for k in ("height", "width"):
+        if getattr(args, k) % 16:
+            raise ValueError(f"--{k} {getattr(args, k)} is not a multiple of 16")
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the process count {world}")
+    for k in ("steps", "batch_size", "grad_accum", "checkpoint_every", "warmup", "rank"):
+        if getattr(args, k) < (0 if k == "warmup" else 1):
+            raise ValueError(f"--{k.replace('_', '-')} must be at least {0 if k == 'warmup' else 1}")
+    if args.validate_every and not args.validation_prompt:
+        raise ValueError("--validate-every needs --validation-prompt")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    world, rank, local, device = setup_distributed(args.device)
+    try:
+        return train(args, world, rank, local, device)
+    except (ValueError, CheckpointError, OSError) as e:
+        print(f"error: {str(e).strip()}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, world: int, rank: int, local: int, device) -> int:
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not os.path.isdir(os.path.join(args.model, sub)):
+            raise CheckpointError(f"{args.model} is not a CogVideoX snapshot: the folder {sub}/ is missing")
+    tcfg = config_from_dict(TransformerConfig, read_json(os.path.join(args.model, "transformer", "config.json")))
+    vcfg = config_from_dict(VAEConfig, read_json(os.path.join(args.model, "vae", "config.json")))
+    info = model_info(args.model, tcfg, vcfg)
+    args.num_frames, args.height, args.width = args.num_frames or info.num_frames, args.height or info.height, \
+        args.width or info.width
+    args.max_text_len = tcfg.max_text_seq_length
+    check_args(args, tcfg, info, world)
+    cache = args.cache_dir or os.path.join(args.output, "cache")
+    settings = {"video": [args.num_frames, args.height, args.width, str(dtype), fingerprint(os.path.join(args.model, "vae"))],
+                "text": [args.max_text_len, str(dtype), fingerprint(os.path.join(args.model, "text_encoder")),
+                         fingerprint(os.path.join(args.model, "tokenizer"))]}
+
+    # 1. Validate every sample, then fill the cache; one process per machine does it, the others wait.
+    ok, good = True, []
+    if local == 0:
+        samples, problems = find_samples(args.data)
+        good, problems = validate(samples, problems, cache, settings, args.num_frames)
+        if problems:
+            print(f"error: {len(problems)} problem(s) in the dataset {args.data}; nothing was trained. Fix or remove:\n  "
+                  + "\n  ".join(problems), file=sys.stderr)
+            ok = False
+        else:
+            build_cache(args, good, cache, device, dtype)
+    if not all_ok(ok, world, device):
+        return 2
+    if local != 0:  # the cache is complete now: list the same samples (cheap: every clip is cached)
+        good, _ = validate(*find_samples(args.data), cache, settings, args.num_frames)
+    say(f"{len(good)} samples, cache {cache}")
+
+    # 2. The transformer with LoRA on its attention projections; only A and B train (fp32 master weights).
+    model = load_transformer(os.path.join(args.model, "transformer"), dtype=dtype, device=device)
+    torch.manual_seed(args.seed)
+    params = add_lora(model, args.rank, args.alpha)
+    model.gradient_checkpointing = args.gradient_checkpointing
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world > 1 else model
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=args.weight_decay)
+    scheduler = load_scheduler_config(os.path.join(args.model, "scheduler"))
+    start = 0
+    if args.resume:
+        path = find_resume(args.output, args.resume)
+        start = load_checkpoint(path, model, optimizer, args)
+        say(f"resumed from {path} at step {start}")
+    log = os.path.join(args.output, "loss.jsonl")
+    if rank == 0:
+        os.makedirs(args.output, exist_ok=True)
+        if start:
+            log_step(log, {}, truncate_after=start)
+        else:
+            open(log, "w").close()
+    render = Renderer(args, info, scheduler, device, dtype) if args.validate_every and rank == 0 else None
+    say(f"LoRA rank {args.rank}, alpha {args.alpha:g}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
+        f"parameters; {world} process(es), global batch {args.batch_size} x {args.grad_accum} accumulation")
+
+    # 3. The loop. Process `rank` takes its slice of each micro-batch of the global sample stream.
+    per_rank = args.batch_size // world
+    ofs = None  # only the I2V 1.5 model takes an ofs embedding
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, desc="training")
+    for step in bar:
+        lr = learning_rate(step, args.lr, args.warmup, args.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=device)
+        for micro in range(args.grad_accum):
+            first = (step * args.grad_accum + micro) * args.batch_size + rank * per_rank
+            positions = [(args.seed, p) for p in range(first, first + per_rank)]
+            items = [good[dataset_index(args.seed, p, len(good))] for _, p in positions]
+            x0, text, t, noise = (x.to(device) for x in make_batch(
+                items, positions, cache, vcfg.scaling_factor, scheduler.num_train_timesteps, tcfg.patch_size_t))
+            sync = world == 1 or micro == args.grad_accum - 1
+            with (contextlib.nullcontext() if sync else net.no_sync()):
+                with autocast:
+                    loss = diffusion_loss(net, scheduler, x0, text, t, noise, dtype, ofs)
+                (loss / args.grad_accum).backward()
+            total += loss.detach() / args.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            dist.all_reduce(total)
+            total /= world
+        done = step + 1
+        if rank == 0:
+            log_step(log, {"step": done, "loss": total.item(), "lr": lr, "grad_norm": grad_norm.item()})
+            bar.set_postfix(loss=f"{total.item():.4f}", lr=f"{lr:.2e}")
+            if done % args.checkpoint_every == 0 or done == args.steps:
+                save_checkpoint(args.output, done, model, optimizer, args)
+            if render and done % args.validate_every == 0:
+                bar.write(f"step {done}: validation video {render(model, done)}")
+
+    # 4. The result.
+    if rank == 0:
+        out = os.path.join(args.output, WEIGHT_NAME)
+        _atomic(out, lambda p: save_lora(p, lora_state_dict(model), args.rank, args.alpha))
+        png = os.path.join(args.output, "loss.png")
+        plotted = plot_losses(log, png)
+        print(f"wrote {out} and {log}" + (f" and {png}" if plotted else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
