@@ -360,7 +360,7 @@ class CogVideoXTransformer(nn.Module):
                 pos_h = torch.linspace(top, bottom * (Hg - 1) / Hg, Hg, dtype=torch.float32, device=device)
                 pos_w = torch.linspace(left, right * (Wg - 1) / Wg, Wg, dtype=torch.float32, device=device)
                 pos_t = torch.linspace(0, T * (T - 1) / T, T, dtype=torch.float32, device=device)
-            else:  # 1.5: plain integer positions
+            else:  # 1.5: integer positions (the original slices them from a sample_height/p x sample_width/p grid)
                 T = F_ // cfg.patch_size_t
                 pos_t, pos_h, pos_w = (torch.arange(n, dtype=torch.float32, device=device) for n in (T, Hg, Wg))
             angles = rope_3d(cfg.attention_head_dim, pos_t, pos_h, pos_w)  # (N, d/2)

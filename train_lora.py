@@ -134,6 +134,13 @@ def fingerprint(folder: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def cache_settings(model: str, num_frames: int, height: int, width: int, max_text_len: int, dtype) -> dict:
+    """Everything besides a clip's bytes and a caption's text that changes what the encoders produce."""
+    return {"video": [num_frames, height, width, str(dtype), fingerprint(os.path.join(model, "vae"))],
+            "text": [max_text_len, str(dtype), fingerprint(os.path.join(model, "text_encoder")),
+                     fingerprint(os.path.join(model, "tokenizer"))]}
+
+
 def cache_keys(sample: Sample, video_hash: str, settings: dict) -> tuple[str, str]:
     """(latent key, text key): a changed clip, caption, size, dtype or model gives new keys, so it is recomputed."""
     key = lambda *a: hashlib.sha256(json.dumps(a, sort_keys=True).encode()).hexdigest()[:32]
@@ -449,9 +456,7 @@ def train(args, world: int, rank: int, local: int, device) -> int:
     args.max_text_len = tcfg.max_text_seq_length
     check_args(args, tcfg, info, world)
     cache = args.cache_dir or os.path.join(args.output, "cache")
-    settings = {"video": [args.num_frames, args.height, args.width, str(dtype), fingerprint(os.path.join(args.model, "vae"))],
-                "text": [args.max_text_len, str(dtype), fingerprint(os.path.join(args.model, "text_encoder")),
-                         fingerprint(os.path.join(args.model, "tokenizer"))]}
+    settings = cache_settings(args.model, args.num_frames, args.height, args.width, args.max_text_len, dtype)
 
     # 1. Validate every sample, then fill the cache; one process per machine does it, the others wait.
     ok, good = True, []

@@ -1,0 +1,278 @@
+"""lora.py and train_lora.py on a tiny random 2b snapshot and four tiny videos made here.
+
+Parity: a LoRA file we write, loaded by the peer (`CogVideoXPipeline.load_lora_weights`, peft), gives the frames our
+`generate` gives with that LoRA, within 1e-4 max abs in [0, 1] (the issue's bound); the transformer outputs agree
+within 1e-5 relative (fp32 CPU). Training: 30 steps lower a fixed evaluation loss, resuming is bitwise exact, and
+`torchrun --nproc_per_node 2` (gloo) matches one process with the same global batch."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import imageio
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import generate as gen
+import train_lora
+from lora import LoRALinear, add_lora, load_lora, lora_state_dict, read_lora, save_lora
+from model import load_transformer
+from tiny import MAX_TEXT, make_snapshot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = "a red square moving right"
+CAPTIONS = ["a red square moving right", "a green square moving down", "a blue square moving left",
+            "a yellow square moving up"]
+RANK, ALPHA = 4, 2.0  # alpha != rank: the recorded alpha (scale 0.5) must reach the peer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the ops here are tiny: one thread avoids OpenMP spin-waits on a busy 2-core machine (measured 100x faster)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_videos(folder, frames=20, h=48, w=64):
+    """Four clips of a coloured square moving in four directions; 48x64 so the crop to 32x32 is exercised."""
+    os.makedirs(folder, exist_ok=True)
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    for i, caption in enumerate(CAPTIONS):
+        arr = np.zeros((frames, h, w, 3), np.uint8)
+        for f in range(frames):
+            x, y = [(2 * f, 10), (20, f), (50 - 2 * f, 20), (30, 30 - f)][i]
+            arr[f, y:y + 12, x:x + 12] = colours[i]
+        imageio.mimwrite(os.path.join(folder, f"clip{i}.mp4"), list(arr), fps=8, format="FFMPEG", macro_block_size=16)
+        with open(os.path.join(folder, f"clip{i}.txt"), "w") as f:
+            f.write(caption)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def snap(tmp_path_factory):
+    return make_snapshot(str(tmp_path_factory.mktemp("snap")), "2b")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_videos(str(tmp_path_factory.mktemp("data")))
+
+
+def train_args(snap, data, out, *extra):
+    return ["--model", snap, "--data", data, "--output", str(out), "--cache-dir", os.path.join(os.path.dirname(data),
+            "cache"), "--rank", str(RANK), "--alpha", str(ALPHA), "--lr", "1e-2", "--warmup", "3", "--batch-size", "2",
+            "--no-gradient-checkpointing", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(snap, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert train_lora.main(train_args(snap, data, out, "--steps", "30", "--checkpoint-every", "15",
+                                      "--validation-prompt", PROMPT, "--validate-every", "15")) == 0
+    return str(out)
+
+
+# ---------------------------------------------------------------- lora.py
+
+
+def test_lora_linear_forward_and_merge():
+    base = torch.nn.Linear(12, 10)
+    layer = LoRALinear(base, 3, scale=0.5)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(4, 12)
+    want = base(x) + 0.5 * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    torch.testing.assert_close(layer(x), want, rtol=1e-6, atol=1e-6)
+    merged = layer.merged()
+    assert isinstance(merged, torch.nn.Linear)
+    torch.testing.assert_close(merged(x), want, rtol=1e-5, atol=1e-6)
+
+
+def random_lora_file(snap, folder, rank, alpha=None, seed=0):
+    """A LoRA with random A and B for every projection; alpha None: no metadata, as the official trainers write."""
+    model = load_transformer(snap)
+    torch.manual_seed(seed)
+    add_lora(model, rank, alpha or rank)
+    for n, p in model.named_parameters():
+        if ".lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "pytorch_lora_weights.safetensors")
+    if alpha is None:
+        save_file(lora_state_dict(model), path, metadata={"format": "pt"})
+    else:
+        save_lora(path, lora_state_dict(model), rank, alpha)
+    return folder
+
+
+def peer_transformer_output(snap, lora_folder, scale, inputs):
+    from diffusers import CogVideoXPipeline
+    from diffusers.utils import logging
+    logging.set_verbosity_error()
+    pipe = CogVideoXPipeline.from_pretrained(snap)
+    pipe.load_lora_weights(lora_folder, adapter_name="x")
+    pipe.set_adapters(["x"], [scale])
+    x, text, t = inputs
+    with torch.no_grad():
+        return pipe.transformer(hidden_states=x, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("alpha,scale", [(3.0, 1.0), (None, 0.5)],
+                         ids=["ours-with-metadata", "no-metadata-thudm-scale-0.5"])
+def test_transformer_with_lora_matches_peer(snap, tmp_path, alpha, scale):
+    folder = random_lora_file(snap, str(tmp_path / "lora"), rank=6, alpha=alpha)
+    g = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(2, 3, 4, 4, 4, generator=g), torch.randn(2, MAX_TEXT, 32, generator=g),
+              torch.tensor([10, 700]))
+    ref = peer_transformer_output(snap, folder, scale, inputs)
+    base = load_transformer(snap)
+    with torch.no_grad():
+        plain = base(*inputs)
+        for fuse in (True, False):
+            model = load_transformer(snap)
+            summary = load_lora(model, folder, scale, fuse=fuse)
+            ours = model(*inputs)
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert (ref - plain).abs().max() > 1e-2  # the LoRA matters at this scale
+    assert ("alpha 3.0 recorded" in summary) if alpha else ("no alpha recorded" in summary)
+
+
+def test_metadata_is_what_diffusers_reads(tmp_path):
+    from diffusers.utils.state_dict_utils import _load_sft_state_dict_metadata
+    path = str(tmp_path / "l.safetensors")
+    save_lora(path, {"transformer.a.to_q.lora_A.weight": torch.zeros(2, 3),
+                     "transformer.a.to_q.lora_B.weight": torch.zeros(5, 2)}, rank=2, alpha=1.0)
+    meta = _load_sft_state_dict_metadata(path)
+    assert meta["transformer.r"] == 2 and meta["transformer.lora_alpha"] == 1.0
+    assert meta["transformer.target_modules"] == ["to_q", "to_k", "to_v", "to_out.0"]
+    pairs, ours = read_lora(path)
+    assert list(pairs) == ["a.to_q"] and ours["lora_alpha"] == 1.0
+
+
+def test_lora_for_another_model_is_refused(snap, tmp_path):
+    path = str(tmp_path / "l.safetensors")
+    save_file({"transformer.transformer_blocks.7.attn1.to_q.lora_A.weight": torch.zeros(2, 32),
+               "transformer.transformer_blocks.7.attn1.to_q.lora_B.weight": torch.zeros(32, 2)}, path)
+    with pytest.raises(ValueError, match="transformer_blocks.7.attn1.to_q"):
+        load_lora(load_transformer(snap), path)
+    save_file({"transformer.transformer_blocks.0.attn1.to_q.lora.down.weight": torch.zeros(2, 32)}, path)
+    with pytest.raises(ValueError, match="not a PEFT-format"):
+        load_lora(load_transformer(snap), path)
+
+
+# ---------------------------------------------------------------- train_lora.py
+
+
+def eval_loss(snap, data, lora_folder=None):
+    """The training loss on a fixed set: every clip at 4 fixed timesteps and noises (positions outside training's)."""
+    model = load_transformer(snap)
+    if lora_folder:
+        load_lora(model, lora_folder)
+    cache = os.path.join(os.path.dirname(data), "cache")
+    settings = train_lora.cache_settings(snap, 9, 32, 32, MAX_TEXT, torch.float32)
+    good, problems = train_lora.validate(*train_lora.find_samples(data), cache, settings, 9)
+    assert not problems and len(good) == 4
+    scheduler = train_lora.load_scheduler_config(snap)
+    positions = [(-1, p) for p in range(16)]
+    vae = train_lora.config_from_dict(train_lora.VAEConfig, train_lora.read_json(os.path.join(snap, "vae", "config.json")))
+    x0, text, t, noise = train_lora.make_batch(good * 4, positions, cache, vae.scaling_factor, 1000, None)
+    with torch.no_grad():
+        return train_lora.diffusion_loss(model, scheduler, x0, text, t, noise, torch.float32).item()
+
+
+def test_training_lowers_the_loss_and_writes_its_files(snap, data, trained):
+    before, after = eval_loss(snap, data), eval_loss(snap, data, trained)
+    print(f"eval loss before {before:.4f}, after 30 steps {after:.4f}")
+    assert after < 0.9 * before, (before, after)
+    rows = [json.loads(line) for line in open(os.path.join(trained, "loss.jsonl"))]
+    assert [r["step"] for r in rows] == list(range(1, 31)) and all(np.isfinite(r["loss"]) for r in rows)
+    assert sorted(os.listdir(trained)) == ["checkpoint-000015", "checkpoint-000030", "loss.jsonl",
+                                           "pytorch_lora_weights.safetensors", "validation"]
+    assert sorted(os.listdir(os.path.join(trained, "validation"))) == [
+        "step-000015.mp4", "step-000015.png", "step-000030.mp4", "step-000030.png"]
+    assert imageio.v3.imread(os.path.join(trained, "validation", "step-000030.mp4"), index=None).shape == (9, 32, 32, 3)
+
+
+def test_trained_lora_changes_generate_and_matches_peer(snap, trained, tmp_path):
+    from diffusers import CogVideoXPipeline
+    kw = dict(num_frames=9, height=32, width=32, num_inference_steps=4, guidance_scale=6.0)
+    pipe = CogVideoXPipeline.from_pretrained(snap)
+    pipe.load_lora_weights(trained)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt=PROMPT, negative_prompt="", generator=torch.Generator().manual_seed(7), output_type="pt",
+               max_sequence_length=MAX_TEXT, **kw).frames
+    ours = gen.load_pipeline(snap)
+    plain = gen.generate(ours, PROMPT, seed=7, max_sequence_length=MAX_TEXT, progress=False, **kw)
+    load_lora(ours.transformer, trained)
+    with_lora = gen.generate(ours, PROMPT, seed=7, max_sequence_length=MAX_TEXT, progress=False, **kw)
+    err, change = (with_lora - ref).abs().max().item(), (with_lora - plain).abs().max().item()
+    print(f"ours vs peer with LoRA: max abs {err:.2e}; LoRA changes frames by up to {change:.3f}")
+    assert err <= 1e-4 and change > 0.02
+    # generate.py --lora: the same frames through the command line (PNG folder, uint8 like to_uint8)
+    rc = gen.main(["--model", snap, "--prompt", PROMPT, "--num-frames", "9", "--height", "32", "--width", "32",
+                   "--steps", "4", "--seed", "7", "--lora", trained, "--output", str(tmp_path / "frames")])
+    assert rc == 0
+    png = np.stack([imageio.v3.imread(tmp_path / "frames" / f"{i:04d}.png") for i in range(9)])
+    assert np.array_equal(png, gen.to_uint8(with_lora[0]))
+
+
+def test_resume_is_exact(snap, data, trained, tmp_path):
+    """Continue the run from its step-15 checkpoint in a copy of its folder: same weights, same loss log."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy, ignore=shutil.ignore_patterns("checkpoint-000030", "validation", "*.safetensors"))
+    shutil.copytree(os.path.join(trained, "checkpoint-000015"), copy / "checkpoint-000015", dirs_exist_ok=True)
+    assert train_lora.main(train_args(snap, data, copy, "--steps", "30", "--checkpoint-every", "15",
+                                      "--resume", "latest")) == 0
+    a, _ = read_lora(trained)
+    b, _ = read_lora(str(copy))
+    assert all(torch.equal(a[k][i], b[k][i]) for k in a for i in (0, 1))
+    assert open(copy / "loss.jsonl").read() == open(os.path.join(trained, "loss.jsonl")).read()
+    # a different setting is refused, naming it
+    assert train_lora.main(train_args(snap, data, copy, "--steps", "30", "--resume", "latest", "--seed", "1")) == 2
+
+
+def test_torchrun_two_processes_match_one(snap, data, tmp_path):
+    """Global batch 2: one process with 2 samples vs torchrun with 2 gloo processes of 1 sample each, 4 steps."""
+    steps = ["--steps", "4", "--checkpoint-every", "4", "--grad-accum", "2"]
+    assert train_lora.main(train_args(snap, data, tmp_path / "one", *steps)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(ROOT, "train_lora.py"), *train_args(snap, data, tmp_path / "two", *steps),
+                        "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, _ = read_lora(str(tmp_path / "one"))
+    b, _ = read_lora(str(tmp_path / "two"))
+    err = max((a[k][i] - b[k][i]).abs().max().item() for k in a for i in (0, 1))
+    scale = max(a[k][i].abs().max().item() for k in a for i in (0, 1))
+    print(f"torchrun x2 vs one process: max abs diff {err:.2e} (weights up to {scale:.2f})")
+    assert err <= 1e-5 * max(1.0, scale)
+    la = [json.loads(x)["loss"] for x in open(tmp_path / "one" / "loss.jsonl")]
+    lb = [json.loads(x)["loss"] for x in open(tmp_path / "two" / "loss.jsonl")]
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+
+
+def test_bad_dataset_lists_every_problem(snap, data, tmp_path, capsys):
+    """Official layout: one good clip, a missing file, an unreadable video, an empty caption, a too-short clip."""
+    folder = tmp_path / "bad"
+    (folder / "videos").mkdir(parents=True)
+    shutil.copy(os.path.join(data, "clip0.mp4"), folder / "videos" / "good.mp4")
+    shutil.copy(os.path.join(data, "clip1.mp4"), folder / "videos" / "quiet.mp4")
+    (folder / "videos" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    imageio.mimwrite(folder / "videos" / "short.mp4", [np.zeros((48, 64, 3), np.uint8)] * 5, fps=8, format="FFMPEG",
+                     macro_block_size=16)
+    (folder / "videos.txt").write_text("videos/good.mp4\nvideos/missing.mp4\nvideos/broken.mp4\nvideos/quiet.mp4\n"
+                                       "videos/short.mp4\n")
+    (folder / "prompts.txt").write_text("a red square\na cat\na dog\n   \na black screen\n\n")
+    rc = train_lora.main(train_args(snap, str(folder), tmp_path / "out", "--steps", "1"))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "4 problem(s)" in err, err
+    for name, why in [("videos/missing.mp4 (line 2)", "file not found"), ("videos/broken.mp4 (line 3)", "cannot read"),
+                      ("videos/quiet.mp4 (line 4)", "empty caption"), ("videos/short.mp4 (line 5)", "too short: 5")]:
+        assert any(name in line and why in line for line in err.splitlines()), (name, err)
+    assert "good.mp4" not in err
+    assert not os.path.exists(tmp_path / "out" / "pytorch_lora_weights.safetensors")
