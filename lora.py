@@ -14,7 +14,8 @@ that entry diffusers scales by lora_alpha/r; WITHOUT it, it takes alpha = rank, 
   - diffusers `examples/cogvideo/train_cogvideox_lora.py`: no metadata, trained at alpha = rank (128/128): scale 1,
     which is what a missing alpha gives, so nothing to do;
   - THUDM `CogVideo/finetune` (rank 128, lora_alpha 64): no metadata, trained at 0.5: pass --lora-scale 0.5;
-  - THUDM SAT export (`tools/export_sat_lora_weight.py`, alpha 1, rank 128 or 256): pass --lora-scale 1/rank.
+  - THUDM SAT export (`tools/export_sat_lora_weight.py`, alpha 1, rank 128 or 256): pass --lora-scale 1/rank;
+    `convert.py lora` records SAT's alpha instead, so its files need no scale.
 The applied factor is lora_scale·alpha/r, the product diffusers computes for `set_adapters([name], [lora_scale])`.
 
 Legend: r rank, in/out the features of the wrapped Linear.
@@ -193,11 +194,3 @@ def load_lora(model: nn.Module, path: str, scale: float = 1.0, fuse: bool = True
     return (f"LoRA {lora_file(path)}: {len(pairs)} layers, rank {'/'.join(map(str, ranks))}, {how}; "
             f"applied at {scale:g} x {sorted(set(scales.values()))[0]:g}")
 
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRALinear of `model` into its base Linear, in place (e.g. after training, before export of a
-    full model)."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, LoRALinear):
-            _replace(model, name, m.merged())
-    return model

@@ -13,6 +13,7 @@ API
     sampler.timesteps                                   # list[int]: [999, 979, ..., 19]
     x = sampler.step(model_output, i, x, generator)     # one update at sampler.timesteps[i]; keeps the x0 estimate
     x = denoise(model, x, sampler, guidance_scale=6.0, dynamic_cfg=False, generator=g)   # the whole loop
+    trajectory = invert(model, x0, make_sampler("ddim", config, 50))  # DDIM inversion, the mirror of denoise
     guidance(uncond, cond, scale); dynamic_cfg_scale(scale, t, num_steps)
     add_noise(config, x0, noise, t); v_target(config, x0, noise, t)                       # video-to-video, training
 """
@@ -150,6 +151,22 @@ def ddim_step(x, x0, a, a_prev):
     return c_x * x + c_0 * x0
 
 
+def predict_eps(prediction_type, out, x, a):
+    """The noise estimate from the network output at ᾱ_t = a (what DDIM inversion moves along)."""
+    if prediction_type == "v_prediction":
+        return a ** 0.5 * out + (1 - a) ** 0.5 * x    # ε = √ᾱ v + √(1−ᾱ) x
+    if prediction_type == "epsilon":
+        return out
+    return (x - a ** 0.5 * out) / (1 - a) ** 0.5      # from x0 = out
+
+
+def ddim_inverse_step(x0, eps, a_next):
+    """DDIM run backwards, towards noise (Song et al. 2021, sec. 4.3: the η = 0 sampler is an ODE, so it encodes too):
+    x_next = √ᾱ_next x0 + √(1−ᾱ_next) ε̂, taken from the lower noise level to the higher one. ε̂ comes from the
+    network output rather than (x − √ᾱ x0)/√(1−ᾱ), because inversion starts at ᾱ = 1 where that is 0/0."""
+    return a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * eps
+
+
 def _lam(a):
     return ((a / (1 - a)) ** 0.5).log()  # λ = log(α/σ), half the log-SNR
 
@@ -207,6 +224,17 @@ class Sampler:
         self.x0 = x0
         return x
 
+    def invert_step(self, out, i, x):
+        """The mirror of `step` (DDIM only): x at the level step i lands on -> x at timesteps[i]. The network is asked at
+        timesteps[i], the level x is heading to, exactly as `step` asks it at the level it leaves: inversion assumes
+        the two are close (diffusers' DDIMInverseScheduler, used by the official ddim_inversion.py, does the same)."""
+        if self.solver != "ddim":
+            raise ValueError(f"inversion needs the deterministic DDIM sampler, not {self.solver!r}")
+        t = self.timesteps[i]
+        a, a_next = self.alpha(t - self.config.num_train_timesteps // self.num_steps), self.alpha(t)
+        x0 = predict_x0(self.config.prediction_type, out, x, a)
+        return ddim_inverse_step(x0, predict_eps(self.config.prediction_type, out, x, a), a_next)
+
 
 def make_sampler(name: str, config: SchedulerConfig, num_steps: int, strength: float = 1.0) -> Sampler:
     """name: "ddim" | "dpm". strength < 1 (video-to-video) runs only the last int(N·strength) steps."""
@@ -243,3 +271,21 @@ def denoise(model, x, sampler, guidance_scale=1.0, dynamic_cfg=False, generator=
             out = guidance(*out.chunk(2), scale)                                  # (B, F, C, H, W)
         x = sampler.step(out, i, x, generator).to(dtype)
     return x
+
+
+def invert(model, x, sampler, guidance_scale=1.0, progress=True):
+    """DDIM inversion, the mirror of `denoise`: from clean latents x up the same timesteps in reverse order, each step
+    undoing the `denoise` step of the same index. `model` and `guidance_scale` as in `denoise`.
+    Returns the trajectory, a list aligned with sampler.timesteps: trajectory[i] is x at the noise level of
+    sampler.timesteps[i], the latent `denoise` holds when it evaluates step i. So trajectory[0] is the fully
+    inverted latent, and denoise(model, trajectory[0], sampler) with the same conditioning comes back to x, up to
+    the error of evaluating each step at the far end (it shrinks as the number of steps grows)."""
+    dtype, cfg = x.dtype, guidance_scale > 1
+    trajectory = [None] * len(sampler.timesteps)
+    for i in tqdm(reversed(range(len(sampler.timesteps))), total=len(sampler.timesteps), disable=not progress):
+        x_in = torch.cat([x, x]) if cfg else x                                    # (2B, F, C, H, W)
+        out = model(x_in, torch.full((x_in.shape[0],), sampler.timesteps[i], device=x.device)).float()
+        if cfg:
+            out = guidance(*out.chunk(2), guidance_scale)                         # (B, F, C, H, W)
+        x = trajectory[i] = sampler.invert_step(out, i, x).to(dtype)
+    return trajectory

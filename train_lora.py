@@ -16,6 +16,12 @@ Dataset folder, either layout (paths relative to the folder):
 Each clip needs at least --num-frames frames; they are taken at an even stride (the official `range(0, N, N//F)`),
 then scaled to cover --height x --width and centre-cropped.
 
+Versus THUDM's finetune/ trainer: the same loss (see diffusion_loss), timesteps uniform in 0..999, AdamW betas
+(0.9, 0.95), weight decay 1e-4, clipping at 1.0, rank 128 / alpha 64, bf16 with fp32 LoRA weights. Different on
+purpose: warm-up then cosine decay instead of a constant LR, a default LR of 1e-4 (theirs 2e-5; SAT's configs
+suggest 5e-4 to 1e-3 for LoRA), clips shorter than --num-frames refused instead of padded with their last frame,
+cover-and-crop resizing instead of a stretch, and the alpha written into the LoRA file.
+
 Reproducibility: the data order, the timestep, the noise and the VAE posterior draw of every sample are pure
 functions of (--seed, the sample's position in the global stream), and the LR is a pure function of the step. So a
 resumed run redoes exactly what the uninterrupted one would have done, and N processes with batch B/N each see the
@@ -32,7 +38,6 @@ import math
 import os
 import shutil
 import sys
-import time
 
 import numpy as np
 import torch
@@ -82,7 +87,9 @@ def find_samples(folder: str) -> tuple[list[Sample], list[str]]:
         captions, paths = _lines(prompts), _lines(videos)
         problems = [] if len(captions) == len(paths) else [
             f"{os.path.basename(prompts)} has {len(captions)} lines but videos.txt has {len(paths)}: one caption per video"]
-        samples = [Sample(f"{p or '(blank)'} (line {i + 1})", os.path.join(folder, p) if p else "", c)
+        n = max(len(captions), len(paths))
+        captions, paths = captions + [""] * (n - len(captions)), paths + [""] * (n - len(paths))  # each gap reported
+        samples = [Sample(f"{p or '(no video)'} (line {i + 1})", os.path.join(folder, p) if p else "", c)
                    for i, (p, c) in enumerate(zip(paths, captions))]
         return samples, problems
     files = sorted(os.listdir(folder))
@@ -108,12 +115,16 @@ def frame_indices(n: int, num_frames: int) -> list[int]:
     return list(range(0, n, n // num_frames))[:num_frames]
 
 
-def load_clip(path: str, num_frames: int, height: int, width: int) -> torch.Tensor:
-    """A video file -> (3, num_frames, height, width) in [-1, 1], the VAE's input layout."""
-    frames = read_video(path)                                                     # (N, 3, h, w) in [0, 1]
+def select_frames(frames: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(N, 3, h, w) -> (num_frames, 3, h, w); a clip shorter than num_frames is an error, never padded."""
     if len(frames) < num_frames:
         raise ValueError(f"too short: {len(frames)} frames, at least {num_frames} needed (or lower --num-frames)")
-    frames = resize(frames[frame_indices(len(frames), num_frames)], height, width)  # (F, 3, H, W)
+    return frames[frame_indices(len(frames), num_frames)]
+
+
+def load_clip(path: str, num_frames: int, height: int, width: int) -> torch.Tensor:
+    """A video file -> (3, num_frames, height, width) in [-1, 1], the VAE's input layout."""
+    frames = resize(select_frames(read_video(path), num_frames), height, width)     # (F, 3, H, W) in [0, 1]
     return (frames * 2 - 1).permute(1, 0, 2, 3).contiguous()                       # (3, F, H, W)
 
 
@@ -160,12 +171,9 @@ def validate(samples: list[Sample], problems: list[str], cache: str, settings: d
         keys = cache_keys(s, sha256_file(s.video), settings)
         if not os.path.isfile(os.path.join(cache, "latents", keys[0] + ".safetensors")):
             try:
-                frames = read_video(s.video)
-                if len(frames) < num_frames:
-                    raise ValueError(f"too short: {len(frames)} frames, at least {num_frames} needed "
-                                     f"(or lower --num-frames)")
+                select_frames(read_video(s.video), num_frames)
             except ValueError as e:
-                problems.append(f"{s.name}: {e}")
+                problems.append(f"{s.name}: {str(e).splitlines()[0]}")  # not the decoder's whole log
                 continue
         if s.caption:
             good.append((s, *keys))
@@ -226,7 +234,7 @@ def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_batch(items, positions: list[int], cache: str, scaling_factor: float, timesteps: int, patch_size_t):
+def make_batch(items, positions: list[tuple[int, int]], cache: str, scaling_factor: float, timesteps: int, patch_size_t):
     """The samples at these stream positions -> x0 (B, F, C, H, W) fp32 scaled latents, text (B, L, D), t (B,) and
     the noise (B, F, C, H, W), all drawn from each sample's own generator."""
     x0, text, t, noise = [], [], [], []
@@ -243,12 +251,12 @@ def make_batch(items, positions: list[int], cache: str, scaling_factor: float, t
     return torch.stack(x0), torch.stack(text), torch.cat(t), torch.stack(noise)
 
 
-def diffusion_loss(model, scheduler, x0, text, t, noise, dtype, ofs=None):
+def diffusion_loss(model, scheduler, x0, text, t, noise, dtype):
     """The v-prediction loss at uniformly drawn timesteps. THUDM's trainer converts v̂ to x̂0 = √ᾱ x_t − √(1−ᾱ) v̂ and
     weights (x̂0 − x0)² by 1/(1−ᾱ); since x̂0 − x0 = −√(1−ᾱ)(v̂ − v) that is exactly (v̂ − v)², computed here directly.
     Mean over each sample's elements, then over the batch."""
     x_t = add_noise(scheduler, x0, noise, t)                                        # (B, F, C, H, W)
-    pred = model(x_t.to(dtype), text.to(dtype), t, ofs)                             # (B, F, C, H, W)
+    pred = model(x_t.to(dtype), text.to(dtype), t)                                  # (B, F, C, H, W)
     return ((pred.float() - v_target(scheduler, x0, noise, t)) ** 2).mean()
 
 
@@ -290,6 +298,8 @@ SAME_ON_RESUME = ("model", "rank", "alpha", "seed", "batch_size", "grad_accum", 
 
 
 def load_checkpoint(path: str, model, optimizer, args) -> int:
+    if not os.path.isfile(os.path.join(path, "training_state.pt")):
+        raise ValueError(f"--resume {path}: not a checkpoint folder (no training_state.pt in it)")
     state = torch.load(os.path.join(path, "training_state.pt"), map_location="cpu", weights_only=True)
     old = state["args"]
     changed = [f"--{k.replace('_', '-')} was {old.get(k)}" for k in SAME_ON_RESUME if old.get(k) != getattr(args, k)]
@@ -411,7 +421,7 @@ def all_ok(ok: bool, world: int, device) -> bool:
     return bool(flag.item())
 
 
-def check_args(args, tcfg, info, world: int) -> None:
+def check_args(args, info, world: int) -> None:
     if info.is_i2v:
         raise ValueError(f"{args.model} is an image-to-video model; train_lora.py trains text-to-video checkpoints")
     m = info.frame_multiple
@@ -454,7 +464,7 @@ def train(args, world: int, rank: int, local: int, device) -> int:
     args.num_frames, args.height, args.width = args.num_frames or info.num_frames, args.height or info.height, \
         args.width or info.width
     args.max_text_len = tcfg.max_text_seq_length
-    check_args(args, tcfg, info, world)
+    check_args(args, info, world)
     cache = args.cache_dir or os.path.join(args.output, "cache")
     settings = cache_settings(args.model, args.num_frames, args.height, args.width, args.max_text_len, dtype)
 
@@ -484,6 +494,9 @@ def train(args, world: int, rank: int, local: int, device) -> int:
         if world > 1 else model
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=args.weight_decay)
     scheduler = load_scheduler_config(os.path.join(args.model, "scheduler"))
+    if scheduler.prediction_type != "v_prediction":
+        raise ValueError(f"{args.model}: the scheduler predicts {scheduler.prediction_type!r}; every CogVideoX "
+                         f"checkpoint, and this trainer, use 'v_prediction'")
     start = 0
     if args.resume:
         path = find_resume(args.output, args.resume)
@@ -502,7 +515,6 @@ def train(args, world: int, rank: int, local: int, device) -> int:
 
     # 3. The loop. Process `rank` takes its slice of each micro-batch of the global sample stream.
     per_rank = args.batch_size // world
-    ofs = None  # only the I2V 1.5 model takes an ofs embedding
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, desc="training")
     for step in bar:
@@ -519,7 +531,7 @@ def train(args, world: int, rank: int, local: int, device) -> int:
             sync = world == 1 or micro == args.grad_accum - 1
             with (contextlib.nullcontext() if sync else net.no_sync()):
                 with autocast:
-                    loss = diffusion_loss(net, scheduler, x0, text, t, noise, dtype, ofs)
+                    loss = diffusion_loss(net, scheduler, x0, text, t, noise, dtype)
                 (loss / args.grad_accum).backward()
             total += loss.detach() / args.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)

@@ -358,15 +358,23 @@ class CogVideoXVAE(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
 
-    def tiling(self, tile_size, tile_overlap) -> tuple:
-        """Pixel tile, latent tile, and overlap fractions, with upstream's defaults and integer roundings."""
+    def tile_plan(self, tile_size, tile_overlap, decode: bool) -> tuple:
+        """(tile, stride) over the input and (blend extent, kept size) over the output, per (H, W), with upstream's
+        defaults and roundings. Upstream stitches a video of the wrong size when kept != stride (in output units);
+        that is an error here. The official 240x360 px tiles with overlaps (1/6, 1/5) are fine, as is any multiple
+        of 48x40 px with them."""
         s = self.config.spatial_scale
-        tile_px = tile_size or (self.config.sample_height // 2, self.config.sample_width // 2)
-        tile_lat = (int(tile_px[0] / s), int(tile_px[1] / s))
-        if min(int(n * (1 - f)) for n, f in zip(tile_lat, tile_overlap)) < 1 or min(tile_overlap) < 0:
-            raise ValueError(f"tile_size {tile_size} px / tile_overlap {tile_overlap}: the tile less its overlap "
-                             f"must span at least one latent ({s} px) and overlaps must be >= 0")
-        return tile_px, tile_lat, tile_overlap
+        px = tile_size or (self.config.sample_height // 2, self.config.sample_width // 2)
+        lat = tuple(int(n / s) for n in px)
+        tile, out_tile = (lat, px) if decode else (px, lat)
+        stride = tuple(int(n * (1 - f)) for n, f in zip(tile, tile_overlap))
+        extent = tuple(int(n * f) for n, f in zip(out_tile, tile_overlap))
+        keep = tuple(n - e for n, e in zip(out_tile, extent))
+        stride_out = tuple(n * s if decode else n / s for n in stride)
+        if min(stride) < 1 or min(tile_overlap) < 0 or keep != stride_out:
+            raise ValueError(f"tile_size {px} px with tile_overlap {tile_overlap} does not tile evenly (stride "
+                             f"{stride}, kept {keep}); use e.g. the default, or multiples of 48x40 px")
+        return tile, stride, extent, keep
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, tiled: bool = False, tile_size: tuple[int, int] | None = None,
@@ -377,16 +385,9 @@ class CogVideoXVAE(nn.Module):
         if video.ndim != 5 or video.shape[1] != self.config.in_channels:
             raise ValueError(f"encode expects video (B, {self.config.in_channels}, F, H, W), got {tuple(video.shape)}")
         run = lambda v: run_in_frame_batches(self.encoder, v, SAMPLE_FRAMES_PER_BATCH)
-        (th, tw), (lh, lw), (fh, fw) = self.tiling(tile_size, tile_overlap)
-        H, W = video.shape[-2:]
-        if tiled and (H > th or W > tw):
-            def out_len(n):
-                for _ in range(len(self.config.block_out_channels) - 1):
-                    n //= 2
-                return n
-            eh, ew = int(lh * fh), int(lw * fw)
-            h = tile_and_blend(run, video, (th, tw), (int(th * (1 - fh)), int(tw * (1 - fw))), (eh, ew),
-                       (lh - eh, lw - ew), out_len)
+        plan = self.tile_plan(tile_size, tile_overlap, decode=False)
+        if tiled and (video.shape[3] > plan[0][0] or video.shape[4] > plan[0][1]):
+            h = tile_and_blend(run, video, *plan, out_len=lambda n: n >> (len(self.config.block_out_channels) - 1))
         else:
             h = run(video)
         mean, logvar = h.chunk(2, dim=1)  # (B, 16, T, h, w) each
@@ -401,13 +402,9 @@ class CogVideoXVAE(nn.Module):
             raise ValueError(f"decode expects latents (B, {self.config.latent_channels}, T, h, w), "
                              f"got {tuple(z.shape)}")
         run = lambda t: run_in_frame_batches(self.decoder, t, LATENT_FRAMES_PER_BATCH)
-        (th, tw), (lh, lw), (fh, fw) = self.tiling(tile_size, tile_overlap)
-        h, w = z.shape[-2:]
-        if tiled and (h > lh or w > lw):
-            eh, ew = int(th * fh), int(tw * fw)
-            s = self.config.spatial_scale
-            return tile_and_blend(run, z, (lh, lw), (int(lh * (1 - fh)), int(lw * (1 - fw))), (eh, ew),
-                          (th - eh, tw - ew), lambda n: n * s)
+        plan = self.tile_plan(tile_size, tile_overlap, decode=True)
+        if tiled and (z.shape[3] > plan[0][0] or z.shape[4] > plan[0][1]):
+            return tile_and_blend(run, z, *plan, out_len=lambda n: n * self.config.spatial_scale)
         return run(z)
 
 

@@ -132,6 +132,26 @@ def test_small_input_does_not_tile(pair):
     assert torch.equal(ours.decode(z, tiled=True), ours.decode(z))
 
 
+def test_uneven_tile_is_rejected(pair):
+    _, ours, _ = pair
+    z = torch.randn(1, 4, 1, 9, 9)
+    with pytest.raises(ValueError, match="does not tile evenly"):
+        ours.decode(z, tiled=True, tile_size=(40, 40))  # stride 4 latents = 32 px, but keeps 40 - 6 = 34 px
+
+
+def test_bf16_matches_peer_exactly(pair):
+    """Same ops in the same order, so bf16 results are bit-identical (no reliance on fp32 slack)."""
+    _, _, root = pair
+    peer = AutoencoderKLCogVideoX.from_pretrained(root / "vae", dtype=torch.bfloat16).eval()
+    ours = load_vae(str(root / "vae"), dtype=torch.bfloat16)
+    x = (torch.rand(1, 3, 9, 18, 26) * 2 - 1).bfloat16()
+    z = torch.randn(1, 4, 3, 3, 4).bfloat16()
+    mean_p, logvar_p = peer_encode(peer, x)
+    mean, logvar = ours.encode(x)
+    assert torch.equal(mean, mean_p) and torch.equal(logvar, logvar_p)
+    assert torch.equal(ours.decode(z), peer_decode(peer, z))
+
+
 def test_presets_match_peer_on_meta():
     for name, cfg in PRESETS.items():
         with torch.device("meta"):

@@ -1,0 +1,196 @@
+"""Edit a video with a new prompt by DDIM inversion: the method of the official `inference/ddim_inversion.py`.
+
+    python edit.py --model CogVideoX-5b --video in.mp4 --prompt "a white car driving through snow"
+    python edit.py --video red.mp4 --prompt "a blue circle moving right on a black background" --method plain
+
+The flow, top to bottom in `edit_latents()`: clean latents (VAE posterior sample) -> DDIM inversion with an empty
+prompt (sampler.invert), keeping the latent of every noise level -> a second DDIM run with the new prompt, one of:
+  inject (the official method): start from *fresh* noise; at every step the inverted latent of that noise level is
+    run through the transformer beside the edited one, and in every attention layer the edited tokens attend to
+    [their own keys; the reference's keys] (values alike), so layout and motion come from the reference while the
+    prompt decides the content. The reference's output is thrown away: it is re-read from the trajectory each step.
+  plain: denoise from the fully inverted latent (the alternative of zai-org/CogVideo#783). At the same prompt and no
+    guidance this returns the input; a new prompt pulls it away.
+Supported: the text-to-video models. `inject` needs the RoPE ones (CogVideoX-5b, CogVideoX1.5-5B), as the official tool
+(it refuses CogVideoX-2b); image-to-video checkpoints are refused (they need a first-frame condition).
+
+Legend: B batch, F latent frames, C channels, h/w latent height/width, q/k/v (B, heads, S, head_dim), S = L + N tokens.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+import model
+from checkpoint import CheckpointError, config_from_dict, read_json
+from generate import (DTYPES, Pipeline, check_request, decode_latents, encode_text, encode_video, load_pipeline,
+                      model_info, on_device, peak_memory_gb, read_video, resize, resolve_model_path, save_video)
+from sampler import denoise, invert, make_sampler
+
+METHODS = ("inject", "plain")
+
+
+def check_edit(info, transformer_config, method: str) -> None:
+    """Refuse what the method cannot do, before any weights are read."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is unknown, use one of {METHODS}")
+    if info.is_i2v:
+        raise ValueError(f"{info.path} is an image-to-video model; editing needs a text-to-video one "
+                         f"(CogVideoX-5b, CogVideoX1.5-5B)")
+    if method == "inject" and not transformer_config.use_rotary_positional_embeddings:
+        raise ValueError(f"{info.path} has no RoPE (CogVideoX-2b); the official inject method supports CogVideoX-5b "
+                         f"and CogVideoX1.5-5B only: use --method plain")
+
+
+class reference_attention:
+    """While active, the second half of every transformer batch is a reference: in every attention layer the first
+    half attends to its own keys/values and the reference's, concatenated along the sequence; the reference half
+    attends to itself. It swaps model.attention, the hook every layer calls with q, k, v already normalised and
+    rotated: each half got the same RoPE table, which is the official "RoPE on each video segment of the keys"."""
+
+    def __enter__(self):
+        self.inner = model.attention
+        model.attention = self.attend
+        return self
+
+    def __exit__(self, *exc):
+        model.attention = self.inner
+
+    def attend(self, q, k, v):
+        (q, q_ref), (k, k_ref), (v, v_ref) = q.chunk(2), k.chunk(2), v.chunk(2)
+        out = self.inner(q, torch.cat([k, k_ref], dim=2), torch.cat([v, v_ref], dim=2))  # (B, h, S, d) from 2S keys
+        return torch.cat([out, self.inner(q_ref, k_ref, v_ref)])                             # (2B, h, S, d)
+
+
+@torch.no_grad()
+def edit_latents(pipe: Pipeline, z: torch.Tensor, prompt: str, *, method: str = "inject", source_prompt: str = "",
+                 negative_prompt: str = "", num_inference_steps: int = 50, guidance_scale: float = 6.0,
+                 generator: torch.Generator | None = None, max_sequence_length: int = 226,
+                 progress: bool = True) -> torch.Tensor:
+    """Clean latents z (B, F, C, h, w) (scaled, F already a multiple of patch_size_t) -> edited latents.
+
+    The inversion runs without guidance: the official tool passes its guidance scale but gives both branches the empty
+    prompt, where guidance changes nothing. `source_prompt` (default "", the official choice) conditions the
+    inversion; `generator` draws the fresh noise of `inject`."""
+    check_edit(pipe.info, pipe.transformer.config, method)
+    L, B = max_sequence_length, z.shape[0]
+    schedule = make_sampler("ddim", pipe.scheduler, num_inference_steps)
+    source = encode_text(pipe, [source_prompt], L).expand(B, -1, -1)                  # (B, L, D)
+    cfg = guidance_scale > 1
+    text = encode_text(pipe, [negative_prompt, prompt] if cfg else [prompt], L).repeat_interleave(B, dim=0)  # (B', L, D)
+
+    with on_device(pipe, pipe.transformer) as transformer:
+        trajectory = invert(lambda x, t: transformer(x, source, t), z, schedule, progress=progress)
+        if method == "plain":
+            return denoise(lambda x, t: transformer(x, text, t), trajectory[0], schedule,
+                           guidance_scale=guidance_scale, progress=progress)
+
+        reference = dict(zip(schedule.timesteps, trajectory))                        # noise level -> inverted latent
+
+        def net(x, t):                                                                # x (B', F, C, h, w), B' = [2]B
+            ref = reference[int(t[0])].repeat(len(x) // B, 1, 1, 1, 1)               # one copy per guidance branch
+            out = transformer(torch.cat([x, ref]), torch.cat([text, text]), torch.cat([t, t]))  # (2B', F, C, h, w)
+            return out[:len(x)]
+
+        noise = torch.randn(z.shape, generator=generator).to(z.device, z.dtype)
+        with reference_attention():
+            return denoise(net, noise, schedule, guidance_scale=guidance_scale, progress=progress)
+
+
+@torch.no_grad()
+def edit(pipe: Pipeline, video, prompt: str, *, method: str = "inject", source_prompt: str = "",
+         negative_prompt: str = "", num_frames: int | None = None, height: int | None = None, width: int | None = None,
+         num_inference_steps: int = 50, guidance_scale: float = 6.0, seed: int = 42, max_sequence_length: int = 226,
+         vae_tiling: bool = False, progress: bool = True) -> torch.Tensor:
+    """Edit one video: a path or an (F, 3, H, W) tensor in [0, 1]. Returns frames (1, F, 3, H, W) in [0, 1].
+    Without num_frames, the first min(len(video), the model's default) frames, trimmed to a valid count."""
+    info = pipe.info
+    check_edit(info, pipe.transformer.config, method)
+    video = read_video(video) if isinstance(video, (str, os.PathLike)) else torch.as_tensor(video).float()
+    if video.ndim != 4 or video.shape[1] != 3:
+        raise ValueError(f"video must be a path or an (F, 3, H, W) tensor, got shape {tuple(video.shape)}")
+    height, width = height or info.height, width or info.width
+    if num_frames is None:
+        num_frames = (min(len(video), info.num_frames) - 1) // info.frame_multiple * info.frame_multiple + 1
+    if len(video) < num_frames:
+        raise ValueError(f"the video has {len(video)} frames, fewer than num_frames={num_frames}")
+    check_request(info, num_frames, height, width)
+
+    generator = torch.Generator().manual_seed(seed)      # the posterior sample first, then the noise, as generate()
+    pixels = (resize(video[:num_frames], height, width) * 2 - 1).permute(1, 0, 2, 3)[None]  # (1, 3, F, H, W)
+    z = encode_video(pipe, pixels, generator, vae_tiling) * pipe.vae.config.scaling_factor   # (1, F, C, h, w)
+    p_t = pipe.transformer.config.patch_size_t or 1
+    pad = (p_t - z.shape[1] % p_t) % p_t                 # CogVideoX 1.5: repeat the first latent frame, dropped after
+    z = torch.cat([z[:, :1]] * pad + [z], dim=1)
+    z = edit_latents(pipe, z, prompt, method=method, source_prompt=source_prompt, negative_prompt=negative_prompt,
+                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
+                     max_sequence_length=max_sequence_length, progress=progress)
+    return decode_latents(pipe, z[:, pad:], vae_tiling)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Edit a video with a new prompt (DDIM inversion, CogVideoX).")
+    p.add_argument("--video", required=True, help="the video to edit")
+    p.add_argument("--prompt", required=True, help="what the edited video shows")
+    p.add_argument("--model", default=None, help="a local CogVideoX snapshot folder (default: the bundled demo model)")
+    p.add_argument("--method", choices=METHODS, default="inject",
+                   help="inject: fresh noise + the inverted video's keys/values in attention (official); "
+                        "plain: denoise from the inverted latent")
+    p.add_argument("--source-prompt", default="", help="the prompt the inversion is conditioned on (official: empty)")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--num-frames", type=int, default=None, help="8k+1 for CogVideoX 1.0, 16k+1 for 1.5")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--fps", type=int, default=None)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp32 on CPU, bf16 on GPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output", default="edited.mp4", help=".mp4, .gif, or a folder name for PNG frames")
+    p.add_argument("--offload", action="store_true", help="keep each stage on the CPU until it runs")
+    p.add_argument("--vae-tiling", action="store_true", help="decode in overlapping spatial tiles (less memory)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        # Everything that can be checked cheaply is checked before any weights are read.
+        from model import TransformerConfig
+        from vae import VAEConfig
+        path = resolve_model_path(args.model)
+        tcfg = config_from_dict(TransformerConfig, read_json(os.path.join(path, "transformer", "config.json")))
+        vcfg = config_from_dict(VAEConfig, read_json(os.path.join(path, "vae", "config.json")))
+        check_edit(model_info(path, tcfg, vcfg), tcfg, args.method)
+        video = read_video(args.video)
+        if os.path.splitext(args.output)[1].lower() not in (".mp4", ".gif", ""):
+            raise ValueError(f"--output {args.output}: use .mp4, .gif, or a folder name (no extension) for PNG frames")
+        if args.steps < 1:
+            raise ValueError("--steps must be at least 1")
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+
+        t0 = time.perf_counter()
+        pipe = load_pipeline(path, dtype=dtype, device=device, offload=args.offload)
+        t1 = time.perf_counter()
+        frames = edit(pipe, video, args.prompt, method=args.method, source_prompt=args.source_prompt,
+                      negative_prompt=args.negative_prompt, num_frames=args.num_frames, height=args.height,
+                      width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                      max_sequence_length=tcfg.max_text_seq_length, vae_tiling=args.vae_tiling)
+        t2 = time.perf_counter()
+        written = save_video(frames[0], args.output, args.fps or pipe.info.fps)
+    except (ValueError, CheckpointError, OSError) as e:
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)  # one line: the cause, not a backtrace
+        return 2
+    print(f"wrote {', '.join(written)}")
+    print(f"load {t1 - t0:.1f}s, edit {t2 - t1:.1f}s, peak memory {peak_memory_gb(pipe.device):.2f} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""Train the bundled demo model, demo/shapes-tiny, from scratch: a tiny CogVideoX on moving shapes.
+
+    python train_tiny.py                      # everything, about 30 min on 2 CPU cores -> demo/shapes-tiny
+    python train_tiny.py --smoke              # the same pipeline at toy size, < 1 min (CI)
+    python evaluate.py                        # colour / shape / motion accuracy of what it generates
+
+Every stage uses the real architecture and objective, at toy width, and the snapshot is written in the official
+Hugging Face layout, so diffusers' CogVideoXPipeline loads it unchanged. Stages, and the choices that matter:
+1. Tokenizer: a SentencePiece unigram model with T5's special ids (pad 0, eos 1, unk 2, no bos). It is trained on the
+   caption words in shuffled order: fed the template captions themselves, the unigram trainer keeps only characters
+   (every sentence is nearly the same), so a caption would be ~30 pieces instead of 9 words.
+2. Text encoder: a 2-layer T5 v1.1 encoder (gated GELU), randomly initialised as transformers does and kept frozen.
+   Captions are a fixed template whose slots use disjoint words, so the conditioning only has to keep the words apart;
+   a random embedding per token does that, and the relative-position bias mixes in enough context to tell "white"
+   the colour from "white" the background. Frozen, its outputs are computed once per caption.
+3. VAE: the causal 3D VAE with 4 levels (8x spatial, 4x temporal compression) at width 8-32 and 8 latent channels
+   (a corner needs several channels per 8x8 latent pixel), trained on L1 + L2 reconstruction with a small KL on
+   random 32x32 crops of 9-frame clips: the net is convolutional and 4x cheaper that way. Its latents' std sets
+   scaling_factor, so the transformer sees unit-variance latents.
+4. Transformer: the CogVideoX 1.0 expert transformer with 5b-style 3D RoPE (positions relative, text without position;
+   the 2b sincos table would work too) and the 5b schedule (snr_shift_scale 1: the 2b shift of 3 was chosen for
+   480x720 latents and would leave an 8x8 latent mostly noise), trained with v-prediction at uniform timesteps on
+   cached latents and text embeddings, with 10% empty captions so that classifier-free guidance works.
+5. The snapshot: config.json files as diffusers/transformers write them, safetensors weights, a loss log
+   (train_log.jsonl); written to a temporary folder and renamed into place, so a crash never leaves half a model.
+
+Legend: N clips, B batch, F frames (pixel or latent), C channels, H/W height/width, L text tokens, D width.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import shapes
+from model import CogVideoXTransformer, TransformerConfig
+from sampler import PRESETS as SCHEDULERS, add_noise, v_target
+from text_encoder import T5Config, T5Encoder, Tokenizer
+from vae import CogVideoXVAE, VAEConfig
+
+DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "shapes-tiny")
+DIFFUSERS_VERSION = "0.32.0"  # written into the configs, as the official snapshots do
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    # text
+    max_text_seq_length: int = 12       # "a red circle moving right on a black background" is 9 pieces + </s>
+    t5_width: int = 64
+    t5_layers: int = 2
+    # VAE
+    vae_channels: tuple = (8, 16, 32, 32)
+    vae_groups: int = 4
+    latent_channels: int = 8
+    vae_clips: int = 1000
+    vae_steps: int = 800
+    vae_batch: int = 8
+    vae_crop: int = 32
+    vae_lr: float = 3e-3
+    kl_weight: float = 1e-3
+    # transformer
+    heads: int = 2
+    head_dim: int = 32
+    layers: int = 4
+    dit_clips: int = 3000
+    dit_steps: int = 3000
+    dit_batch: int = 32
+    dit_lr: float = 1e-3
+    text_drop: float = 0.1
+    # evaluation right after training (evaluate.py runs it on its own too)
+    eval_per_combo: int = 1
+    eval_steps: int = 50
+
+
+PRESETS = {
+    "default": TrainConfig(),
+    "smoke": TrainConfig(vae_channels=(8, 8, 8, 8), vae_groups=2, latent_channels=4, vae_clips=16, vae_steps=12,
+                         vae_batch=4, vae_lr=3e-3, heads=2, head_dim=16, layers=1, dit_clips=32, dit_steps=40,
+                         dit_batch=16, dit_lr=3e-3, t5_width=32, t5_layers=1, eval_per_combo=0, eval_steps=2),
+}
+
+
+def log(logfile, **row):
+    logfile.write(json.dumps(row) + "\n")
+    logfile.flush()
+
+
+def schedule_lr(step, total, peak):
+    """Linear warm-up over 5% of the steps, then cosine decay to 0."""
+    warm = max(1, total // 20)
+    return peak * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+
+
+# ---------------------------------------------------------------------------------------------------------- 1. text
+
+def train_tokenizer(folder, captions, cfg, rng):
+    os.makedirs(folder, exist_ok=True)
+    words = [w for c in captions for w in c.split()]
+    lines = [" ".join(rng.sample(words, 12)) for _ in range(3000)]  # shuffled caption words (see the docstring)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=os.path.join(folder, "spiece"),
+                                   vocab_size=64, hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1,
+                                   unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2, num_threads=1,
+                                   seed_sentencepiece_size=1000)
+    os.remove(os.path.join(folder, "spiece.vocab"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "T5Tokenizer", "extra_ids": 100, "model_max_length": cfg.max_text_seq_length,
+                   "legacy": True, "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}, f, indent=2)
+    tok = Tokenizer(folder)
+    longest = max(len(tok.encode(c)) + 1 for c in set(captions))
+    if longest > cfg.max_text_seq_length:
+        raise ValueError(f"captions take up to {longest} tokens with </s>, more than max_text_seq_length="
+                         f"{cfg.max_text_seq_length}: the tokenizer did not learn whole words")
+    return tok
+
+
+def t5_config(vocab_size, cfg):
+    return T5Config(vocab_size=vocab_size, d_model=cfg.t5_width, d_kv=cfg.t5_width // 4, d_ff=2 * cfg.t5_width,
+                    num_layers=cfg.t5_layers, num_heads=4, relative_attention_num_buckets=32,
+                    relative_attention_max_distance=128, layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu")
+
+
+def init_t5(model: T5Encoder):
+    """transformers' T5 initialisation (factor 1): N(0, 1) embeddings, N(0, fan-in^-1/2)-style projections, q scaled
+    by an extra d_kv^-1/2 since T5 does not divide the attention scores."""
+    c = model.config
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layer_norm.weight"):
+                p.fill_(1.0)
+            elif name == "shared.weight":
+                p.normal_(0, 1.0)
+            elif name.endswith("SelfAttention.q.weight"):
+                p.normal_(0, (c.d_model * c.d_kv) ** -0.5)
+            elif name.endswith(("SelfAttention.k.weight", "SelfAttention.v.weight", "wi_0.weight", "wi_1.weight",
+                                "relative_attention_bias.weight")):
+                p.normal_(0, c.d_model ** -0.5)
+            elif name.endswith("SelfAttention.o.weight"):
+                p.normal_(0, (c.num_heads * c.d_kv) ** -0.5)
+            elif name.endswith("wo.weight"):
+                p.normal_(0, c.d_ff ** -0.5)
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------------- 2. VAE
+
+def vae_config(cfg):
+    return VAEConfig(block_out_channels=cfg.vae_channels, norm_num_groups=cfg.vae_groups,
+                     latent_channels=cfg.latent_channels, layers_per_block=1, temporal_compression_ratio=4,
+                     sample_height=96, sample_width=80, scaling_factor=1.0)  # sample_*: only the (unused) tile size
+
+
+def train_vae(cfg, clips, logfile, gen):
+    """clips (N, 3, F, H, W) in [-1, 1]. The encoder and decoder run as one frame batch (9 frames fit in the first
+    batch of both), which is exactly what CogVideoXVAE.encode/decode do for these clips, minus torch.no_grad."""
+    vae = CogVideoXVAE(vae_config(cfg))
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    c, (H, W) = cfg.vae_crop, clips.shape[-2:]
+    first = last = None
+    bar = tqdm(range(cfg.vae_steps), desc="vae", file=sys.stdout, mininterval=2)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = schedule_lr(step, cfg.vae_steps, cfg.vae_lr)
+        x = clips[torch.randint(len(clips), (cfg.vae_batch,), generator=gen)]  # (B, 3, F, H, W)
+        i, j = (torch.randint(0, (n - c) // 8 + 1, (1,), generator=gen).item() * 8 for n in (H, W))
+        x = x[..., i:i + c, j:j + c]  # a crop on the latent grid
+        mean, logvar = vae.encoder(x, {}).chunk(2, dim=1)  # (B, C, T, h, w) each
+        logvar = logvar.clamp(-30.0, 20.0)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+        y = vae.decoder(z, {})  # (B, 3, F, c, c)
+        rec = (y - x).abs().mean() + (y - x).square().mean()
+        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
+        loss = rec + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        first = first if first is not None else rec.item()
+        last = rec.item() if last is None else 0.9 * last + 0.1 * rec.item()
+        bar.set_postfix(rec=f"{last:.4f}", kl=f"{kl.item():.2f}")
+        if step % 10 == 0 or step == cfg.vae_steps - 1:
+            log(logfile, stage="vae", step=step, rec=round(rec.item(), 5), kl=round(kl.item(), 4))
+    return vae.eval().requires_grad_(False), first, last
+
+
+@torch.no_grad()
+def encode_clips(vae, clips, batch=16):
+    """Posterior means (N, T, C, h, w) in the transformer's (frames, channels) order."""
+    means = [vae.encode(clips[i:i + batch])[0] for i in tqdm(range(0, len(clips), batch), desc="encode",
+                                                             file=sys.stdout, mininterval=2)]
+    return torch.cat(means).permute(0, 2, 1, 3, 4).contiguous()  # (N, T, C, h, w)
+
+
+# ---------------------------------------------------------------------------------------------------- 3. transformer
+
+def transformer_config(cfg, text_dim):
+    return TransformerConfig(num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim,
+                             in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+                             time_embed_dim=cfg.heads * cfg.head_dim, text_embed_dim=text_dim, num_layers=cfg.layers,
+                             sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+                             temporal_compression_ratio=4, max_text_seq_length=cfg.max_text_seq_length,
+                             use_rotary_positional_embeddings=True)
+
+
+def init_transformer(model):
+    """Default PyTorch init, except the modulation and output layers start at zero (adaLN-Zero, as DiT): every block
+    starts as the identity and the first prediction is 0, which keeps the first steps of training stable."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("transformer_blocks.", "norm_out.")) and ".norm" in name and ".linear." in name:
+                p.zero_()
+            elif name.startswith("proj_out."):
+                p.zero_()
+    return model
+
+
+def train_transformer(cfg, latents, text, caption_ids, empty_id, logfile, gen):
+    """latents (N, T, C, h, w) scaled; text (K, L, D) one embedding per distinct caption, caption_ids (N,)."""
+    schedule = SCHEDULERS["cogvideox-5b"]
+    model = init_transformer(CogVideoXTransformer(transformer_config(cfg, text.shape[-1]))).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.dit_lr, weight_decay=0.01)
+    first = last = None
+    bar = tqdm(range(cfg.dit_steps), desc="transformer", file=sys.stdout, mininterval=2)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = schedule_lr(step, cfg.dit_steps, cfg.dit_lr)
+        idx = torch.randint(len(latents), (cfg.dit_batch,), generator=gen)
+        x0 = latents[idx]  # (B, T, C, h, w)
+        drop = torch.rand(cfg.dit_batch, generator=gen) < cfg.text_drop
+        c = text[torch.where(drop, empty_id, caption_ids[idx])]  # (B, L, D)
+        t = torch.randint(0, schedule.num_train_timesteps, (cfg.dit_batch,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        v = model(add_noise(schedule, x0, noise, t), c, t)
+        loss = F.mse_loss(v, v_target(schedule, x0, noise, t))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        first = first if first is not None else loss.item()
+        last = loss.item() if last is None else 0.98 * last + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{last:.4f}")
+        if step % 10 == 0 or step == cfg.dit_steps - 1:
+            log(logfile, stage="transformer", step=step, loss=round(loss.item(), 5))
+    return model.eval().requires_grad_(False), first, last
+
+
+# ------------------------------------------------------------------------------------------------------ 4. snapshot
+
+def write_json(path, d):
+    with open(path, "w") as f:
+        json.dump(d, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def save_snapshot(root, t5, vae, transformer):
+    """The official layout (tokenizer/ is written by train_tokenizer): model_index.json and one folder per component,
+    each with the config.json its library writes and safetensors weights."""
+    diffusers = {"_diffusers_version": DIFFUSERS_VERSION}
+    write_json(os.path.join(root, "model_index.json"), {
+        "_class_name": "CogVideoXPipeline", **diffusers,
+        "scheduler": ["diffusers", "CogVideoXDDIMScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLCogVideoX"]})
+    for name, cls, model, config in (
+            ("transformer", "CogVideoXTransformer3DModel", transformer, asdict(transformer.config)),
+            ("vae", "AutoencoderKLCogVideoX", vae, {**asdict(vae.config), "force_upcast": True, "shift_factor": None,
+                                                    "latents_mean": None, "latents_std": None})):
+        os.makedirs(os.path.join(root, name))
+        write_json(os.path.join(root, name, "config.json"), {"_class_name": cls, **diffusers, **config})
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  os.path.join(root, name, "diffusion_pytorch_model.safetensors"))
+    c = t5.config
+    os.makedirs(os.path.join(root, "text_encoder"))
+    write_json(os.path.join(root, "text_encoder", "config.json"), {
+        **asdict(c), "architectures": ["T5EncoderModel"], "model_type": "t5", "dense_act_fn": "gelu_new",
+        "is_gated_act": True, "dropout_rate": 0.1, "initializer_factor": 1.0, "is_encoder_decoder": True,
+        "num_decoder_layers": c.num_layers, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+        "tie_word_embeddings": False, "use_cache": True, "dtype": "float32"})
+    save_file({k: v.contiguous() for k, v in t5.state_dict().items()},
+              os.path.join(root, "text_encoder", "model.safetensors"), metadata={"format": "pt"})
+    os.makedirs(os.path.join(root, "scheduler"))
+    write_json(os.path.join(root, "scheduler", "scheduler_config.json"),
+               {"_class_name": "CogVideoXDDIMScheduler", **diffusers, **asdict(SCHEDULERS["cogvideox-5b"])})
+
+
+def replace_folder(tmp, out):
+    """Move the finished snapshot into place; an existing one is moved aside first and deleted only afterwards."""
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(out))
+        os.rmdir(old)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old:
+        shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+def train(cfg: TrainConfig, out: str, evaluate_after: bool = True):
+    t_start, c_start = time.perf_counter(), time.process_time()
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    out = os.path.abspath(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(out))
+    summary = {}
+    try:
+        logfile = open(os.path.join(tmp, "train_log.jsonl"), "w")
+        log(logfile, stage="config", **{f.name: getattr(cfg, f.name) for f in fields(cfg)})
+        train_attrs, _ = shapes.split()
+
+        print("1/5 tokenizer and text encoder")
+        tok = train_tokenizer(os.path.join(tmp, "tokenizer"), [shapes.caption(a) for a in train_attrs], cfg,
+                              random.Random(cfg.seed))
+        t5 = init_t5(T5Encoder(t5_config(tok.vocab_size, cfg)))
+
+        print("2/5 VAE")
+        vids, _ = shapes.make_clips(cfg.vae_clips, cfg.seed + 1, train_attrs)
+        clips = shapes.to_tensor(vids).transpose(1, 2).contiguous()  # (N, 3, F, H, W)
+        vae, first, last = train_vae(cfg, clips, logfile, gen)
+        summary["vae_rec"] = (first, last)
+
+        print("3/5 latents and text embeddings, cached once")
+        vids, caps = shapes.make_clips(cfg.dit_clips, cfg.seed + 2, train_attrs)
+        latents = encode_clips(vae, shapes.to_tensor(vids).transpose(1, 2))  # (N, T, C, h, w)
+        vae.config.scaling_factor = round(1.0 / latents.std().item(), 4)
+        latents = latents * vae.config.scaling_factor
+        distinct = sorted(set(caps)) + [""]  # "" is the unconditional (negative) prompt
+        with torch.no_grad():
+            text = t5(tok(distinct, max_length=cfg.max_text_seq_length))  # (K, L, D)
+        caption_ids = torch.tensor([distinct.index(c) for c in caps])
+
+        print("4/5 transformer")
+        transformer, first, last = train_transformer(cfg, latents, text, caption_ids, len(distinct) - 1, logfile, gen)
+        summary["transformer_loss"] = (first, last)
+
+        print("5/5 snapshot")
+        save_snapshot(tmp, t5, vae, transformer)
+        wall, cpu = time.perf_counter() - t_start, time.process_time() - c_start
+        log(logfile, stage="done", wall_s=round(wall, 1), cpu_s=round(cpu, 1), scaling_factor=vae.config.scaling_factor,
+            vae_rec_first_last=summary["vae_rec"], transformer_loss_first_last=summary["transformer_loss"])
+        logfile.close()
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {out} in {wall / 60:.1f} min ({cpu / 60:.1f} CPU-min); VAE reconstruction loss "
+          f"{summary['vae_rec'][0]:.4f} -> {summary['vae_rec'][1]:.4f}, transformer loss "
+          f"{summary['transformer_loss'][0]:.4f} -> {summary['transformer_loss'][1]:.4f}")
+    if evaluate_after and cfg.eval_per_combo > 0:
+        import evaluate
+        evaluate.main(["--model", out, "--per-combo", str(cfg.eval_per_combo), "--steps", str(cfg.eval_steps)])
+    return summary
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Train the tiny moving-shapes CogVideoX from scratch (demo/shapes-tiny).")
+    p.add_argument("--output", default=None, help=f"snapshot folder (default: {os.path.relpath(DEMO)}; with --smoke "
+                                                  "a folder in the temp directory)")
+    p.add_argument("--smoke", action="store_true", help="toy sizes and a few steps: checks the pipeline in < 1 min")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = replace(PRESETS["smoke" if args.smoke else "default"], seed=args.seed)
+    out = args.output or (os.path.join(tempfile.gettempdir(), "shapes-tiny-smoke") if args.smoke else DEMO)
+    summary = train(cfg, out, evaluate_after=not args.no_eval)
+    if args.smoke:
+        for key, (first, last) in summary.items():
+            if not last < first:
+                raise SystemExit(f"smoke: {key} did not go down ({first:.4f} -> {last:.4f})")
+        print("smoke: every loss went down")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
