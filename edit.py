@@ -9,8 +9,9 @@ prompt (sampler.invert), keeping the latent of every noise level -> a second DDI
     run through the transformer beside the edited one, and in every attention layer the edited tokens attend to
     [their own keys; the reference's keys] (values alike), so layout and motion come from the reference while the
     prompt decides the content. The reference's output is thrown away: it is re-read from the trajectory each step.
-  plain: denoise from the fully inverted latent (the alternative of zai-org/CogVideo#783). At the same prompt and no
-    guidance this returns the input; a new prompt pulls it away.
+  plain: denoise from the fully inverted latent (the alternative of zai-org/CogVideo#783). With the inversion's prompt
+    and no guidance this comes back to the input, up to an error that shrinks with the step count; a new prompt pulls
+    it away.
 Supported: the text-to-video models. `inject` needs the RoPE ones (CogVideoX-5b, CogVideoX1.5-5B), as the official tool
 (it refuses CogVideoX-2b); image-to-video checkpoints are refused (they need a first-frame condition).
 

@@ -1,7 +1,7 @@
 """Score a moving-shapes model from its pixels: generate for held-out and training prompts, print accuracy tables.
 
     python evaluate.py                                   # demo/shapes-tiny, 50 DDIM steps, guidance 6 (generate.py's)
-    python evaluate.py --steps 10 --guidance 3 --per-combo 2
+    python evaluate.py --steps 10 --guidance 3 --per-combo 2 --sets held-out
 
 Prompts are every colour/shape/motion/background tuple of shapes.split(): held out (combinations never seen in
 training) and training ones; each gets `--per-combo` videos with fixed seeds, scored by shapes.evaluate.
@@ -34,13 +34,14 @@ def main(argv=None):
     p.add_argument("--per-combo", type=int, default=1, help="videos per prompt")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--sets", nargs="+", choices=("held-out", "train"), default=("held-out", "train"))
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     train, held_out = shapes.split()
     results = {name: evaluate_model(pipe, attrs, args.per_combo, args.steps, args.guidance)
-               for name, attrs in (("held-out", held_out), ("train", train))}
+               for name, attrs in (("held-out", held_out), ("train", train)) if name in args.sets}
     print(f"{args.model}: {args.steps} DDIM steps, guidance {args.guidance}, {args.per_combo} video(s) per prompt")
     shapes.print_table(results)
     return results

@@ -75,8 +75,8 @@ class TrainConfig:
     heads: int = 2
     head_dim: int = 32
     layers: int = 4
-    dit_clips: int = 3000
-    dit_steps: int = 3000
+    dit_clips: int = 2000
+    dit_steps: int = 2000
     dit_batch: int = 32
     dit_lr: float = 1e-3
     text_drop: float = 0.1
@@ -88,7 +88,7 @@ class TrainConfig:
 PRESETS = {
     "default": TrainConfig(),
     "smoke": TrainConfig(vae_channels=(8, 8, 8, 8), vae_groups=2, latent_channels=4, vae_clips=16, vae_steps=12,
-                         vae_batch=4, vae_lr=3e-3, heads=2, head_dim=16, layers=1, dit_clips=32, dit_steps=40,
+                         vae_batch=4, vae_crop=16, vae_lr=3e-3, heads=2, head_dim=16, layers=1, dit_clips=32, dit_steps=40,
                          dit_batch=16, dit_lr=3e-3, t5_width=32, t5_layers=1, eval_per_combo=0, eval_steps=2),
 }
 

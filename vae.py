@@ -88,22 +88,26 @@ TILE_OVERLAP = (1 / 6, 1 / 5)  # official overlap fractions (height, width), tun
 # causal conv from the previous batch (absent on the first batch, where the first frame is repeated instead).
 
 class CausalConv3d(nn.Module):
-    """kxkxk conv that keeps the frame count: zero padding in space, past-only padding in time."""
+    """kxkxk conv that keeps the frame count: zero padding in space, past-only padding in time. Callers that own
+    a large input call `conv(pad(x))` in two statements so that x can be freed before the conv runs."""
 
     def __init__(self, cin: int, cout: int, k: int):
         super().__init__()
         self.k = k
         self.conv = nn.Conv3d(cin, cout, k, padding=(0, k // 2, k // 2))
 
-    def forward(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+    def pad(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         if self.k == 1:
-            return self.conv(x)
+            return x
         past = cache.get(self)
         if past is None:
             past = x[:, :, :1].expand(-1, -1, self.k - 1, -1, -1)
         x = torch.cat([past, x], dim=2)  # (B, C, k-1+T, H, W)
         cache[self] = x[:, :, -(self.k - 1):].clone()
-        return self.conv(x)  # (B, C', T, H, W)
+        return x
+
+    def forward(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        return self.conv(self.pad(x, cache))  # (B, C', T, H, W)
 
 
 def interpolate_like(zq: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -127,10 +131,9 @@ class SpatialNorm3D(nn.Module):
 
     def forward(self, f: torch.Tensor, zq: torch.Tensor, cache: dict) -> torch.Tensor:
         zq = interpolate_like(zq, f)
-        y = self.conv_y(zq, cache)
-        b = self.conv_b(zq, cache)
-        del zq
-        return self.norm_layer(f).mul_(y).add_(b)
+        h = self.norm_layer(f)
+        h.mul_(self.conv_y(zq, cache))  # one full-size temporary at a time
+        return h.add_(self.conv_b(zq, cache))
 
 
 class ResnetBlock3D(nn.Module):
@@ -148,12 +151,14 @@ class ResnetBlock3D(nn.Module):
         if cin != cout:
             self.conv_shortcut = nn.Conv3d(cin, cout, 1)
 
-    def norm(self, norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None, cache: dict) -> torch.Tensor:
-        return F.silu(norm(x) if zq is None else norm(x, zq, cache), inplace=True)
+    def norm_act_pad(self, norm: nn.Module, conv: CausalConv3d, x, zq, cache: dict) -> torch.Tensor:
+        return conv.pad(F.silu(norm(x) if zq is None else norm(x, zq, cache), inplace=True), cache)
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None, cache: dict) -> torch.Tensor:
-        h = self.conv1(self.norm(self.norm1, x, zq, cache), cache)
-        h = self.conv2(self.norm(self.norm2, h, zq, cache), cache)
+        h = self.norm_act_pad(self.norm1, self.conv1, x, zq, cache)  # (B, C, 2+T, H, W)
+        h = self.conv1.conv(h)  # (B, C', T, H, W)
+        h = self.norm_act_pad(self.norm2, self.conv2, h, zq, cache)
+        h = self.conv2.conv(h)
         return h.add_(self.conv_shortcut(x) if hasattr(self, "conv_shortcut") else x)
 
 
@@ -188,8 +193,8 @@ class Downsample(nn.Module):
             else:
                 x = pool_frame_pairs(x)  # (B, C, T/2, H, W)
         B = x.shape[0]
-        x = F.pad(x, (0, 1, 0, 1))
-        return batch_to_frames(self.conv(frames_to_batch(x)), B)  # (B, C, T, H/2, W/2)
+        x = frames_to_batch(F.pad(x, (0, 1, 0, 1)))  # (B*T, C, H+1, W+1)
+        return batch_to_frames(self.conv(x), B)  # (B, C, T, H/2, W/2)
 
 
 class Upsample(nn.Module):
@@ -211,7 +216,8 @@ class Upsample(nn.Module):
         else:
             x = F.interpolate(x, scale_factor=(1, 2, 2))  # (B, C, T, 2H, 2W)
         B = x.shape[0]
-        return batch_to_frames(self.conv(frames_to_batch(x)), B)
+        x = frames_to_batch(x)  # (B*T, C, 2H, 2W)
+        return batch_to_frames(self.conv(x), B)
 
 
 class Block(nn.Module):
@@ -258,7 +264,8 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x, None, cache)
         x = self.mid_block(x, None, cache)  # (B, C, T, h, w)
-        return self.conv_out(F.silu(self.norm_out(x), inplace=True), cache)  # (B, 2*16, T, h, w)
+        x = self.conv_out.pad(F.silu(self.norm_out(x), inplace=True), cache)
+        return self.conv_out.conv(x)  # (B, 2*16, T, h, w)
 
 
 class Decoder(nn.Module):
@@ -283,7 +290,8 @@ class Decoder(nn.Module):
         x = self.mid_block(x, z, cache)
         for block in self.up_blocks:
             x = block(x, z, cache)  # (B, C, F, H, W)
-        return self.conv_out(F.silu(self.norm_out(x, z, cache), inplace=True), cache)  # (B, 3, F, H, W)
+        x = self.conv_out.pad(F.silu(self.norm_out(x, z, cache), inplace=True), cache)
+        return self.conv_out.conv(x)  # (B, 3, F, H, W)
 
 
 def frame_batches(num_frames: int, size: int) -> list[tuple[int, int]]:

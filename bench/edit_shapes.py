@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 import shapes  # noqa: E402
 from edit import check_edit, edit  # noqa: E402
-from generate import generate, load_pipeline, resolve_model_path, to_uint8  # noqa: E402
+from generate import generate, load_pipeline, resolve_model_path  # noqa: E402
 
 
 def source_clips(n: int, seed: int):
@@ -47,6 +47,11 @@ def centroids(frames: np.ndarray) -> np.ndarray:
     py, px = np.mgrid[0:x.shape[1], 0:x.shape[2]] + 0.5
     area = np.maximum(mask.sum((1, 2)), 1)
     return np.stack([(mask * px).sum((1, 2)) / area, (mask * py).sum((1, 2)) / area], axis=1)
+
+
+def uint8(frames: torch.Tensor) -> np.ndarray:
+    """(1, F, 3, H, W) in [0, 1] -> (F, H, W, 3) uint8, rounded as evaluate.py does."""
+    return shapes.from_tensor(frames[0] * 2 - 1)
 
 
 def score(videos: np.ndarray, targets: list[str], sources: np.ndarray) -> dict:
@@ -83,10 +88,9 @@ def main(argv=None) -> int:
     results["source clips (ceiling)"] = score(sources, captions, sources)
 
     t0 = time.perf_counter()
-    t2v = [to_uint8(generate(pipe, t, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                             seed=args.seed + i, num_frames=sources.shape[1], height=sources.shape[2],
-                             width=sources.shape[3], max_sequence_length=L, progress=False)[0])
-           for i, t in enumerate(targets)]
+    t2v = [uint8(generate(pipe, t, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed + i,
+                          num_frames=sources.shape[1], height=sources.shape[2], width=sources.shape[3],
+                          max_sequence_length=L, progress=False)) for i, t in enumerate(targets)]
     seconds["t2v"] = (time.perf_counter() - t0) / args.clips
     outputs["text-to-video, target caption"] = np.stack(t2v)
 
@@ -104,7 +108,7 @@ def main(argv=None) -> int:
                        num_inference_steps=args.steps, seed=args.seed + i,
                        guidance_scale=args.guidance, source_prompt=cap if args.source_prompt == "caption" else "",
                        max_sequence_length=L, progress=False)
-            edited.append(to_uint8(out[0]))
+            edited.append(uint8(out))
         seconds[method] = (time.perf_counter() - t0) / args.clips
         outputs[f"edit {method}, source prompt {args.source_prompt}"] = np.stack(edited)
 
