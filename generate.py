@@ -292,11 +292,6 @@ def check_request(info: ModelInfo, num_frames: int, height: int, width: int, ima
         raise ValueError(f"{info.path} is a text-to-video model; image-to-video needs an I2V checkpoint (e.g. CogVideoX-5b-I2V)")
     if image is None and info.is_i2v:
         raise ValueError(f"{info.path} is an image-to-video model: pass an image (--image PATH)")
-    if video is not None:
-        lf = (num_frames - 1) // info.temporal_compression + 1
-        if info.is_v15 and lf % 2:
-            raise ValueError(f"video-to-video on CogVideoX 1.5 needs an even latent frame count; {num_frames} frames "
-                             f"give {lf}: use {num_frames + info.temporal_compression} frames")
 
 
 def _as_tensor(x, reader, ndim: int, what: str) -> torch.Tensor:
@@ -395,6 +390,9 @@ def generate(pipe: Pipeline, prompt: str, *, negative_prompt: str = "", num_fram
         pixels = (resize(video, height, width) * 2 - 1).permute(1, 0, 2, 3)[None]      # (1, 3, F, H, W)
         start = encode_video(pipe, pixels.expand(num_videos, -1, -1, -1, -1), generator, vae_tiling)
         start = start * pipe.vae.config.scaling_factor                                 # (B, F, C, h, w)
+        # 1.5 needs an even latent count and 16k+1 frames always give an odd one (diffusers refuses): repeat the
+        # first latent frame in front, as the official trainer does, and drop it after denoising
+        start = torch.cat([start[:, :1].expand(-1, pad, -1, -1, -1), start], dim=1)
     latents = torch.randn((num_videos, lf + pad, channels, h, w), generator=generator).to(dev, dtype)  # (B, F, C, h, w)
     if start is not None:
         latents = add_noise(pipe.scheduler, start, latents, schedule.timesteps[0]).to(dtype)
