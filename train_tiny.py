@@ -189,7 +189,7 @@ def train_vae(cfg, clips, logfile, gen):
         opt.step()
         first = first if first is not None else rec.item()
         last = rec.item() if last is None else 0.9 * last + 0.1 * rec.item()
-        bar.set_postfix(rec=f"{last:.4f}", kl=f"{kl.item():.2f}")
+        bar.set_postfix(rec=f"{last:.4f}", kl=f"{kl.item():.2f}", refresh=False)
         if step % 10 == 0 or step == cfg.vae_steps - 1:
             log(logfile, stage="vae", step=step, rec=round(rec.item(), 5), kl=round(kl.item(), 4))
     return vae.eval().requires_grad_(False), first, last
@@ -250,7 +250,7 @@ def train_transformer(cfg, latents, text, caption_ids, empty_id, logfile, gen):
         opt.step()
         first = first if first is not None else loss.item()
         last = loss.item() if last is None else 0.98 * last + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{last:.4f}")
+        bar.set_postfix(loss=f"{last:.4f}", refresh=False)
         if step % 10 == 0 or step == cfg.dit_steps - 1:
             log(logfile, stage="transformer", step=step, loss=round(loss.item(), 5))
     return model.eval().requires_grad_(False), first, last
