@@ -11,12 +11,13 @@ are assigned in place of the meta parameters, so a model never exists twice in R
 """
 import dataclasses
 import json
+import math
+import mmap
 import os
 from typing import Callable
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 
 class CheckpointError(ValueError):
@@ -62,28 +63,64 @@ def weight_files(folder: str, name: str) -> list[str]:
     raise CheckpointError(f"no weights in {folder}: expected {name}.safetensors or {name}.safetensors.index.json")
 
 
+# safetensors dtype names (the header's "dtype" field) and their torch types
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def open_safetensors(path: str) -> tuple[dict, mmap.mmap, int]:
+    """(header, file mapping, byte where the data starts). The format is an 8-byte little-endian header length,
+    a JSON header {key: {dtype, shape, data_offsets: [begin, end]}} and the raw data. The file is mapped
+    copy-on-write: tensors that view it are writable and never write back."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(fh.read(n))
+            header.pop("__metadata__", None)
+            mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        for key, info in header.items():
+            if info["dtype"] not in DTYPES:
+                raise ValueError(f"tensor {key!r} has dtype {info['dtype']}, which this loader does not read")
+            begin, end = info["data_offsets"]
+            nbytes = math.prod(info["shape"]) * DTYPES[info["dtype"]].itemsize
+            if end - begin != nbytes or not 0 <= begin <= end <= size - 8 - n:
+                raise ValueError(f"tensor {key!r} at bytes {begin}..{end} does not fit the {size}-byte file")
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise CheckpointError(f"cannot read {path}: {e} (truncated or not a safetensors file?)") from None
+    return header, mapping, 8 + n
+
+
 def read_tensors(files: list[str], device="cpu", dtype: torch.dtype | None = None,
                  rename: Callable[[str], str] | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of the given safetensors files, floating ones cast to `dtype`. Each tensor is read
-    straight from the memory-mapped file to `device`; a key present in two files is an error."""
+    """All tensors of the given safetensors files, floating ones cast to `dtype`, on `device`.
+    A tensor already in the right dtype on the CPU is a view of the memory-mapped file: no copy, its pages are
+    read from disk (or the page cache) on first use and count once. Any other tensor is cast or moved from the
+    mapping in one copy, and the pages it came from are released at once, so peak memory is the result plus
+    one tensor, not the result plus the file. A key present in two files is an error."""
     out, origin = {}, {}
+    device = torch.device(device)
     for path in files:
-        try:
-            f = safe_open(path, framework="pt", device=str(device))
-        except Exception as e:  # safetensors raises its own types for truncated or foreign files
-            raise CheckpointError(f"cannot read {path}: {e} (truncated or not a safetensors file?)") from None
-        with f:
-            for key in f.keys():
-                name = rename(key) if rename else key
-                if name in out:
-                    raise CheckpointError(f"key {key!r} appears in both {origin[name]} and {path}")
-                try:
-                    t = f.get_tensor(key)
-                except Exception as e:
-                    raise CheckpointError(f"cannot read tensor {key!r} from {path}: {e}") from None
-                if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-                    t = t.to(dtype)
-                out[name], origin[name] = t, path
+        header, mapping, start = open_safetensors(path)
+        for key, info in header.items():
+            name = rename(key) if rename else key
+            if name in out:
+                raise CheckpointError(f"key {key!r} appears in both {origin[name]} and {path}")
+            (begin, end), shape, src = info["data_offsets"], info["shape"], DTYPES[info["dtype"]]
+            if begin == end:  # torch.frombuffer refuses empty views
+                t = torch.empty(shape, dtype=src)
+            else:
+                t = torch.frombuffer(mapping, dtype=src, count=math.prod(shape), offset=start + begin).view(shape)
+            target = dtype if dtype is not None and src.is_floating_point else src
+            if target != src or device.type != "cpu":
+                t = t.to(device, target, copy=True)
+                if hasattr(mapping, "madvise"):  # drop the source pages from RAM (Linux, macOS)
+                    page = start + begin - (start + begin) % mmap.PAGESIZE
+                    mapping.madvise(mmap.MADV_DONTNEED, page, start + end - page)
+            out[name], origin[name] = t, path
     return out
 
 

@@ -393,7 +393,7 @@ class CogVideoXVAE(nn.Module):
         if video.ndim != 5 or video.shape[1] != self.config.in_channels:
             raise ValueError(f"encode expects video (B, {self.config.in_channels}, F, H, W), got {tuple(video.shape)}")
         run = lambda v: run_in_frame_batches(self.encoder, v, SAMPLE_FRAMES_PER_BATCH)
-        plan = self.tile_plan(tile_size, tile_overlap, decode=False)
+        plan = self.tile_plan(tile_size, tile_overlap, decode=False) if tiled else None
         if tiled and (video.shape[3] > plan[0][0] or video.shape[4] > plan[0][1]):
             h = tile_and_blend(run, video, *plan, out_len=lambda n: n >> (len(self.config.block_out_channels) - 1))
         else:
@@ -410,7 +410,7 @@ class CogVideoXVAE(nn.Module):
             raise ValueError(f"decode expects latents (B, {self.config.latent_channels}, T, h, w), "
                              f"got {tuple(z.shape)}")
         run = lambda t: run_in_frame_batches(self.decoder, t, LATENT_FRAMES_PER_BATCH)
-        plan = self.tile_plan(tile_size, tile_overlap, decode=True)
+        plan = self.tile_plan(tile_size, tile_overlap, decode=True) if tiled else None
         if tiled and (z.shape[3] > plan[0][0] or z.shape[4] > plan[0][1]):
             return tile_and_blend(run, z, *plan, out_len=lambda n: n * self.config.spatial_scale)
         return run(z)
