@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, read_json
-from model import CogVideoXTransformer, load_transformer
+from model import CogVideoXTransformer, StepCache, load_transformer
 from sampler import SchedulerConfig, add_noise, denoise, load_scheduler_config, make_sampler
 from text_encoder import T5Encoder, Tokenizer, load_text_encoder
 from vae import CogVideoXVAE, load_vae, sample_posterior
@@ -333,13 +333,17 @@ def generate(pipe: Pipeline, prompt: str, *, negative_prompt: str = "", num_fram
              height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
              guidance_scale: float = 6.0, use_dynamic_cfg: bool = False, sampler: str | None = None, seed: int = 42,
              num_videos: int = 1, image=None, video=None, strength: float = 0.8, max_sequence_length: int = 226,
-             vae_tiling: bool = False, progress: bool = True, timings: dict | None = None) -> torch.Tensor:
+             vae_tiling: bool = False, step_cache: float | None = None, progress: bool = True,
+             timings: dict | None = None) -> torch.Tensor:
     """Generate `num_videos` videos for one prompt. Returns frames (num_videos, F, 3, H, W) float in [0, 1], the layout
     of diffusers' `output_type="pt"`.
 
     image: image-to-video (I2V checkpoints): a path or a (3, H, W) tensor in [0, 1], the first frame.
     video: video-to-video: a path or an (F, 3, H, W) tensor in [0, 1]; `strength` in (0, 1] is how much of the
       schedule is re-run (1 = ignore the input video, small = stay close to it).
+    step_cache: a threshold for model.StepCache (e.g. 0.1-0.3): skip the transformer blocks on steps whose input
+      changed little, reusing the last evaluation's residual; faster, slightly different. None: every step runs.
+      `timings["evaluations"]` receives the number of full transformer evaluations.
     The same seed gives the same video as the diffusers pipeline on the same checkpoint: one CPU generator, seeded
     once, draws the VAE posterior samples, then the initial noise, then the DPM sampler's noise."""
     info, dev, dtype = pipe.info, pipe.device, pipe.dtype
@@ -398,14 +402,17 @@ def generate(pipe: Pipeline, prompt: str, *, negative_prompt: str = "", num_fram
         latents = add_noise(pipe.scheduler, start, latents, schedule.timesteps[0]).to(dtype)
     ofs = torch.full((text.shape[0],), 2.0, device=dev, dtype=dtype) if pipe.transformer.config.ofs_embed_dim else None
 
+    cache = StepCache(step_cache, num_steps=len(schedule.timesteps)) if step_cache is not None else None
+
     def model(x, t):
         x = x if cond is None else torch.cat([x, cond], dim=2)                       # (B', F, 2C, h, w) for I2V
-        return pipe.transformer(x, text, t, ofs)
+        return pipe.transformer(x, text, t, ofs, cache=cache)
 
     with on_device(pipe, pipe.transformer):
         latents = denoise(model, latents, schedule, guidance_scale=guidance_scale, dynamic_cfg=use_dynamic_cfg,
                           generator=generator, progress=progress)
     timings["denoise"] = time.perf_counter() - t0
+    timings["evaluations"] = cache.evaluations if cache is not None else len(schedule.timesteps)
 
     t0 = time.perf_counter()
     frames = decode_latents(pipe, latents[:, pad:], vae_tiling)                       # (B, F, 3, H, W)
@@ -449,6 +456,10 @@ def parse_args(argv=None):
     p.add_argument("--offload", action="store_true", help="keep each stage on the CPU until it runs")
     p.add_argument("--vae-tiling", action="store_true", help="decode in overlapping spatial tiles (less memory)")
     p.add_argument("--quantize", choices=("int8",), default=None, help="weight-only int8 transformer")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (slow first step)")
+    p.add_argument("--step-cache", type=float, default=None, metavar="THRESH",
+                   help="skip the transformer on steps whose input changed less than THRESH in total (TeaCache; "
+                        "e.g. 0.1-0.3: faster, slightly different)")
     p.add_argument("--lora", default=None, help="a LoRA file or folder (pytorch_lora_weights.safetensors)")
     p.add_argument("--lora-scale", type=float, default=1.0,
                    help="multiplies the LoRA's alpha/rank (THUDM finetune LoRAs: 0.5; SAT exports: 1/rank)")
@@ -505,13 +516,16 @@ def main(argv=None) -> int:
             print(load_lora(pipe.transformer, args.lora, args.lora_scale))
         if args.quantize == "int8":
             quantize_int8(pipe.transformer)
+        if args.compile:
+            pipe.transformer.compile()
         load_s = time.perf_counter() - t0
         timings = {}
         frames = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, num_frames=num_frames,
                           height=args.height, width=args.width, num_inference_steps=args.steps,
                           guidance_scale=args.guidance, use_dynamic_cfg=args.dynamic_cfg, sampler=args.sampler,
                           seed=args.seed, num_videos=args.num_videos, image=image, video=video,
-                          strength=args.strength, vae_tiling=args.vae_tiling, timings=timings,
+                          strength=args.strength, vae_tiling=args.vae_tiling, step_cache=args.step_cache,
+                          timings=timings,
                           max_sequence_length=tcfg.max_text_seq_length)
         written = []
         for f, out in zip(frames, output_paths(args.output, args.num_videos)):
@@ -522,6 +536,8 @@ def main(argv=None) -> int:
     print(f"wrote {', '.join(written)}")
     print(f"load {load_s:.1f}s, text {timings['text']:.1f}s, denoise {timings['denoise']:.1f}s, "
           f"decode {timings['decode']:.1f}s, peak memory {peak_memory_gb(pipe.device):.2f} GB")
+    if args.step_cache is not None:
+        print(f"step cache: {timings['evaluations']} transformer evaluations for {args.steps} steps")
     return 0
 
 

@@ -252,11 +252,20 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, heads * head_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])
 
+    def qkv(self, s):
+        """q, k, v from one matmul with the three weights stacked for this call only: nothing extra stays in
+        memory, and weights changed in place (a merged LoRA) are always current. Projections wrapped by
+        something else (LoRA training, int8) run one by one."""
+        projections = (self.to_q, self.to_k, self.to_v)
+        if not all(type(m) is nn.Linear for m in projections):
+            return [m(s) for m in projections]
+        bias = torch.cat([m.bias for m in projections]) if self.to_q.bias is not None else None
+        return F.linear(s, torch.cat([m.weight for m in projections]), bias).chunk(3, dim=-1)  # 3 x (B, S, h*d)
+
     def forward(self, s, rope):
         B, S, _ = s.shape
-        q = self.norm_q(self.to_q(s).view(B, S, self.heads, -1))  # (B, S, h, d)
-        k = self.norm_k(self.to_k(s).view(B, S, self.heads, -1))
-        v = self.to_v(s).view(B, S, self.heads, -1)
+        q, k, v = (y.view(B, S, self.heads, -1) for y in self.qkv(s))  # (B, S, h, d)
+        q, k = self.norm_q(q), self.norm_k(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, h, S, d)
@@ -307,6 +316,35 @@ class AdaLayerNorm(nn.Module):
     def forward(self, x, emb):
         shift, scale = self.linear(F.silu(emb))[:, None].chunk(2, dim=2)  # (B, 1, D), shift first
         return modulate(self.norm(x), shift, scale)
+
+
+class StepCache:
+    """Opt-in reuse of the block stack's work across adjacent sampling steps (TeaCache, Liu et al. 2024).
+    The blocks' total effect on the video tokens, output - input, changes slowly between adjacent steps, and how
+    much it changes is predicted by how much the first block's modulated input changes. So each call measures
+    the relative L1 change of that input since the previous call and adds it up; while the sum stays below
+    `threshold`, the blocks are skipped and the residual of the last full evaluation is added instead. The first
+    call (and call `num_steps` - 1, the last step, when given) always evaluates. One cache per generation; the
+    decision is taken for the whole batch (the CFG pair shares it), the residual is per sample."""
+
+    def __init__(self, threshold: float, num_steps: int | None = None):
+        self.threshold, self.num_steps = threshold, num_steps
+        self.calls, self.evaluations, self.accumulated = 0, 0, 0.0
+        self.previous = self.residual = None
+
+    def skip(self, signal) -> bool:
+        """signal: the first block's modulated video input (B, N, D) at this call."""
+        last = self.num_steps is not None and self.calls == self.num_steps - 1
+        self.calls += 1
+        if self.previous is not None and self.previous.shape == signal.shape:
+            self.accumulated += ((signal - self.previous).abs().mean() / self.previous.abs().mean()).item()
+        fresh = self.residual is None or self.residual.shape != signal.shape
+        self.previous = signal
+        if fresh or last or self.accumulated >= self.threshold:
+            self.accumulated = 0.0
+            self.evaluations += 1
+            return False
+        return True
 
 
 class CogVideoXTransformer(nn.Module):
@@ -374,10 +412,11 @@ class CogVideoXTransformer(nn.Module):
                 self._tables[key] = make()
         return self._tables[key]
 
-    def forward(self, x, text, t, ofs=None):
+    def forward(self, x, text, t, ofs=None, cache: StepCache | None = None):
         """x (B, F, C_in, H, W) latents (I2V: image latents already concatenated on C; 1.5: F already padded
         to a multiple of patch_size_t); text (B, L, text_embed_dim); t (B,) timesteps; ofs (1,) or (B,) for
-        1.5-I2V (the pipeline passes 2.0). Returns (B, F, C_out, H, W)."""
+        1.5-I2V (the pipeline passes 2.0); cache: a StepCache to skip the blocks on some sampling steps.
+        Returns (B, F, C_out, H, W)."""
         cfg = self.config
         B, F_, C, H, W = x.shape
         L, p, pt = text.shape[1], cfg.patch_size, cfg.patch_size_t or 1
@@ -406,11 +445,17 @@ class CogVideoXTransformer(nn.Module):
             c = c + pos_c
         rope = self.rope(F_, H, W, L, x.device)
 
-        for block in self.transformer_blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, c = checkpoint(block, x, c, emb, rope, use_reentrant=False)
-            else:
-                x, c = block(x, c, emb, rope)
+        if cache is not None and cache.skip(self.transformer_blocks[0].norm1(x, c, emb)[0]):
+            x = x + cache.residual  # the blocks' effect at the last full evaluation
+        else:
+            x_in = x
+            for block in self.transformer_blocks:
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    x, c = checkpoint(block, x, c, emb, rope, use_reentrant=False)
+                else:
+                    x, c = block(x, c, emb, rope)
+            if cache is not None:
+                cache.residual = x - x_in  # (B, N, D)
 
         x = self.norm_out(self.norm_final(x), emb)
         x = self.proj_out(x)  # (B, N, pt*p*p*C_out)

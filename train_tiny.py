@@ -164,27 +164,34 @@ def vae_config(cfg):
 
 
 def train_vae(cfg, clips, logfile, gen):
-    """clips (N, 3, F, H, W) in [-1, 1]. The encoder and decoder run as one frame batch (9 frames fit in the first
-    batch of both), which is exactly what CogVideoXVAE.encode/decode do for these clips, minus torch.no_grad."""
+    """clips (N, 3, F, H, W) in [-1, 1]. Two phases: single frames (F=1 is a valid input of the causal VAE and 9x
+    cheaper per sample) learn colours and shapes, then whole clips teach the temporal layers. The encoder and
+    decoder run as one frame batch (9 frames fit in the first batch of both), which is exactly what
+    CogVideoXVAE.encode/decode do for these clips, minus torch.no_grad. The decoder is trained on the posterior
+    mean, as generation only decodes: sampling the posterior would make it learn through noise it never sees."""
     vae = CogVideoXVAE(vae_config(cfg))
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    c, (H, W) = cfg.vae_crop, clips.shape[-2:]
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
     first = last = None
-    bar = tqdm(range(cfg.vae_steps), desc="vae", file=sys.stdout, mininterval=2)
+    total = cfg.vae_frame_steps + cfg.vae_steps
+    bar = tqdm(range(total), desc="vae", file=sys.stdout, mininterval=2)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = schedule_lr(step, cfg.vae_steps, cfg.vae_lr)
-        x = clips[torch.randint(len(clips), (cfg.vae_batch,), generator=gen)]  # (B, 3, F, H, W)
+            group["lr"] = schedule_lr(step, total, cfg.vae_lr)
+        single = step < cfg.vae_frame_steps
+        x = clips[torch.randint(len(clips), (cfg.vae_frame_batch if single else cfg.vae_batch,), generator=gen)]
+        if single:
+            f = torch.randint(x.shape[2], (1,), generator=gen).item()
+            x = x[:, :, f:f + 1]  # (B, 3, 1, H, W)
         background = x[:, :, :1, :1].median(dim=-1, keepdim=True).values  # (B, 3, 1, 1, 1): top row of frame 0
+        c, (H, W) = (cfg.vae_frame_crop if single else cfg.vae_crop), x.shape[-2:]
         i, j = (torch.randint(0, (n - c) // 8 + 1, (1,), generator=gen).item() * 8 for n in (H, W))
-        x = x[..., i:i + c, j:j + c]  # a crop on the latent grid
+        x = x[..., i:i + c, j:j + c]  # a crop on the latent grid, (B, 3, F, c, c)
         # the shape covers ~10% of the pixels: weight its pixels 10x so its colour and corners are learnt first
         weight = 1 + 9 * ((x - background).abs().amax(dim=1, keepdim=True) > 0.25).float()  # (B, 1, F, c, c)
         weight = weight / weight.mean()
         mean, logvar = vae.encoder(x, {}).chunk(2, dim=1)  # (B, C, T, h, w) each
         logvar = logvar.clamp(-30.0, 20.0)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
-        y = vae.decoder(z, {})  # (B, 3, F, c, c)
+        y = vae.decoder(mean, {})  # (B, 3, F, c, c)
         rec = (weight * ((y - x).abs() + (y - x).square())).mean()
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
         loss = rec + cfg.kl_weight * kl
@@ -195,9 +202,19 @@ def train_vae(cfg, clips, logfile, gen):
         first = first if first is not None else rec.item()
         last = rec.item() if last is None else 0.9 * last + 0.1 * rec.item()
         bar.set_postfix(rec=f"{last:.4f}", kl=f"{kl.item():.2f}", refresh=False)
-        if step % 10 == 0 or step == cfg.vae_steps - 1:
-            log(logfile, stage="vae", step=step, rec=round(rec.item(), 5), kl=round(kl.item(), 4))
+        if step % 10 == 0 or step == total - 1:
+            log(logfile, stage="vae", step=step, frames=x.shape[2], rec=round(rec.item(), 5), kl=round(kl.item(), 4))
     return vae.eval().requires_grad_(False), first, last
+
+
+@torch.no_grad()
+def reconstruction_accuracy(vae, n=40, seed=5):
+    """shapes.evaluate on encode -> mean -> decode of n clips (held-out and training attributes): the ceiling of
+    what the transformer's samples can score."""
+    train_attrs, held_out = shapes.split()
+    vids, caps = shapes.make_clips(n, seed, held_out + train_attrs)
+    y = vae.decode(vae.encode(shapes.to_tensor(vids).transpose(1, 2))[0])  # (n, 3, F, H, W)
+    return shapes.evaluate(shapes.from_tensor(y.transpose(1, 2)), caps)
 
 
 @torch.no_grad()

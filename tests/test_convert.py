@@ -265,6 +265,23 @@ def test_lora_export_matches_sat_merge(variant, tmp_path):
                                        rtol=1e-5, atol=1e-5)
             assert torch.equal(base_hf[pre + ".bias"], merged_hf[pre + ".bias"])
 
+    # Output level, through what `generate.py --lora` runs (lora.load_lora on our model): the converted LoRA applied
+    # to the converted base equals the model converted from SAT's own merge.
+    from lora import load_lora
+    from safetensors.torch import save_file
+    outs = {}
+    for name, weights, lora_path in (("lora", base_hf, tmp_path / "l"), ("merged", merged_hf, None)):
+        folder = tmp_path / name / "transformer"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(config, default=list))
+        save_file({k: v.contiguous() for k, v in weights.items()}, folder / "diffusion_pytorch_model.safetensors")
+        net = model.load_transformer(str(folder))
+        if lora_path:
+            load_lora(net, str(lora_path))
+        with torch.no_grad():
+            outs[name] = run_transformer(net, variant)
+    torch.testing.assert_close(outs["lora"], outs["merged"], rtol=1e-5, atol=1e-5)
+
 
 # ---- bad inputs ---------------------------------------------------------------------------------------------
 
