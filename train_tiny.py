@@ -65,18 +65,21 @@ class TrainConfig:
     # VAE
     vae_channels: tuple = (8, 16, 32, 32)
     vae_groups: int = 4
-    latent_channels: int = 8
+    latent_channels: int = 16
     vae_clips: int = 1000
-    vae_steps: int = 900
+    vae_frame_steps: int = 500          # phase 1: single frames
+    vae_frame_batch: int = 16
+    vae_frame_crop: int = 64
+    vae_steps: int = 200                # phase 2: 9-frame clips
     vae_batch: int = 8
     vae_crop: int = 32
-    vae_lr: float = 3e-3
-    kl_weight: float = 1e-3
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-5
     # transformer
     heads: int = 2
     head_dim: int = 32
     layers: int = 4
-    dit_clips: int = 2000
+    dit_clips: int = 1200
     dit_steps: int = 2000
     dit_batch: int = 32
     dit_lr: float = 1e-3
@@ -88,9 +91,10 @@ class TrainConfig:
 
 PRESETS = {
     "default": TrainConfig(),
-    "smoke": TrainConfig(vae_channels=(8, 8, 8, 8), vae_groups=2, latent_channels=4, vae_clips=16, vae_steps=12,
-                         vae_batch=4, vae_crop=16, vae_lr=3e-3, heads=2, head_dim=16, layers=1, dit_clips=32, dit_steps=40,
-                         dit_batch=16, dit_lr=3e-3, t5_width=32, t5_layers=1, eval_per_combo=0, eval_steps=2),
+    "smoke": TrainConfig(vae_channels=(8, 8, 8, 8), vae_groups=2, latent_channels=4, vae_clips=16, vae_frame_steps=10,
+                         vae_frame_batch=4, vae_frame_crop=16, vae_steps=4, vae_batch=2, vae_crop=16, vae_lr=3e-3,
+                         heads=2, head_dim=16, layers=1, dit_clips=32, dit_steps=30, dit_batch=16, dit_lr=3e-3,
+                         t5_width=32, t5_layers=1, eval_per_combo=0, eval_steps=2),
 }
 
 
@@ -356,6 +360,10 @@ def train(cfg: TrainConfig, out: str, evaluate_after: bool = True):
         clips = shapes.to_tensor(vids).transpose(1, 2).contiguous()  # (N, 3, F, H, W)
         vae, first, last = train_vae(cfg, clips, logfile, gen)
         summary["vae_rec"] = (first, last)
+        acc = reconstruction_accuracy(vae)
+        log(logfile, stage="vae_reconstruction", **acc)
+        print("VAE reconstruction accuracy (40 clips): " + ", ".join(f"{k} {100 * acc[k]:.0f}%" for k in
+                                                                      ("colour", "shape", "motion", "background")))
 
         print("3/5 latents and text embeddings, cached once")
         vids, caps = shapes.make_clips(cfg.dit_clips, cfg.seed + 2, train_attrs)

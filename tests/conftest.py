@@ -8,6 +8,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tiny import make_snapshot  # noqa: E402  (tests/tiny.py, after the path set-up)
+
 torch.set_num_threads(1)  # the test models are tiny: one thread is fastest and deterministic
 
 
@@ -17,3 +20,15 @@ def _seed():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory):
+    """snapshots(family) -> the folder of a tiny random snapshot of that family (tiny.FAMILIES), made once per module."""
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = make_snapshot(str(tmp_path_factory.mktemp(family.replace(".", "_"))), family)
+        return made[family]
+    return get

@@ -15,21 +15,11 @@ import edit as E
 import model as M
 import sampler as S
 from generate import encode_text, load_pipeline, model_info
-from tiny import MAX_TEXT, make_snapshot
+from tiny import MAX_TEXT
 from vae import VAEConfig
 
 PROMPT, SOURCE = "a blue circle moving right on a black background", "a red circle moving right on a black background"
 
-
-@pytest.fixture(scope="module")
-def snapshots(tmp_path_factory):
-    made = {}
-
-    def get(family):
-        if family not in made:
-            made[family] = make_snapshot(str(tmp_path_factory.mktemp(family.replace(".", "_"))), family)
-        return made[family]
-    return get
 
 
 def latents(family, seed=1):

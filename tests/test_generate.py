@@ -13,22 +13,12 @@ import pytest
 import torch
 
 from generate import Int8Linear, generate, load_pipeline, main
-from tiny import MAX_TEXT, make_snapshot
+from tiny import MAX_TEXT
 
 TOL = 1e-4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT, NEGATIVE = "a red circle moving right on a black background", "blue square"
 
-
-@pytest.fixture(scope="module")
-def snapshots(tmp_path_factory):
-    made = {}
-
-    def get(family):
-        if family not in made:
-            made[family] = make_snapshot(str(tmp_path_factory.mktemp(family.replace(".", "_"))), family)
-        return made[family]
-    return get
 
 
 def peer_pipeline(path, sampler):

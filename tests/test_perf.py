@@ -1,0 +1,188 @@
+"""Performance features keep outputs equal: fused vs per-projection QKV (both against the peer), the opt-in step
+cache (off or never skipping = identical, skipping = exact residual reuse and close outputs), torch.compile, and the
+memory-mapped checkpoint reader (one copy when casting, none otherwise)."""
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+import model as M
+from checkpoint import read_tensors
+from sampler import denoise, make_sampler, SchedulerConfig
+from test_model import TINY, inputs, peer_forward, random_peer, rel_err
+
+CFG = dict(TINY, use_rotary_positional_embeddings=True)
+SHAPE, L = (3, 8, 12), 6
+
+
+class Wrapped(nn.Module):
+    """A projection that is not a plain nn.Linear (as LoRA training or int8 make it): forces the unfused path."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    torch.manual_seed(0)
+    peer = random_peer(CFG)
+    folder = str(tmp_path_factory.mktemp("rope"))
+    peer.save_pretrained(folder)
+    return peer, M.load_transformer(folder)
+
+
+def test_fused_and_unfused_qkv_match_peer(pair):
+    peer, ours = pair
+    x, text, t, _ = inputs(CFG, SHAPE, L)
+    with torch.no_grad():
+        ref = peer_forward(peer, x, text, t, None)
+        fused = ours(x, text, t)
+        attns = [b.attn1 for b in ours.transformer_blocks]
+        for a in attns:
+            a.to_q, a.to_k, a.to_v = Wrapped(a.to_q), Wrapped(a.to_k), Wrapped(a.to_v)
+        try:
+            unfused = ours(x, text, t)
+        finally:
+            for a in attns:
+                a.to_q, a.to_k, a.to_v = a.to_q.linear, a.to_k.linear, a.to_v.linear
+    assert rel_err(fused, ref) < 1e-5 and rel_err(unfused, ref) < 1e-5
+    assert rel_err(fused, unfused) < 1e-6
+
+
+def test_fused_qkv_follows_weights_changed_in_place(pair):
+    """A LoRA merged into to_q after a forward must take effect: nothing stale is cached."""
+    _, ours = pair
+    x, text, t, _ = inputs(CFG, SHAPE, L)
+    w = ours.transformer_blocks[0].attn1.to_q.weight
+    with torch.no_grad():
+        before = ours(x, text, t)
+        w.add_(0.5)
+        after = ours(x, text, t)
+        w.sub_(0.5)
+    assert (after - before).abs().max() > 1e-3
+
+
+def step_inputs(steps):
+    """A short trajectory of slowly changing inputs, as sampling gives: latents drift, timesteps fall."""
+    x, text, _, _ = inputs(CFG, SHAPE, L)
+    return [(x * (1 - 0.02 * i) + 0.02 * i * x.flip(0), text, torch.full((2,), 999 - 40 * i)) for i in range(steps)]
+
+
+def run(model, seq, cache):
+    with torch.no_grad():
+        return [model(x, text, t, cache=cache) for x, text, t in seq]
+
+
+def test_step_cache_off_or_never_skipping_is_identical(pair):
+    _, ours = pair
+    seq = step_inputs(5)
+    plain = run(ours, seq, None)
+    cache = M.StepCache(threshold=0.0)
+    for a, b in zip(plain, run(ours, seq, cache)):
+        assert torch.equal(a, b)
+    assert cache.evaluations == cache.calls == 5
+
+
+def test_step_cache_reuses_the_residual_exactly(pair):
+    """Same input twice (CFG batch of 2 different rows): the second call skips the blocks and must give what the
+    full evaluation gave, per sample."""
+    _, ours = pair
+    x, text, t, _ = inputs(CFG, SHAPE, L)
+    cache = M.StepCache(threshold=0.1)
+    with torch.no_grad():
+        full = ours(x, text, t, cache=cache)
+        skipped = ours(x, text, t, cache=cache)
+    assert cache.evaluations == 1 and cache.calls == 2
+    assert (full[0] - full[1]).abs().max() > 1e-3
+    torch.testing.assert_close(skipped, full, rtol=0, atol=1e-5 * full.abs().max().item())
+
+
+def test_step_cache_skips_and_stays_close(pair):
+    _, ours = pair
+    seq = step_inputs(12)
+    plain = run(ours, seq, None)
+    cache = M.StepCache(threshold=0.15, num_steps=len(seq))
+    cached = run(ours, seq, cache)
+    assert 1 < cache.evaluations < 12
+    errs = [rel_err(a, b) for a, b in zip(cached, plain)]
+    assert errs[0] == 0 and errs[-1] == 0  # first and last calls always evaluate
+    assert 0 < max(errs) < 0.1
+
+
+def test_step_cache_in_the_sampling_loop_is_reset_per_generation(pair):
+    """Through sampler.denoise with guidance (the CFG batch): fewer evaluations, close result, and a new cache per
+    generation gives the same result twice."""
+    _, ours = pair
+    x, text, _, _ = inputs(CFG, SHAPE, L)
+    sched = SchedulerConfig()
+    results = []
+    for threshold in (None, 0.2, 0.2):
+        cache = M.StepCache(threshold, num_steps=10) if threshold is not None else None
+        sampler = make_sampler("ddim", sched, 10)
+        with torch.no_grad():
+            out = denoise(lambda z, t: ours(z, text, t, cache=cache), x[:1], sampler, guidance_scale=5.0,
+                          progress=False)
+        results.append((out, cache.evaluations if cache else 10))
+    (plain, n0), (cached, n1), (again, n2) = results
+    assert n0 == 10 and 1 < n1 < 10 and n1 == n2
+    assert torch.equal(cached, again)
+    assert rel_err(cached, plain) < 0.2
+
+
+def test_compiled_matches_eager(pair):
+    _, ours = pair
+    x, text, t, _ = inputs(CFG, SHAPE, L)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        ref, out = ours(x, text, t), compiled(x, text, t)
+    assert rel_err(out, ref) < 1e-6
+
+
+def write_file(path, n=8, numel=9_000_000):
+    """Tensors large enough (36 MB in fp32) that every allocation is fresh memory, not reused heap."""
+    sd = {f"w{i}": torch.randn(numel).to(torch.bfloat16) for i in range(n)}
+    save_file(sd, path)
+    return sd
+
+
+def peak_increase(fn):
+    """(result, VmHWM increase in bytes) of fn(), with the high-water mark reset first (Linux)."""
+    def kb(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = kb("VmRSS")
+    out = fn()
+    return out, (kb("VmHWM") - base) * 1024
+
+
+def test_reader_casts_with_one_copy_and_keeps_same_dtype_mapped(tmp_path):
+    path = str(tmp_path / "w.safetensors")
+    sd = write_file(path)
+    nbytes = sum(t.numel() for t in sd.values()) * 4
+
+    def load_fp32():
+        out = read_tensors([path], dtype=torch.float32)
+        assert all(torch.equal(out[k], sd[k].float()) for k in sd)
+        return out
+    out, peak = peak_increase(load_fp32)
+    assert 0.95 * nbytes <= peak <= 1.15 * nbytes  # the result, plus at most about one source tensor
+    del out
+
+    def load_bf16():
+        out = read_tensors([path], dtype=torch.bfloat16)
+        assert all(torch.equal(out[k], sd[k]) for k in sd)  # reads every page
+        return out
+    out, peak = peak_increase(load_bf16)
+    assert peak <= 1.15 * nbytes / 2  # views of the mapped file, not copies
+    out["w0"].add_(1)  # copy-on-write: the file is untouched
+    assert torch.equal(read_tensors([path])["w0"], sd["w0"])
+    assert os.path.getsize(path) > nbytes / 2
