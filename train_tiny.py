@@ -13,11 +13,13 @@ Hugging Face layout, so diffusers' CogVideoXPipeline loads it unchanged. Stages,
    Captions are a fixed template whose slots use disjoint words, so the conditioning only has to keep the words apart;
    a random embedding per token does that, and the relative-position bias mixes in enough context to tell "white"
    the colour from "white" the background. Frozen, its outputs are computed once per caption.
-3. VAE: the causal 3D VAE with 4 levels (8x spatial, 4x temporal compression) at width 8-32 and 8 latent channels
-   (a corner needs several channels per 8x8 latent pixel), trained on L1 + L2 reconstruction (shape pixels weighted
-   10x: they are ~10% of a frame) with a small KL on
-   random 32x32 crops of 9-frame clips: the net is convolutional and 4x cheaper that way. Its latents' std sets
-   scaling_factor, so the transformer sees unit-variance latents.
+3. VAE: the causal 3D VAE with 4 levels (8x spatial, 4x temporal compression) at width 8-32 and 16 latent channels
+   (the official count), trained on L1 + L2 reconstruction (shape pixels weighted 10x: they are ~10% of a frame)
+   plus a tiny KL, in two phases: 64x64 single frames first (F=1 is a valid causal-VAE input, 9x cheaper, and colour
+   and shape are per-frame), then random 32x32 crops of 9-frame clips for the temporal layers. The decoder is trained
+   on the posterior mean, which is all that generation decodes. The reconstruction accuracy (shapes.evaluate on
+   encode -> decode of 40 clips) is printed and logged: it bounds what any transformer can score. The latents' std
+   sets scaling_factor, so the transformer sees unit-variance latents.
 4. Transformer: the CogVideoX 1.0 expert transformer with 5b-style 3D RoPE (positions relative, text without position;
    the 2b sincos table would work too) and the 5b schedule (snr_shift_scale 1: the 2b shift of 3 was chosen for
    480x720 latents and would leave an 8x8 latent mostly noise), trained with v-prediction at uniform timesteps on
@@ -67,10 +69,10 @@ class TrainConfig:
     vae_groups: int = 4
     latent_channels: int = 16
     vae_clips: int = 1000
-    vae_frame_steps: int = 500          # phase 1: single frames
+    vae_frame_steps: int = 1000         # phase 1: single frames
     vae_frame_batch: int = 16
     vae_frame_crop: int = 64
-    vae_steps: int = 200                # phase 2: 9-frame clips
+    vae_steps: int = 150                # phase 2: 9-frame clips
     vae_batch: int = 8
     vae_crop: int = 32
     vae_lr: float = 2e-3

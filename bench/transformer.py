@@ -5,7 +5,7 @@ save_pretrained and loaded by ours, so both compute the same function (the outpu
 the peer run alternately in one process, `--repeat` times each after one warm-up; the table shows the fastest run,
 the highest activation peak (CPU: VmHWM - VmRSS from /proc/self/status, the high-water mark reset before each run
 through /proc/self/clear_refs; CUDA: max_memory_allocated - memory_allocated) and the achieved FLOP/s
-(model.flops_per_forward) against the machine's matmul peak, a large torch.mm in the same dtype timed in the
+(model.flops_per_forward / wall time) against the machine's matmul peak, a large torch.mm in the same dtype timed in the
 same run, before and after (the better of the two is used).
 
     python bench/transformer.py                          # 2b and 5b, 1 layer, 13 x 40 x 60 latents (7,800 tokens)
@@ -34,7 +34,8 @@ def status_kb(field: str) -> int:
 
 
 def timed(fn, dev):
-    """(seconds, peak activation bytes, result) of one call."""
+    """(wall seconds, CPU seconds of this process, peak activation bytes, result) of one call. On a shared
+    machine the CPU seconds are the steadier measure: they leave out the time other jobs held the cores."""
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -43,20 +44,20 @@ def timed(fn, dev):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         base = status_kb("VmRSS") * 1024
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else status_kb("VmHWM") * 1024
-    return seconds, peak - base, out
+    return seconds, cpu, peak - base, out
 
 
 def matmul_peak(dtype, dev, n=4096, repeat=3) -> float:
     """FLOP/s of the fastest of `repeat` (n x n) @ (n x n) products."""
     a, b = (torch.randn(n, n, device=dev).to(dtype) for _ in range(2))
     a @ b
-    best = min(timed(lambda: a @ b, dev)[0] for _ in range(repeat))
+    best = min(timed(lambda: a @ b, dev)[0] for _ in range(repeat))  # wall: the cores' rate
     return 2 * n ** 3 / best
 
 
@@ -99,25 +100,24 @@ def bench_width(name, args, dev, dtype, peak_flops):
     if args.compile:
         compiled = torch.compile(ours)
         runs["ours compiled"] = lambda: compiled(x, text, t)
-    results, outs = {k: (float("inf"), 0) for k in runs}, {}
+    results, outs = {k: (float("inf"), float("inf"), 0) for k in runs}, {}
     with torch.no_grad():
         for k, fn in runs.items():  # warm-up: caches, kernels, compilation
-            s, _, outs[k] = timed(fn, dev)
+            s, _, _, outs[k] = timed(fn, dev)
             print(f"  {name} {k} warm-up {s:.1f} s", file=sys.stderr)
         for i in range(args.repeat):  # alternate so that load from other jobs hits both sides alike
-            for k in (runs if i % 2 == 0 else reversed(runs)):
-                s, mem, _ = timed(runs[k], dev)
-                results[k] = (min(results[k][0], s), max(results[k][1], mem))
-                print(f"  {name} {k} {s:.1f} s", file=sys.stderr)
+            for k in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+                s, cpu, mem, _ = timed(runs[k], dev)
+                results[k] = (min(results[k][0], s), min(results[k][1], cpu), max(results[k][2], mem))
+                print(f"  {name} {k} {s:.1f} s (cpu {cpu:.1f} s)", file=sys.stderr)
     N = args.frames * h * w // cfg.patch_size ** 2
     flops = M.flops_per_forward(cfg, N, L) * B
     ref = outs["peer"].float()
     rows = []
-    for k, (s, mem) in results.items():
+    for k, (s, cpu, mem) in results.items():
         err = ((outs[k].float() - ref).abs().max() / ref.abs().max()).item()
-        rows.append((f"{name} {k}", N + L, s, s / results["peer"][0], mem / 2**20,
-                     mem / results["peer"][1] if results["peer"][1] else float("nan"), flops / s / 1e9,
-                     flops / s / peak_flops, err))
+        rows.append((f"{name} {k}", N + L, s, s / results["peer"][0], cpu, cpu / results["peer"][1], mem / 2**20,
+                     mem / results["peer"][2] if results["peer"][2] else float("nan"), flops / s / 1e9, err))
     del peer, ours
     return rows
 
@@ -143,16 +143,17 @@ def main():
     for name in args.widths:
         rows += bench_width(name, args, dev, dtype, peak0)
     peak = max(peak0, matmul_peak(dtype, dev))
-    rows = [r[:7] + (r[6] * 1e9 / peak,) + r[8:] for r in rows]  # MFU against the better peak measurement
 
     threads = f", {torch.get_num_threads()} threads" if dev.type == "cpu" else ""
     print(f"Transformer forward, {args.layers} layer(s), batch {args.batch}, {args.frames} x {args.size} latents, "
           f"{args.dtype} on {args.device}{threads}; matmul peak {peak / 1e9:.1f} GFLOP/s; best of {args.repeat}")
-    print(f"| {'case':<17} | tokens | seconds | time/peer | peak MiB | mem/peer | GFLOP/s | of peak | rel err |")
-    print(f"|{'-' * 19}|-------:|--------:|----------:|---------:|---------:|--------:|--------:|--------:|")
-    for case, S, s, ratio, mib, mratio, gf, mfu, err in rows:
-        print(f"| {case:<17} | {S:6d} | {s:7.2f} | {ratio:9.3f} | {mib:8.0f} | {mratio:8.3f} | {gf:7.1f} | "
-              f"{mfu:7.1%} | {err:7.1e} |")
+    print(f"| {'case':<17} | tokens | wall s | time/peer | CPU s | CPU/peer | peak MiB | mem/peer | GFLOP/s "
+          f"| of peak | rel err |")
+    print(f"|{'-' * 19}|-------:|-------:|----------:|------:|---------:|---------:|---------:|--------:|--------:"
+          f"|--------:|")
+    for case, S, s, ratio, cpu, cratio, mib, mratio, gf, err in rows:
+        print(f"| {case:<17} | {S:6d} | {s:6.2f} | {ratio:9.3f} | {cpu:5.2f} | {cratio:8.3f} | {mib:8.0f} | "
+              f"{mratio:8.3f} | {gf:7.1f} | {gf * 1e9 / peak:7.1%} | {err:7.1e} |")
 
 
 if __name__ == "__main__":
