@@ -51,7 +51,7 @@ import shapes
 from model import CogVideoXTransformer, TransformerConfig
 from sampler import PRESETS as SCHEDULERS, add_noise, v_target
 from text_encoder import T5Config, T5Encoder, Tokenizer
-from vae import CogVideoXVAE, VAEConfig
+from vae import CogVideoXVAE, VAEConfig, load_vae
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "shapes-tiny")
 DIFFUSERS_VERSION = "0.32.0"  # written into the configs, as the official snapshots do
@@ -69,10 +69,10 @@ class TrainConfig:
     vae_groups: int = 4
     latent_channels: int = 16
     vae_clips: int = 1000
-    vae_frame_steps: int = 1000         # phase 1: single frames
+    vae_frame_steps: int = 500          # phase 1: single frames
     vae_frame_batch: int = 16
     vae_frame_crop: int = 64
-    vae_steps: int = 150                # phase 2: 9-frame clips
+    vae_steps: int = 200                # phase 2: 9-frame clips
     vae_batch: int = 8
     vae_crop: int = 32
     vae_lr: float = 2e-3
@@ -82,7 +82,7 @@ class TrainConfig:
     head_dim: int = 32
     layers: int = 4
     dit_clips: int = 1200
-    dit_steps: int = 2000
+    dit_steps: int = 5000
     dit_batch: int = 32
     dit_lr: float = 1e-3
     text_drop: float = 0.1
@@ -337,7 +337,9 @@ def replace_folder(tmp, out):
 
 # ---------------------------------------------------------------------------------------------------------- main
 
-def train(cfg: TrainConfig, out: str, evaluate_after: bool = True):
+def train(cfg: TrainConfig, out: str, evaluate_after: bool = True, vae_from: str | None = None):
+    """vae_from: reuse the VAE of an existing snapshot instead of training one (transformer ablations); each stage
+    seeds its own generator, so the transformer comes out the same either way."""
     t_start, c_start = time.perf_counter(), time.process_time()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -357,11 +359,14 @@ def train(cfg: TrainConfig, out: str, evaluate_after: bool = True):
                               random.Random(cfg.seed))
         t5 = init_t5(T5Encoder(t5_config(tok.vocab_size, cfg)))
 
-        print("2/5 VAE")
-        vids, _ = shapes.make_clips(cfg.vae_clips, cfg.seed + 1, train_attrs)
-        clips = shapes.to_tensor(vids).transpose(1, 2).contiguous()  # (N, 3, F, H, W)
-        vae, first, last = train_vae(cfg, clips, logfile, gen)
-        summary["vae_rec"] = (first, last)
+        print("2/5 VAE" + (f" from {vae_from}" if vae_from else ""))
+        if vae_from:
+            vae = load_vae(vae_from)
+        else:
+            vids, _ = shapes.make_clips(cfg.vae_clips, cfg.seed + 1, train_attrs)
+            clips = shapes.to_tensor(vids).transpose(1, 2).contiguous()  # (N, 3, F, H, W)
+            vae, first, last = train_vae(cfg, clips, logfile, gen)
+            summary["vae_rec"] = (first, last)
         acc = reconstruction_accuracy(vae)
         log(logfile, stage="vae_reconstruction", **acc)
         print("VAE reconstruction accuracy (40 clips): " + ", ".join(f"{k} {100 * acc[k]:.0f}%" for k in
@@ -378,6 +383,8 @@ def train(cfg: TrainConfig, out: str, evaluate_after: bool = True):
         caption_ids = torch.tensor([distinct.index(c) for c in caps])
 
         print("4/5 transformer")
+        torch.manual_seed(cfg.seed + 4)
+        gen = torch.Generator().manual_seed(cfg.seed + 4)
         transformer, first, last = train_transformer(cfg, latents, text, caption_ids, len(distinct) - 1, logfile, gen)
         summary["transformer_loss"] = (first, last)
 
@@ -385,15 +392,14 @@ def train(cfg: TrainConfig, out: str, evaluate_after: bool = True):
         save_snapshot(tmp, t5, vae, transformer)
         wall, cpu = time.perf_counter() - t_start, time.process_time() - c_start
         log(logfile, stage="done", wall_s=round(wall, 1), cpu_s=round(cpu, 1), scaling_factor=vae.config.scaling_factor,
-            vae_rec_first_last=summary["vae_rec"], transformer_loss_first_last=summary["transformer_loss"])
+            vae_from=vae_from, **{f"{k}_first_last": v for k, v in summary.items()})
         logfile.close()
         replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"wrote {out} in {wall / 60:.1f} min ({cpu / 60:.1f} CPU-min); VAE reconstruction loss "
-          f"{summary['vae_rec'][0]:.4f} -> {summary['vae_rec'][1]:.4f}, transformer loss "
-          f"{summary['transformer_loss'][0]:.4f} -> {summary['transformer_loss'][1]:.4f}")
+    print(f"wrote {out} in {wall / 60:.1f} min ({cpu / 60:.1f} CPU-min); " + ", ".join(
+        f"{k} {first:.4f} -> {last:.4f}" for k, (first, last) in summary.items()))
     if evaluate_after and cfg.eval_per_combo > 0:
         import evaluate
         evaluate.main(["--model", out, "--per-combo", str(cfg.eval_per_combo), "--steps", str(cfg.eval_steps)])
@@ -408,11 +414,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    p.add_argument("--vae-from", default=None, help="reuse the VAE of this snapshot (skip stage 2)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = replace(PRESETS["smoke" if args.smoke else "default"], seed=args.seed)
     out = args.output or (os.path.join(tempfile.gettempdir(), "shapes-tiny-smoke") if args.smoke else DEMO)
-    summary = train(cfg, out, evaluate_after=not args.no_eval)
+    summary = train(cfg, out, evaluate_after=not args.no_eval, vae_from=args.vae_from)
     if args.smoke:
         for key, (first, last) in summary.items():
             if not last < first:

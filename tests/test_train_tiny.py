@@ -45,7 +45,6 @@ def check_parity(path, prompt=PROMPT, negative_prompt="", seed=3, **kw):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("smoke") / "shapes-tiny")
-    torch.set_num_threads(2)
     summary = train_tiny.train(train_tiny.PRESETS["smoke"], out, evaluate_after=False)
     return out, summary
 
