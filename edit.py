@@ -25,9 +25,9 @@ import time
 import torch
 
 import model
-from checkpoint import CheckpointError, config_from_dict, read_json
+from checkpoint import CheckpointError
 from generate import (DTYPES, Pipeline, check_request, decode_latents, encode_text, encode_video, load_pipeline,
-                      model_info, on_device, peak_memory_gb, read_video, resize, resolve_model_path, save_video)
+                      on_device, peak_memory_gb, read_model_info, read_video, resize, resolve_model_path, save_video)
 from sampler import denoise, invert, make_sampler
 
 METHODS = ("inject", "plain")
@@ -160,12 +160,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         # Everything that can be checked cheaply is checked before any weights are read.
-        from model import TransformerConfig
-        from vae import VAEConfig
         path = resolve_model_path(args.model)
-        tcfg = config_from_dict(TransformerConfig, read_json(os.path.join(path, "transformer", "config.json")))
-        vcfg = config_from_dict(VAEConfig, read_json(os.path.join(path, "vae", "config.json")))
-        check_edit(model_info(path, tcfg, vcfg), tcfg, args.method)
+        tcfg, _, info = read_model_info(path)
+        check_edit(info, tcfg, args.method)
         video = read_video(args.video)
         if os.path.splitext(args.output)[1].lower() not in (".mp4", ".gif", ""):
             raise ValueError(f"--output {args.output}: use .mp4, .gif, or a folder name (no extension) for PNG frames")

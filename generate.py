@@ -11,7 +11,6 @@ video here and there) -> the sampler loop with classifier-free guidance -> VAE d
 Legend: B batch, F latent frames, C channels, H/W height/width (latent unless said "pixel"), L text tokens.
 """
 import argparse
-import dataclasses
 import math
 import os
 import sys
@@ -24,11 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, read_json
-from model import CogVideoXTransformer, StepCache, load_transformer
+from checkpoint import CheckpointError, config_from_dict, read_json
+from model import CogVideoXTransformer, StepCache, TransformerConfig, load_transformer
 from sampler import SchedulerConfig, add_noise, denoise, load_scheduler_config, make_sampler
 from text_encoder import T5Encoder, Tokenizer, load_text_encoder
-from vae import CogVideoXVAE, load_vae, sample_posterior
+from vae import CogVideoXVAE, VAEConfig, load_vae, sample_posterior
 
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "shapes-tiny")
 
@@ -101,12 +100,20 @@ def model_info(path: str, transformer_config, vae_config) -> ModelInfo:
                      temporal_compression=vae_config.temporal_compression_ratio, spatial_compression=spatial)
 
 
-def load_pipeline(path: str, dtype=torch.float32, device="cpu", offload: bool = False) -> Pipeline:
-    """Load every component of a CogVideoX snapshot folder (the official Hugging Face layout)."""
-    device = torch.device(device)
+def read_model_info(path: str) -> tuple[TransformerConfig, VAEConfig, ModelInfo]:
+    """The transformer config and ModelInfo of a snapshot from its config files alone (cheap: no weights read)."""
     for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not os.path.isdir(os.path.join(path, sub)):
             raise CheckpointError(f"{path} is not a CogVideoX snapshot: the folder {sub}/ is missing")
+    tcfg = config_from_dict(TransformerConfig, read_json(os.path.join(path, "transformer", "config.json")))
+    vcfg = config_from_dict(VAEConfig, read_json(os.path.join(path, "vae", "config.json")))
+    return tcfg, vcfg, model_info(path, tcfg, vcfg)
+
+
+def load_pipeline(path: str, dtype=torch.float32, device="cpu", offload: bool = False) -> Pipeline:
+    """Load every component of a CogVideoX snapshot folder (the official Hugging Face layout)."""
+    device = torch.device(device)
+    read_model_info(path)  # a clear error for a folder that is not a snapshot
     where = torch.device("cpu") if offload else device
     transformer = load_transformer(os.path.join(path, "transformer"), dtype=dtype, device=where)
     vae = load_vae(os.path.join(path, "vae"), dtype=dtype, device=where)
@@ -480,13 +487,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         # Everything that can be checked cheaply is checked before any weights are read.
-        from model import TransformerConfig
-        from vae import VAEConfig
-        from checkpoint import config_from_dict
         path = resolve_model_path(args.model)
-        tcfg = config_from_dict(TransformerConfig, read_json(os.path.join(path, "transformer", "config.json")))
-        vcfg = config_from_dict(VAEConfig, read_json(os.path.join(path, "vae", "config.json")))
-        info = model_info(path, tcfg, vcfg)
+        tcfg, _, info = read_model_info(path)
         image = read_image(args.image) if args.image else None
         video = read_video(args.video) if args.video else None
         if video is not None and args.num_frames:

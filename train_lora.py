@@ -45,13 +45,13 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, config_from_dict, read_json
-from generate import Pipeline, _atomic, generate, model_info, read_video, resize, save_video
+from checkpoint import CheckpointError
+from generate import Pipeline, _atomic, generate, read_model_info, read_video, resize, save_video
 from lora import WEIGHT_NAME, add_lora, lora_state_dict, save_lora, set_lora_state
-from model import TransformerConfig, load_transformer
+from model import load_transformer
 from sampler import add_noise, load_scheduler_config, v_target
 from text_encoder import Tokenizer, load_text_encoder
-from vae import VAEConfig, load_vae, sample_posterior
+from vae import load_vae, sample_posterior
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".gif")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -455,12 +455,7 @@ def main(argv=None) -> int:
 def train(args, world: int, rank: int, local: int, device) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     say = print if rank == 0 else (lambda *a, **k: None)
-    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if not os.path.isdir(os.path.join(args.model, sub)):
-            raise CheckpointError(f"{args.model} is not a CogVideoX snapshot: the folder {sub}/ is missing")
-    tcfg = config_from_dict(TransformerConfig, read_json(os.path.join(args.model, "transformer", "config.json")))
-    vcfg = config_from_dict(VAEConfig, read_json(os.path.join(args.model, "vae", "config.json")))
-    info = model_info(args.model, tcfg, vcfg)
+    tcfg, vcfg, info = read_model_info(args.model)
     args.num_frames, args.height, args.width = args.num_frames or info.num_frames, args.height or info.height, \
         args.width or info.width
     args.max_text_len = tcfg.max_text_seq_length

@@ -8,11 +8,10 @@ import subprocess
 import sys
 
 import imageio.v3 as iio
-import numpy as np
 import pytest
 import torch
 
-from generate import Int8Linear, generate, load_pipeline, main
+from generate import Int8Linear, generate, load_pipeline
 from tiny import MAX_TEXT
 
 TOL = 1e-4

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 import generate as gen
 import train_lora
+from generate import read_model_info
 from lora import LoRALinear, add_lora, load_lora, lora_state_dict, read_lora, save_lora
 from model import load_transformer
 from tiny import MAX_TEXT, make_snapshot
@@ -178,7 +179,7 @@ def eval_loss(snap, data, lora_folder=None):
     assert not problems and len(good) == 4
     scheduler = train_lora.load_scheduler_config(snap)
     positions = [(12345, p) for p in range(16)]  # another seed than training's
-    vae = train_lora.config_from_dict(train_lora.VAEConfig, train_lora.read_json(os.path.join(snap, "vae", "config.json")))
+    _, vae, _ = read_model_info(snap)
     x0, text, t, noise = train_lora.make_batch(good * 4, positions, cache, vae.scaling_factor, 1000, None)
     with torch.no_grad():
         return train_lora.diffusion_loss(model, scheduler, x0, text, t, noise, torch.float32).item()
