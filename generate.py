@@ -233,7 +233,7 @@ def contact_sheet(frames: np.ndarray, columns: int = 8) -> np.ndarray:
     return sheet
 
 
-def _atomic(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
     """Write through a temporary name in the same folder, then rename: a crash never leaves a partial file."""
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -257,10 +257,10 @@ def save_video(frames: torch.Tensor, path: str, fps: int) -> list[str]:
     arr = to_uint8(frames)
     ext = os.path.splitext(path)[1].lower()
     if ext == ".mp4":
-        _atomic(path, lambda p: imageio.mimwrite(p, list(arr), fps=fps, format="FFMPEG"))
+        atomic_write(path, lambda p: imageio.mimwrite(p, list(arr), fps=fps, format="FFMPEG"))
         sheet = os.path.splitext(path)[0] + ".png"
     elif ext == ".gif":
-        _atomic(path, lambda p: iio.imwrite(p, arr, duration=1000 / fps, loop=0))
+        atomic_write(path, lambda p: iio.imwrite(p, arr, duration=1000 / fps, loop=0))
         sheet = os.path.splitext(path)[0] + ".png"
     elif ext == "":
         parent = os.path.dirname(os.path.abspath(path))
@@ -275,7 +275,7 @@ def save_video(frames: torch.Tensor, path: str, fps: int) -> list[str]:
         sheet = path.rstrip("/") + ".png"
     else:
         raise ValueError(f"output {path}: use .mp4, .gif, or a folder name (no extension) for PNG frames")
-    _atomic(sheet, lambda p: iio.imwrite(p, contact_sheet(arr), extension=".png"))
+    atomic_write(sheet, lambda p: iio.imwrite(p, contact_sheet(arr), extension=".png"))
     return [path, sheet]
 
 

@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from checkpoint import CheckpointError
-from generate import Pipeline, _atomic, generate, read_model_info, read_video, resize, save_video
+from generate import Pipeline, atomic_write, generate, read_model_info, read_video, resize, save_video
 from lora import WEIGHT_NAME, add_lora, lora_state_dict, save_lora, set_lora_state
 from model import load_transformer
 from sampler import add_noise, load_scheduler_config, v_target
@@ -197,7 +197,7 @@ def build_cache(args, good, cache: str, device, dtype) -> None:
             mean, logvar = vae.encode(clip[None].to(device, dtype))                 # (1, C, F, H, W) each
             tensors = {"mean": mean[0].transpose(0, 1).contiguous().cpu(),          # (F, C, H, W)
                        "logvar": logvar[0].transpose(0, 1).contiguous().cpu()}
-            _atomic(os.path.join(cache, "latents", k + ".safetensors"), lambda p: save_file(tensors, p))
+            atomic_write(os.path.join(cache, "latents", k + ".safetensors"), lambda p: save_file(tensors, p))
         del vae
     if todo_t:
         tokenizer = Tokenizer(os.path.join(args.model, "tokenizer"))
@@ -205,7 +205,7 @@ def build_cache(args, good, cache: str, device, dtype) -> None:
         for k, caption in tqdm(todo_t.items(), desc="encoding captions"):
             ids = tokenizer([caption], max_length=args.max_text_len).to(device)     # (1, L)
             emb = {"embedding": t5(ids)[0].contiguous().cpu()}                      # (L, D)
-            _atomic(os.path.join(cache, "text", k + ".safetensors"), lambda p: save_file(emb, p))
+            atomic_write(os.path.join(cache, "text", k + ".safetensors"), lambda p: save_file(emb, p))
         del t5
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -318,7 +318,7 @@ def log_step(path: str, record: dict, truncate_after: int | None = None) -> None
     """Append one JSON line; on resume first drop the lines past the resumed step (they will be redone)."""
     if truncate_after is not None and os.path.isfile(path):
         kept = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= truncate_after]
-        _atomic(path, lambda p: open(p, "w").writelines(kept))
+        atomic_write(path, lambda p: open(p, "w").writelines(kept))
     if record:
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -547,7 +547,7 @@ def train(args, world: int, rank: int, local: int, device) -> int:
     # 4. The result.
     if rank == 0:
         out = os.path.join(args.output, WEIGHT_NAME)
-        _atomic(out, lambda p: save_lora(p, lora_state_dict(model), args.rank, args.alpha))
+        atomic_write(out, lambda p: save_lora(p, lora_state_dict(model), args.rank, args.alpha))
         png = os.path.join(args.output, "loss.png")
         plotted = plot_losses(log, png)
         print(f"wrote {out} and {log}" + (f" and {png}" if plotted else ""))
