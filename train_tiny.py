@@ -13,17 +13,21 @@ Hugging Face layout, so diffusers' CogVideoXPipeline loads it unchanged. Stages,
    Captions are a fixed template whose slots use disjoint words, so the conditioning only has to keep the words apart;
    a random embedding per token does that, and the relative-position bias mixes in enough context to tell "white"
    the colour from "white" the background. Frozen, its outputs are computed once per caption.
-3. VAE: the causal 3D VAE with 4 levels (8x spatial, 4x temporal compression) at width 8-32 and 16 latent channels
-   (the official count), trained on L1 + L2 reconstruction (shape pixels weighted 10x: they are ~10% of a frame)
-   plus a tiny KL, in two phases: 64x64 single frames first (F=1 is a valid causal-VAE input, 9x cheaper, and colour
-   and shape are per-frame), then random 32x32 crops of 9-frame clips for the temporal layers. The decoder is trained
-   on the posterior mean, which is all that generation decodes. The reconstruction accuracy (shapes.evaluate on
-   encode -> decode of 40 clips) is printed and logged: it bounds what any transformer can score. The latents' std
-   sets scaling_factor, so the transformer sees unit-variance latents.
-4. Transformer: the CogVideoX 1.0 expert transformer with 5b-style 3D RoPE (positions relative, text without position;
-   the 2b sincos table would work too) and the 5b schedule (snr_shift_scale 1: the 2b shift of 3 was chosen for
-   480x720 latents and would leave an 8x8 latent mostly noise), trained with v-prediction at uniform timesteps on
-   cached latents and text embeddings, with 10% empty captions so that classifier-free guidance works.
+3. VAE: the causal 3D VAE with 4 levels (8x spatial, 4x temporal compression) at width 8-32 and 8 latent channels
+   (half the official 16: a 2x2 patch then carries 32 values, well under the transformer's width, and 8 channels
+   still hold one shape with room to spare), trained on L1 + L2 reconstruction (shape pixels weighted 10x: they are
+   ~10% of a frame) plus a tiny KL, in three phases: 64x64 single frames first (F=1 is a valid causal-VAE input, 9x
+   cheaper, and colour and shape are per-frame), then whole 9-frame clips for the temporal layers (crops would cut
+   the moving shape), then the decoder alone on frozen latents, which sharpens corners without moving the latents.
+   The decoder is trained on the posterior mean, which is all that generation decodes. The reconstruction accuracy
+   (shapes.evaluate on encode -> decode of 40 clips) is printed and logged: it bounds what any transformer can
+   score. The latents' std sets scaling_factor, so the transformer sees unit-variance latents.
+4. Transformer: the CogVideoX 1.0 expert transformer, 4 layers of width 256 (4 heads of 64), with 5b-style 3D RoPE
+   (positions relative, text without position; the 2b sincos table would work too) and the 5b schedule
+   (snr_shift_scale 1: the 2b shift of 3 was chosen for 480x720 latents and would leave an 8x8 latent mostly noise),
+   trained with v-prediction at uniform timesteps on cached latents and text embeddings, with 10% empty captions so
+   that classifier-free guidance works. Width matters more than steps here: at width 64 the loss stalled at 0.15
+   after 5000 steps and samples were blocky noise; width 256 reaches 0.10 in 1500.
 5. The snapshot: config.json files as diffusers/transformers write them, safetensors weights, a loss log
    (train_log.jsonl); written to a temporary folder and renamed into place, so a crash never leaves half a model.
 
@@ -67,22 +71,23 @@ class TrainConfig:
     # VAE
     vae_channels: tuple = (8, 16, 32, 32)
     vae_groups: int = 4
-    latent_channels: int = 16
+    latent_channels: int = 8
     vae_clips: int = 1000
-    vae_frame_steps: int = 500          # phase 1: single frames
+    vae_frame_steps: int = 1500         # phase 1: single frames
     vae_frame_batch: int = 16
     vae_frame_crop: int = 64
-    vae_steps: int = 200                # phase 2: 9-frame clips
-    vae_batch: int = 8
-    vae_crop: int = 32
+    vae_steps: int = 800                # phase 2: 9-frame clips
+    vae_batch: int = 4
+    vae_crop: int = 64
+    decoder_steps: int = 1200           # phase 3: the decoder alone, on frozen latents
     vae_lr: float = 2e-3
     kl_weight: float = 1e-5
     # transformer
-    heads: int = 2
-    head_dim: int = 32
+    heads: int = 4
+    head_dim: int = 64
     layers: int = 4
     dit_clips: int = 1200
-    dit_steps: int = 5000
+    dit_steps: int = 2000
     dit_batch: int = 32
     dit_lr: float = 1e-3
     text_drop: float = 0.1
@@ -94,7 +99,7 @@ class TrainConfig:
 PRESETS = {
     "default": TrainConfig(),
     "smoke": TrainConfig(vae_channels=(8, 8, 8, 8), vae_groups=2, latent_channels=4, vae_clips=16, vae_frame_steps=10,
-                         vae_frame_batch=4, vae_frame_crop=16, vae_steps=4, vae_batch=2, vae_crop=16, vae_lr=3e-3,
+                         vae_frame_batch=4, vae_frame_crop=16, vae_steps=4, vae_batch=2, vae_crop=16, decoder_steps=4, vae_lr=3e-3,
                          heads=2, head_dim=16, layers=1, dit_clips=32, dit_steps=30, dit_batch=16, dit_lr=3e-3,
                          t5_width=32, t5_layers=1, eval_per_combo=0, eval_steps=2),
 }
@@ -169,6 +174,16 @@ def vae_config(cfg):
                      sample_height=96, sample_width=80, scaling_factor=1.0)  # sample_*: only the (unused) tile size
 
 
+def reconstruction_loss(x, y, background=None):
+    """L1 + L2, with the shape's pixels weighted 10x: it covers ~10% of a frame, and its colour and corners are what
+    the evaluator reads. background (B, 3, 1, 1, 1) defaults to the top-left pixel of frame 0."""
+    if background is None:
+        background = x[:, :, :1, :1, :1]
+    weight = 1 + 9 * ((x - background).abs().amax(dim=1, keepdim=True) > 0.25).float()  # (B, 1, F, H, W)
+    weight = weight / weight.mean()
+    return (weight * ((y - x).abs() + (y - x).square())).mean()
+
+
 def train_vae(cfg, clips, logfile, gen):
     """clips (N, 3, F, H, W) in [-1, 1]. Two phases: single frames (F=1 is a valid input of the causal VAE and 9x
     cheaper per sample) learn colours and shapes, then whole clips teach the temporal layers. The encoder and
@@ -192,13 +207,10 @@ def train_vae(cfg, clips, logfile, gen):
         c, (H, W) = (cfg.vae_frame_crop if single else cfg.vae_crop), x.shape[-2:]
         i, j = (torch.randint(0, (n - c) // 8 + 1, (1,), generator=gen).item() * 8 for n in (H, W))
         x = x[..., i:i + c, j:j + c]  # a crop on the latent grid, (B, 3, F, c, c)
-        # the shape covers ~10% of the pixels: weight its pixels 10x so its colour and corners are learnt first
-        weight = 1 + 9 * ((x - background).abs().amax(dim=1, keepdim=True) > 0.25).float()  # (B, 1, F, c, c)
-        weight = weight / weight.mean()
         mean, logvar = vae.encoder(x, {}).chunk(2, dim=1)  # (B, C, T, h, w) each
         logvar = logvar.clamp(-30.0, 20.0)
         y = vae.decoder(mean, {})  # (B, 3, F, c, c)
-        rec = (weight * ((y - x).abs() + (y - x).square())).mean()
+        rec = reconstruction_loss(x, y, background)
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
         loss = rec + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
@@ -211,6 +223,31 @@ def train_vae(cfg, clips, logfile, gen):
         if step % 10 == 0 or step == total - 1:
             log(logfile, stage="vae", step=step, frames=x.shape[2], rec=round(rec.item(), 5), kl=round(kl.item(), 4))
     return vae.eval().requires_grad_(False), first, last
+
+
+def finetune_decoder(cfg, vae, clips, logfile, gen):
+    """Phase 3: train the decoder alone on whole clips, the encoder frozen. The latents (what the transformer learns)
+    stay exactly as they are, so this stage only sharpens what generation decodes: shape corners and the frames that
+    time compression packs four to a latent frame."""
+    vae.decoder.requires_grad_(True)
+    opt = torch.optim.Adam(vae.decoder.parameters(), lr=cfg.vae_lr / 2)
+    bar = tqdm(range(cfg.decoder_steps), desc="decoder", file=sys.stdout, mininterval=2)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = schedule_lr(step, cfg.decoder_steps, cfg.vae_lr / 2)
+        x = clips[torch.randint(len(clips), (cfg.vae_batch,), generator=gen)]  # (B, 3, F, H, W)
+        with torch.no_grad():
+            mean = vae.encoder(x, {})[:, :cfg.latent_channels]  # (B, C, T, h, w)
+        y = vae.decoder(mean, {})  # (B, 3, F, H, W)
+        loss = reconstruction_loss(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.decoder.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(rec=f"{loss.item():.4f}", refresh=False)
+        if step % 10 == 0 or step == cfg.decoder_steps - 1:
+            log(logfile, stage="decoder", step=step, rec=round(loss.item(), 5))
+    return vae.eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -301,13 +338,15 @@ def save_snapshot(root, t5, vae, transformer):
         "scheduler": ["diffusers", "CogVideoXDDIMScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
         "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLCogVideoX"]})
-    for name, cls, model, config in (
-            ("transformer", "CogVideoXTransformer3DModel", transformer, asdict(transformer.config)),
+    # The transformer is stored in bf16, as the official 5b snapshots are (half the bytes; both loaders upcast to the
+    # fp32 they compute in); the VAE stays fp32, since its decoder draws the shapes' edges.
+    for name, cls, model, config, dtype in (
+            ("transformer", "CogVideoXTransformer3DModel", transformer, asdict(transformer.config), torch.bfloat16),
             ("vae", "AutoencoderKLCogVideoX", vae, {**asdict(vae.config), "force_upcast": True, "shift_factor": None,
-                                                    "latents_mean": None, "latents_std": None})):
+                                                    "latents_mean": None, "latents_std": None}, torch.float32)):
         os.makedirs(os.path.join(root, name))
         write_json(os.path.join(root, name, "config.json"), {"_class_name": cls, **diffusers, **config})
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+        save_file({k: v.to(dtype).contiguous() for k, v in model.state_dict().items()},
                   os.path.join(root, name, "diffusion_pytorch_model.safetensors"))
     c = t5.config
     os.makedirs(os.path.join(root, "text_encoder"))
@@ -367,6 +406,7 @@ def train(cfg: TrainConfig, out: str, evaluate_after: bool = True, vae_from: str
             clips = shapes.to_tensor(vids).transpose(1, 2).contiguous()  # (N, 3, F, H, W)
             vae, first, last = train_vae(cfg, clips, logfile, gen)
             summary["vae_rec"] = (first, last)
+            vae = finetune_decoder(cfg, vae, clips, logfile, gen)
         acc = reconstruction_accuracy(vae)
         log(logfile, stage="vae_reconstruction", **acc)
         print("VAE reconstruction accuracy (40 clips): " + ", ".join(f"{k} {100 * acc[k]:.0f}%" for k in
