@@ -177,9 +177,10 @@ def vae_config(cfg):
 
 def reconstruction_loss(x, y, background=None):
     """L1 + L2, with the shape's pixels weighted 10x: it covers ~10% of a frame, and its colour and corners are what
-    the evaluator reads. background (B, 3, 1, 1, 1) defaults to the top-left pixel of frame 0."""
+    the evaluator reads. background (B, 3, 1, 1, 1) defaults to the median of frame 0's top row (a square may cover
+    a corner pixel, never a whole row)."""
     if background is None:
-        background = x[:, :, :1, :1, :1]
+        background = x[:, :, :1, :1].median(dim=-1, keepdim=True).values
     weight = 1 + 9 * ((x - background).abs().amax(dim=1, keepdim=True) > 0.25).float()  # (B, 1, F, H, W)
     weight = weight / weight.mean()
     return (weight * ((y - x).abs() + (y - x).square())).mean()
