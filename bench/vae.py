@@ -23,18 +23,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from transformer import timed  # noqa: E402  (bench/transformer.py: wall, CPU s, peak bytes of one call)
+
 CASES = ["ours tiled", "ours untiled", "peer untiled", "peer tiled"]
-
-
-def status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def run_case(args) -> dict:
@@ -61,24 +57,10 @@ def run_case(args) -> dict:
         decode(z[:, :, :1, :2, :2])  # warm-up: pages the weights in, initialises kernels
     seconds, cpu_seconds, peak = float("inf"), float("inf"), 0
     for _ in range(args.repeat):
-        out = None
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-            base = status_kb("VmRSS") * 1024
-        t0, c0 = time.perf_counter(), time.process_time()
+        out = None  # the last run's output is freed before the next is measured
         with torch.no_grad():
-            out = decode(z)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = min(seconds, time.perf_counter() - t0)
-        cpu_seconds = min(cpu_seconds, time.process_time() - c0)
-        now = torch.cuda.max_memory_allocated() if dev.type == "cuda" else status_kb("VmHWM") * 1024
-        peak = max(peak, now - base)
+            wall, cpu, bytes_, out = timed(lambda: decode(z), dev)
+        seconds, cpu_seconds, peak = min(seconds, wall), min(cpu_seconds, cpu), max(peak, bytes_)
     torch.save(out.float().cpu(), os.path.join(args.outdir, args.case.replace(" ", "_") + ".pt"))
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_bytes": peak, "shape": list(out.shape)}
 
