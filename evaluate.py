@@ -36,9 +36,10 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, default=6.0)
     p.add_argument("--sets", nargs="+", choices=("held-out", "train"), default=("held-out", "train"))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, device=args.device)
     train, held_out = shapes.split()
     results = {name: evaluate_model(pipe, attrs, args.per_combo, args.steps, args.guidance)
                for name, attrs in (("held-out", held_out), ("train", train)) if name in args.sets}
