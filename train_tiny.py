@@ -2,6 +2,7 @@
 
     python train_tiny.py                      # everything, about 75 min on 2 CPU cores -> demo/shapes-tiny
     python train_tiny.py --smoke              # the same pipeline at toy size, < 1 min (CI)
+    python train_tiny.py --device cuda        # the same batches and noise on a GPU
     python evaluate.py                        # colour / shape / motion accuracy of what it generates
 
 Every stage uses the real architecture and objective, at toy width, and the snapshot is written in the official
