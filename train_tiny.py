@@ -29,9 +29,9 @@ Hugging Face layout, so diffusers' CogVideoXPipeline loads it unchanged. Stages,
    trained with v-prediction at uniform timesteps on cached latents and text embeddings, with 10% empty captions so
    that classifier-free guidance works. Width matters more than steps here: at width 64 the loss stalled at 0.15
    after 5000 steps and samples were blocky noise; width 256 reaches 0.10 in 1500 and 0.07 in 4000.
-Time on 2 CPU cores (2 threads, per-step rates measured): VAE phases 1-3 about 40 min, transformer about 35 min.
 5. The snapshot: config.json files as diffusers/transformers write them, safetensors weights, a loss log
    (train_log.jsonl); written to a temporary folder and renamed into place, so a crash never leaves half a model.
+Time on 2 CPU cores (2 threads, per-step rates measured): VAE phases 1-3 about 40 min, transformer about 35 min.
 
 Legend: N clips, B batch, F frames (pixel or latent), C channels, H/W height/width, L text tokens, D width.
 """
@@ -102,9 +102,9 @@ class TrainConfig:
 PRESETS = {
     "default": TrainConfig(),
     "smoke": TrainConfig(vae_channels=(8, 8, 8, 8), vae_groups=2, latent_channels=4, vae_clips=16, vae_frame_steps=10,
-                         vae_frame_batch=4, vae_frame_crop=16, vae_steps=4, vae_batch=2, vae_crop=16, decoder_steps=4, vae_lr=3e-3,
-                         heads=2, head_dim=16, layers=1, dit_clips=32, dit_steps=30, dit_batch=16, dit_lr=3e-3,
-                         t5_width=32, t5_layers=1, eval_per_combo=0, eval_steps=2),
+                         vae_frame_batch=4, vae_frame_crop=16, vae_steps=4, vae_batch=2, vae_crop=16, decoder_steps=4,
+                         vae_lr=3e-3, heads=2, head_dim=16, layers=1, dit_clips=32, dit_steps=30, dit_batch=16,
+                         dit_lr=3e-3, t5_width=32, t5_layers=1, eval_per_combo=0, eval_steps=2),
 }
 
 
