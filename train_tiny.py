@@ -35,7 +35,7 @@ Hugging Face layout, so diffusers' CogVideoXPipeline loads it unchanged. Stages,
    clips memorised); 6,000 clips gave 38-43% at the same steps, and 8,000 clips with 14,000 steps 72%.
 5. The snapshot: config.json files as diffusers/transformers write them, safetensors weights, a loss log
    (train_log.jsonl); written to a temporary folder and renamed into place, so a crash never leaves half a model.
-Time on 2 CPU cores (2 threads, measured): VAE phases 1-3 14 min, transformer 34.8 min, 49.2 min in all (51.1 with
+Time on 2 CPU cores (2 threads, measured): VAE phases 1-3 13.5 min, transformer 34.8 min, 49.2 min in all (51.1 with
 the evaluation that follows). Memory: caching and transformer stages peak at 2.0 GB RSS (9.1 GB while the 8,000
 clips were converted to float all at once; encode_clips now converts a batch at a time, same latents bit for bit).
 
