@@ -236,10 +236,17 @@ class Sampler:
         return ddim_inverse_step(x0, predict_eps(self.config.prediction_type, out, x, a), a_next)
 
 
-def make_sampler(name: str, config: SchedulerConfig, num_steps: int, strength: float = 1.0) -> Sampler:
-    """name: "ddim" | "dpm". strength < 1 (video-to-video) runs only the last int(N·strength) steps."""
-    if name not in ("ddim", "dpm"):
-        raise ValueError(f"sampler {name!r} is unknown, use 'ddim' or 'dpm'")
+SAMPLERS = ("ddim", "dpm")   # the names make_sampler, generate(sampler=...) and --sampler accept
+
+
+def make_sampler(name: str, config: SchedulerConfig, num_steps: int, strength: float = 1.0,
+                 karras: bool = False) -> Sampler:
+    """name: one of SAMPLERS. strength < 1 (video-to-video) runs only the last int(N·strength) steps.
+    karras: Karras et al. (2022) sigma spacing, for the samplers that take it."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler {name!r} is unknown, use one of {', '.join(SAMPLERS)}")
+    if karras:
+        raise ValueError(f"sampler {name!r} has no Karras spacing")
     ts = strength_timesteps(timesteps(config, num_steps), strength)
     return Sampler(name, config, num_steps, ts, alphas_cumprod(config))
 
