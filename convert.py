@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+import cli
 import model
 import vae
 from checkpoint import config_from_dict, read_json, read_tensors, weight_files
@@ -278,13 +279,15 @@ def save_component(sd, config, folder, max_shard_bytes, name="diffusion_pytorch_
 
 
 def write_atomically(out, writers):
-    """Run each writer(path) into a temporary folder inside `out`, then rename the results into place (replacing
-    earlier ones): a failed or interrupted conversion never leaves a half-written component behind."""
-    os.makedirs(out, exist_ok=True)
+    """Run each writer(path) into a temporary folder inside `out`, then rename the results into place: a failed or
+    interrupted conversion never leaves a half-written component behind. `out` is a folder this tool created (or a
+    new one): main() refuses any other before reading a checkpoint, so the components replaced here are ours."""
+    cli.claim_folder(out, "convert.py", "--out")
     tmp = tempfile.mkdtemp(prefix=".convert-", dir=out)
     try:
         for name, write in writers.items():
             write(os.path.join(tmp, name))
+            cli.ordinary_permissions(os.path.join(tmp, name))
         for name in writers:
             if os.path.exists(final := os.path.join(out, name)):
                 os.rename(final, os.path.join(tmp, name + ".old"))
@@ -303,10 +306,10 @@ def cmd_sat2hf(a):
         sd, unmatched = sat_to_hf(load_sat(a.transformer), t_cfg)
         sd = check(sd, expected_shapes("transformer", t_cfg), a.transformer, unmatched, a.allow_missing, a.variant)
         sd = {k: t.to(DTYPES.get(a.dtype, t.dtype)) for k, t in sd.items()}
-        writers["transformer"] = lambda d: save_component(sd, t_cfg, d, parse_size(a.max_shard_size))
+        writers["transformer"] = lambda d: save_component(sd, t_cfg, d, a.max_shard_size)
     if a.vae:  # the VAE stays in fp32, as the official converter keeps it
         vsd = check(vae_to_hf(load_sat(a.vae)), expected_shapes("vae", v_cfg), a.vae, (), a.allow_missing)
-        writers["vae"] = lambda d: save_component(vsd, v_cfg, d, parse_size(a.max_shard_size))
+        writers["vae"] = lambda d: save_component(vsd, v_cfg, d, a.max_shard_size)
     write_atomically(a.out, writers)
 
 
@@ -344,30 +347,37 @@ def cmd_lora(a):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sat2hf", help="SAT transformer and/or VAE -> official transformer/ and vae/")
     s.add_argument("--transformer", help="SAT mp_rank_00_model_states.pt (or the save folder holding `latest`)")
     s.add_argument("--vae", help="SAT 3d-vae.pt")
-    s.add_argument("--variant", required=True, choices=VARIANTS)
-    s.add_argument("--max-shard-size", default="5GB")
+    s.add_argument("--variant", required=True, choices=VARIANTS, help="the model the checkpoint is")
+    s.add_argument("--max-shard-size", default="5GB", help="shard the safetensors files above this size")
     s.add_argument("--allow-missing", action="store_true", help="write what matched instead of failing")
     h = sub.add_parser("hf2sat", help="official snapshot (transformer/, vae/) -> SAT layout")
-    h.add_argument("--snapshot", required=True)
+    h.add_argument("--snapshot", required=True, help="the snapshot root folder")
     lo = sub.add_parser("lora", help="SAT LoRA checkpoint -> diffusers pytorch_lora_weights.safetensors")
     lo.add_argument("--lora", required=True, help="SAT checkpoint of a LoRA fine-tune")
-    lo.add_argument("--alpha", type=float, default=1.0, help="lora_alpha of the SAT run (1 in all official configs)")
+    lo.add_argument("--alpha", type=cli.positive_float, default=1.0,
+                    help="lora_alpha of the SAT run (1 in all official configs)")
     for q in (s, h, lo):
-        q.add_argument("--out", required=True, help="output folder")
+        q.add_argument("--out", required=True, help="output folder: a new one, or one convert.py wrote before")
         q.add_argument("--dtype", choices=DTYPES, help="cast transformer / LoRA weights (default: as stored)")
     a = p.parse_args(argv)
     if a.command == "sat2hf" and not (a.transformer or a.vae):
         p.error("sat2hf needs --transformer and/or --vae")
-    try:
+
+    def work():  # every path and size is checked before a checkpoint is read
+        for flag in ("transformer", "vae", "snapshot", "lora"):
+            if getattr(a, flag, None):
+                cli.existing_path(f"--{flag}", getattr(a, flag))
+        if a.command == "sat2hf":
+            a.max_shard_size = parse_size(a.max_shard_size)
+        cli.check_folder(a.out, "--out", exact=False)
         {"sat2hf": cmd_sat2hf, "hf2sat": cmd_hf2sat, "lora": cmd_lora}[a.command](a)
-    except ValueError as e:  # ConvertError, CheckpointError, or a config the model refuses
-        sys.exit(f"error: {e}")
+    return cli.run(work)  # ConvertError, CheckpointError, or a config the model refuses: one line, exit 2
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

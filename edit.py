@@ -24,10 +24,11 @@ import time
 
 import torch
 
+import cli
 import model
-from checkpoint import CheckpointError
-from generate import (DTYPES, Pipeline, check_request, decode_latents, encode_text, encode_video, load_pipeline,
-                      on_device, peak_memory_gb, read_model_info, read_video, resize, resolve_model_path, save_video)
+from generate import (Pipeline, check_request, check_video_output, decode_latents, encode_text, encode_video,
+                      load_pipeline, on_device, peak_memory_gb, read_model_info, read_video, resize, resolve_model_path,
+                      save_video, worth_tiling)
 from sampler import denoise, invert, make_sampler
 
 METHODS = ("inject", "plain")
@@ -68,7 +69,7 @@ class reference_attention:
 @torch.no_grad()
 def edit_latents(pipe: Pipeline, z: torch.Tensor, prompt: str, *, method: str = "inject", source_prompt: str = "",
                  negative_prompt: str = "", num_inference_steps: int = 50, guidance_scale: float = 6.0,
-                 generator: torch.Generator | None = None, max_sequence_length: int = 226,
+                 generator: torch.Generator | None = None, max_sequence_length: int | None = None,
                  progress: bool = True) -> torch.Tensor:
     """Clean latents z (B, F, C, h, w) (scaled, F already a multiple of patch_size_t) -> edited latents.
 
@@ -76,7 +77,8 @@ def edit_latents(pipe: Pipeline, z: torch.Tensor, prompt: str, *, method: str = 
     prompt, where guidance changes nothing. `source_prompt` (default "", the official choice) conditions the
     inversion; `generator` draws the fresh noise of `inject`."""
     check_edit(pipe.info, pipe.transformer.config, method)
-    L, B = max_sequence_length, z.shape[0]
+    L = pipe.info.max_text_seq_length if max_sequence_length is None else max_sequence_length
+    B = z.shape[0]
     schedule = make_sampler("ddim", pipe.scheduler, num_inference_steps)
     source = encode_text(pipe, [source_prompt], L).expand(B, -1, -1)                  # (B, L, D)
     cfg = guidance_scale > 1
@@ -103,7 +105,8 @@ def edit_latents(pipe: Pipeline, z: torch.Tensor, prompt: str, *, method: str = 
 @torch.no_grad()
 def edit(pipe: Pipeline, video, prompt: str, *, method: str = "inject", source_prompt: str = "",
          negative_prompt: str = "", num_frames: int | None = None, height: int | None = None, width: int | None = None,
-         num_inference_steps: int = 50, guidance_scale: float = 6.0, seed: int = 42, max_sequence_length: int = 226,
+         num_inference_steps: int = 50, guidance_scale: float = 6.0, seed: int = 42,
+         max_sequence_length: int | None = None,
          vae_tiling: bool = False, progress: bool = True) -> torch.Tensor:
     """Edit one video: a path or an (F, 3, H, W) tensor in [0, 1]. Returns frames (1, F, 3, H, W) in [0, 1].
     Without num_frames, the first min(len(video), the model's default) frames, trimmed to a valid count."""
@@ -112,27 +115,36 @@ def edit(pipe: Pipeline, video, prompt: str, *, method: str = "inject", source_p
     video = read_video(video) if isinstance(video, (str, os.PathLike)) else torch.as_tensor(video).float()
     if video.ndim != 4 or video.shape[1] != 3:
         raise ValueError(f"video must be a path or an (F, 3, H, W) tensor, got shape {tuple(video.shape)}")
-    height, width = height or info.height, width or info.width
-    if num_frames is None:
-        num_frames = (min(len(video), info.num_frames) - 1) // info.frame_multiple * info.frame_multiple + 1
-    if len(video) < num_frames:
-        raise ValueError(f"the video has {len(video)} frames, fewer than num_frames={num_frames}")
+    height = info.height if height is None else height
+    width = info.width if width is None else width
+    num_frames = edit_frames(info, len(video), num_frames)
     check_request(info, num_frames, height, width)
 
     generator = torch.Generator().manual_seed(seed)      # the posterior sample first, then the noise, as generate()
     pixels = (resize(video[:num_frames], height, width) * 2 - 1).permute(1, 0, 2, 3)[None]  # (1, 3, F, H, W)
-    z = encode_video(pipe, pixels, generator, vae_tiling) * pipe.vae.config.scaling_factor   # (1, F, C, h, w)
+    tiled = vae_tiling and worth_tiling(pipe.vae, height, width)
+    z = encode_video(pipe, pixels, generator, tiled) * pipe.vae.config.scaling_factor        # (1, F, C, h, w)
     p_t = pipe.transformer.config.patch_size_t or 1
     pad = (p_t - z.shape[1] % p_t) % p_t                 # CogVideoX 1.5: repeat the first latent frame, dropped after
     z = torch.cat([z[:, :1]] * pad + [z], dim=1)
     z = edit_latents(pipe, z, prompt, method=method, source_prompt=source_prompt, negative_prompt=negative_prompt,
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
                      max_sequence_length=max_sequence_length, progress=progress)
-    return decode_latents(pipe, z[:, pad:], vae_tiling)
+    return decode_latents(pipe, z[:, pad:], tiled)
+
+
+def edit_frames(info, available: int, num_frames: int | None) -> int:
+    """The frame count an edit uses: num_frames, else the first min(available, the model's default) frames trimmed to
+    a valid count. Checked against the video's length."""
+    if num_frames is None:
+        num_frames = (min(available, info.num_frames) - 1) // info.frame_multiple * info.frame_multiple + 1
+    if available < num_frames:
+        raise ValueError(f"the video has {available} frames, fewer than num_frames={num_frames}")
+    return num_frames
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Edit a video with a new prompt (DDIM inversion, CogVideoX).")
+    p = cli.ArgumentParser(description="Edit a video with a new prompt (DDIM inversion, CogVideoX).")
     p.add_argument("--video", required=True, help="the video to edit")
     p.add_argument("--prompt", required=True, help="what the edited video shows")
     p.add_argument("--model", default=None, help="a local CogVideoX snapshot folder (default: the bundled demo model)")
@@ -140,51 +152,52 @@ def parse_args(argv=None):
                    help="inject: fresh noise + the inverted video's keys/values in attention (official); "
                         "plain: denoise from the inverted latent")
     p.add_argument("--source-prompt", default="", help="the prompt the inversion is conditioned on (official: empty)")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--num-frames", type=int, default=None, help="8k+1 for CogVideoX 1.0, 16k+1 for 1.5")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=6.0)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--fps", type=int, default=None)
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp32 on CPU, bf16 on GPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--output", default="edited.mp4", help=".mp4, .gif, or a folder name for PNG frames")
+    p.add_argument("--negative-prompt", default="", help="what the edited video should not show")
+    p.add_argument("--num-frames", type=cli.positive_int, default=None,
+                   help="8k+1 for CogVideoX 1.0, 16k+1 for 1.5 (default: as many as the video and model allow)")
+    p.add_argument("--height", type=cli.pixels, default=None, help="a multiple of 16 (default: the model's)")
+    p.add_argument("--width", type=cli.pixels, default=None, help="a multiple of 16 (default: the model's)")
+    p.add_argument("--steps", type=cli.positive_int, default=50, help="DDIM steps (inversion and editing)")
+    p.add_argument("--guidance", type=cli.nonnegative_float, default=6.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=cli.seed, default=42, help="the same seed gives the same edit")
+    p.add_argument("--fps", type=cli.positive_float, default=None, help="frames per second (default: the model's)")
+    p.add_argument("--dtype", choices=tuple(cli.DTYPES), default=None,
+                   help="default: fp32 on CPU; on GPU fp16 for 2b, bf16 otherwise")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    p.add_argument("--output", default="edited.mp4",
+                   help=".mp4, .gif, or a new folder name for PNG frames; a contact sheet <stem>.png is written beside")
     p.add_argument("--offload", action="store_true", help="keep each stage on the CPU until it runs")
-    p.add_argument("--vae-tiling", action="store_true", help="decode in overlapping spatial tiles (less memory)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode in overlapping spatial tiles (less memory) when the frame spans two tiles")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        # Everything that can be checked cheaply is checked before any weights are read.
-        path = resolve_model_path(args.model)
-        tcfg, _, info = read_model_info(path)
-        check_edit(info, tcfg, args.method)
-        video = read_video(args.video)
-        if os.path.splitext(args.output)[1].lower() not in (".mp4", ".gif", ""):
-            raise ValueError(f"--output {args.output}: use .mp4, .gif, or a folder name (no extension) for PNG frames")
-        if args.steps < 1:
-            raise ValueError("--steps must be at least 1")
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-        dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    return cli.run(lambda: run_cli(args))
 
-        t0 = time.perf_counter()
-        pipe = load_pipeline(path, dtype=dtype, device=device, offload=args.offload)
-        t1 = time.perf_counter()
-        frames = edit(pipe, video, args.prompt, method=args.method, source_prompt=args.source_prompt,
-                      negative_prompt=args.negative_prompt, num_frames=args.num_frames, height=args.height,
-                      width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                      max_sequence_length=tcfg.max_text_seq_length, vae_tiling=args.vae_tiling)
-        t2 = time.perf_counter()
-        written = save_video(frames[0], args.output, args.fps or pipe.info.fps)
-    except (ValueError, CheckpointError, OSError) as e:
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)  # one line: the cause, not a backtrace
-        return 2
+
+def run_cli(args) -> int:
+    # Everything that can be checked is checked before any weights are read.
+    path = resolve_model_path(args.model)
+    tcfg, _, info = read_model_info(path)
+    check_edit(info, tcfg, args.method)
+    device = cli.pick_device(args.device)
+    dtype = cli.pick_dtype(args.dtype, device, info.gpu_dtype)
+    video = read_video(cli.existing_path("--video", args.video, "file"))
+    num_frames = edit_frames(info, len(video), args.num_frames)
+    check_request(info, num_frames, args.height or info.height, args.width or info.width)
+    check_video_output(args.output)
+
+    t0 = time.perf_counter()
+    pipe = load_pipeline(path, dtype=dtype, device=device, offload=args.offload)
+    t1 = time.perf_counter()
+    frames = edit(pipe, video, args.prompt, method=args.method, source_prompt=args.source_prompt,
+                  negative_prompt=args.negative_prompt, num_frames=num_frames, height=args.height,
+                  width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                  vae_tiling=args.vae_tiling)
+    t2 = time.perf_counter()
+    written = save_video(frames[0], args.output, args.fps or info.fps)
     print(f"wrote {', '.join(written)}")
     print(f"load {t1 - t0:.1f}s, edit {t2 - t1:.1f}s, peak memory {peak_memory_gb(pipe.device):.2f} GB")
     return 0

@@ -14,7 +14,7 @@ import argparse
 import math
 import os
 import sys
-import tempfile
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -23,9 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 from checkpoint import CheckpointError, config_from_dict, read_json
 from model import CogVideoXTransformer, StepCache, TransformerConfig, load_transformer
-from sampler import SchedulerConfig, add_noise, denoise, load_scheduler_config, make_sampler
+from sampler import SAMPLERS, SchedulerConfig, add_noise, denoise, load_scheduler_config, make_sampler
 from text_encoder import T5Encoder, Tokenizer, load_text_encoder
 from vae import CogVideoXVAE, VAEConfig, load_vae, sample_posterior
 
@@ -50,6 +51,8 @@ class ModelInfo:
     frame_multiple: int     # valid frame counts are frame_multiple * k + 1
     temporal_compression: int
     spatial_compression: int
+    max_text_seq_length: int
+    gpu_dtype: torch.dtype  # the precision it was trained in: fp16 for 2b, bf16 for the RoPE models (5b, 1.5)
 
 
 @dataclass
@@ -65,6 +68,9 @@ class Pipeline:
     offload: bool = False   # keep each stage on the CPU until it runs (T5, then transformer, then VAE)
 
 
+OFFICIAL_REPOS = ("CogVideoX-2b", "CogVideoX-5b", "CogVideoX-5b-I2V", "CogVideoX1.5-5B", "CogVideoX1.5-5B-I2V")
+
+
 def resolve_model_path(model: str | None) -> str:
     """A local snapshot folder; the bundled demo model when None; a Hub repo id only if huggingface_hub is installed."""
     if model is None:
@@ -74,16 +80,20 @@ def resolve_model_path(model: str | None) -> str:
         return DEMO_MODEL
     if os.path.isdir(model):
         return model
-    if model.count("/") == 1 and not model.startswith((".", "/")):
+    if model.count("/") == 1 and not model.startswith((".", "/")) and not os.path.exists(os.path.dirname(model)):
         try:
             from huggingface_hub import snapshot_download  # optional: never a requirement
         except ImportError:
             pass
         else:
-            return snapshot_download(model)
-    name = os.path.basename(model.rstrip("/")) or "CogVideoX-2b"
+            try:
+                return snapshot_download(model)
+            except Exception as e:  # offline, unknown repo, gated: one line, not the hub client's traceback
+                raise ValueError(f"cannot download {model}: {e}") from None
+    name = os.path.basename(model.rstrip("/"))
+    repo = next((r for r in OFFICIAL_REPOS if r.lower() == name.lower()), "CogVideoX-5b")
     raise ValueError(f"model folder not found: {model}. Download a snapshot first, e.g. "
-                     f"`huggingface-cli download THUDM/{name} --local-dir {model}`")
+                     f"`hf download THUDM/{repo} --local-dir {model}` (pip install huggingface_hub)")
 
 
 def model_info(path: str, transformer_config, vae_config) -> ModelInfo:
@@ -94,10 +104,13 @@ def model_info(path: str, transformer_config, vae_config) -> ModelInfo:
     else:
         height, width = transformer_config.sample_height * spatial, transformer_config.sample_width * spatial
         fps = 16 if is_v15 else 8
+    rope = transformer_config.use_rotary_positional_embeddings
     return ModelInfo(path=path, is_i2v=transformer_config.in_channels == 2 * transformer_config.out_channels,
                      is_v15=is_v15, num_frames=transformer_config.sample_frames, height=height, width=width, fps=fps,
                      frame_multiple=16 if is_v15 else 8,
-                     temporal_compression=vae_config.temporal_compression_ratio, spatial_compression=spatial)
+                     temporal_compression=vae_config.temporal_compression_ratio, spatial_compression=spatial,
+                     max_text_seq_length=transformer_config.max_text_seq_length,
+                     gpu_dtype=torch.bfloat16 if rope or is_v15 else torch.float16)
 
 
 def read_model_info(path: str) -> tuple[TransformerConfig, VAEConfig, ModelInfo]:
@@ -110,19 +123,25 @@ def read_model_info(path: str) -> tuple[TransformerConfig, VAEConfig, ModelInfo]
     return tcfg, vcfg, model_info(path, tcfg, vcfg)
 
 
-def load_pipeline(path: str, dtype=torch.float32, device="cpu", offload: bool = False) -> Pipeline:
-    """Load every component of a CogVideoX snapshot folder (the official Hugging Face layout)."""
-    device = torch.device(device)
-    read_model_info(path)  # a clear error for a folder that is not a snapshot
+def load_pipeline(path: str | None = None, dtype: torch.dtype | None = None, device=None,
+                  offload: bool = False) -> Pipeline:
+    """Load every component of a CogVideoX snapshot folder (the official Hugging Face layout); None: the bundled demo
+    model. dtype and device default as on the command line: the GPU if there is one, in the checkpoint's precision
+    there (cli.pick_dtype), fp32 on the CPU. The tokenizer and configs are read first, so a broken snapshot fails
+    before any weight is read."""
+    path = resolve_model_path(path)
+    _, _, info = read_model_info(path)
+    device = cli.pick_device(None if device is None else str(device))
+    dtype = dtype or cli.pick_dtype(None, device, info.gpu_dtype)
+    tokenizer = Tokenizer(os.path.join(path, "tokenizer"))
+    scheduler = load_scheduler_config(os.path.join(path, "scheduler"))
     where = torch.device("cpu") if offload else device
     transformer = load_transformer(os.path.join(path, "transformer"), dtype=dtype, device=where)
     vae = load_vae(os.path.join(path, "vae"), dtype=dtype, device=where)
-    pipe = Pipeline(tokenizer=Tokenizer(os.path.join(path, "tokenizer")),
-                    text_encoder=load_text_encoder(os.path.join(path, "text_encoder"), dtype=dtype, device=where),
-                    transformer=transformer, vae=vae,
-                    scheduler=load_scheduler_config(os.path.join(path, "scheduler")),
-                    info=model_info(path, transformer.config, vae.config), device=device, dtype=dtype, offload=offload)
-    return pipe
+    text_encoder = load_text_encoder(os.path.join(path, "text_encoder"), dtype=dtype, device=where)
+    return Pipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                    scheduler=scheduler, info=model_info(path, transformer.config, vae.config), device=device,
+                    dtype=dtype, offload=offload)
 
 
 class on_device:
@@ -233,49 +252,54 @@ def contact_sheet(frames: np.ndarray, columns: int = 8) -> np.ndarray:
     return sheet
 
 
-def atomic_write(path: str, write) -> None:
-    """Write through a temporary name in the same folder, then rename: a crash never leaves a partial file."""
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    stem, ext = os.path.splitext(name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=ext, dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+VIDEO_EXTENSIONS = (".mp4", ".gif", "")   # "" (no extension): a folder of PNG frames
 
 
-def save_video(frames: torch.Tensor, path: str, fps: int) -> list[str]:
-    """(F, 3, H, W) in [0, 1] -> .mp4, .gif or a folder of PNGs (any other path), plus `<stem>.png` contact sheet
-    beside it. Returns the paths written."""
+def sheet_path(path: str) -> str:
+    """The contact sheet beside a video: clip.mp4 -> clip.png, frames/ -> frames.png."""
+    return os.path.splitext(path.rstrip("/" + os.sep))[0] + ".png"
+
+
+def check_video_output(path: str, named: bool = True, flag: str = "--output") -> None:
+    """Refuse, before any work, an output save_video could not write or would have to destroy something for: see
+    cli.py for the rules. named: the user typed this path (a file there may be replaced)."""
+    ext = os.path.splitext(path.rstrip("/" + os.sep))[1].lower()
+    if ext not in VIDEO_EXTENSIONS:
+        raise ValueError(f"{flag} {path}: use .mp4, .gif, or a folder name (no extension) for PNG frames")
+    if ext:
+        cli.check_file(path, flag, named)
+    else:
+        cli.check_folder(path, flag)
+    cli.check_file(sheet_path(path), flag, named=False)
+
+
+def save_video(frames: torch.Tensor, path: str, fps: float, named: bool = True) -> list[str]:
+    """(F, 3, H, W) in [0, 1] -> .mp4, .gif or a folder of PNGs (a path without extension), plus the contact sheet
+    `<stem>.png` beside it. Every file is written atomically and signed (cli.MARK); nothing is replaced that
+    check_video_output refuses. Returns the paths written."""
     import imageio
     import imageio.v3 as iio
+    if not fps > 0:
+        raise ValueError(f"fps={fps} must be > 0")
+    check_video_output(path, named)
     arr = to_uint8(frames)
-    ext = os.path.splitext(path)[1].lower()
+    ext = os.path.splitext(path.rstrip("/" + os.sep))[1].lower()
     if ext == ".mp4":
-        atomic_write(path, lambda p: imageio.mimwrite(p, list(arr), fps=fps, format="FFMPEG"))
-        sheet = os.path.splitext(path)[0] + ".png"
+        cli.atomic_write(path, lambda p: imageio.mimwrite(p, list(arr), fps=fps, format="FFMPEG",
+                                                          output_params=["-metadata", f"comment={cli.MARK}"]))
     elif ext == ".gif":
-        atomic_write(path, lambda p: iio.imwrite(p, arr, duration=1000 / fps, loop=0))
-        sheet = os.path.splitext(path)[0] + ".png"
-    elif ext == "":
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", dir=parent)
-        for i, f in enumerate(arr):
-            iio.imwrite(os.path.join(tmp, f"{i:04d}.png"), f)
-        if os.path.isdir(path):
-            import shutil
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        sheet = path.rstrip("/") + ".png"
+        cli.atomic_write(path, lambda p: iio.imwrite(p, arr, duration=1000 / fps, loop=0, comment=cli.MARK.encode()))
     else:
-        raise ValueError(f"output {path}: use .mp4, .gif, or a folder name (no extension) for PNG frames")
-    atomic_write(sheet, lambda p: iio.imwrite(p, contact_sheet(arr), extension=".png"))
+        tmp = cli.new_folder(path)
+        try:
+            for i, f in enumerate(arr):
+                cli.write_png(os.path.join(tmp, f"{i:04d}.png"), f)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        cli.install_folder(tmp, path, "generate.py")
+    sheet = sheet_path(path)
+    cli.atomic_write(sheet, lambda p: cli.write_png(p, contact_sheet(arr)))
     return [path, sheet]
 
 
@@ -335,16 +359,24 @@ def decode_latents(pipe: Pipeline, z: torch.Tensor, tiled: bool) -> torch.Tensor
     return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4).cpu()        # (B, F, 3, H, W)
 
 
-@torch.no_grad()
-def generate(pipe: Pipeline, prompt: str, *, negative_prompt: str = "", num_frames: int | None = None,
-             height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
-             guidance_scale: float = 6.0, use_dynamic_cfg: bool = False, sampler: str | None = None, seed: int = 42,
-             num_videos: int = 1, image=None, video=None, strength: float = 0.8, max_sequence_length: int = 226,
-             vae_tiling: bool = False, step_cache: float | None = None, progress: bool = True,
-             timings: dict | None = None) -> torch.Tensor:
-    """Generate `num_videos` videos for one prompt. Returns frames (num_videos, F, 3, H, W) float in [0, 1], the layout
-    of diffusers' `output_type="pt"`.
+def worth_tiling(vae: CogVideoXVAE, height: int, width: int) -> bool:
+    """--vae-tiling pays off from two tiles per side on: a smaller frame is decoded whole, since cutting it (the demo's
+    64 px frames into 48x40 px tiles) saves no memory worth having and leaves seams where the tiles are blended."""
+    return height >= vae.config.sample_height or width >= vae.config.sample_width  # tiles are half the sample size
 
+
+@torch.no_grad()
+def generate(pipe: Pipeline, prompt: str | list[str], *, negative_prompt: str | list[str] = "",
+             num_frames: int | None = None, height: int | None = None, width: int | None = None,
+             num_inference_steps: int = 50, guidance_scale: float = 6.0, use_dynamic_cfg: bool = False,
+             sampler: str = "ddim", karras: bool = False, seed: int = 42, num_videos: int = 1, image=None, video=None,
+             strength: float = 0.8, max_sequence_length: int | None = None, vae_tiling: bool = False,
+             step_cache: float | None = None, progress: bool = True, timings: dict | None = None) -> torch.Tensor:
+    """Generate `num_videos` videos for each prompt. Returns frames (len(prompts) * num_videos, F, 3, H, W) float in
+    [0, 1], prompt-major (p0's videos, then p1's), the layout of diffusers' `output_type="pt"`.
+
+    Every default the model has (frames, size, text length) comes from the model, exactly as on the command line.
+    prompt / negative_prompt: a string or a list (a negative string applies to every prompt).
     image: image-to-video (I2V checkpoints): a path or a (3, H, W) tensor in [0, 1], the first frame.
     video: video-to-video: a path or an (F, 3, H, W) tensor in [0, 1]; `strength` in (0, 1] is how much of the
       schedule is re-run (1 = ignore the input video, small = stay close to it).
@@ -352,10 +384,23 @@ def generate(pipe: Pipeline, prompt: str, *, negative_prompt: str = "", num_fram
       changed little, reusing the last evaluation's residual; faster, slightly different. None: every step runs.
       `timings["evaluations"]` receives the number of full transformer evaluations.
     The same seed gives the same video as the diffusers pipeline on the same checkpoint: one CPU generator, seeded
-    once, draws the VAE posterior samples, then the initial noise, then the DPM sampler's noise."""
+    once, draws the VAE posterior samples, then the initial noise, then the sampler's noise."""
     info, dev, dtype = pipe.info, pipe.device, pipe.dtype
     timings = {} if timings is None else timings
-    height, width = height or info.height, width or info.width
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    if not prompts or len(negatives) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompt(s) and {len(negatives)} negative prompt(s): give one negative prompt "
+                         f"per prompt, or a single string for all")
+    for name, value, ok in (("num_inference_steps", num_inference_steps, num_inference_steps >= 1),
+                            ("num_videos", num_videos, num_videos >= 1),
+                            ("guidance_scale", guidance_scale, guidance_scale >= 0),
+                            ("step_cache", step_cache, step_cache is None or step_cache > 0)):
+        if not ok:
+            raise ValueError(f"{name}={value} is out of range (steps and videos >= 1, guidance >= 0, step cache > 0)")
+    height = info.height if height is None else height
+    width = info.width if width is None else width
+    L = info.max_text_seq_length if max_sequence_length is None else max_sequence_length
     if image is not None:
         image = _as_tensor(image, read_image, 3, "image")
     if video is not None:
@@ -365,18 +410,19 @@ def generate(pipe: Pipeline, prompt: str, *, negative_prompt: str = "", num_fram
                 raise ValueError(f"the video has {len(video)} frames, fewer than num_frames={num_frames}")
             video = video[:num_frames]
         num_frames = len(video)
-    num_frames = num_frames or info.num_frames
+    num_frames = info.num_frames if num_frames is None else num_frames
     check_request(info, num_frames, height, width, image, video)
     if not 0 < strength <= 1:
         raise ValueError(f"strength={strength} must be in (0, 1]")
-    solver = sampler or "ddim"
-    schedule = make_sampler(solver, pipe.scheduler, num_inference_steps, strength if video is not None else 1.0)
+    schedule = make_sampler(sampler, pipe.scheduler, num_inference_steps, strength if video is not None else 1.0,
+                            karras=karras)
     generator = torch.Generator().manual_seed(seed)
     cfg = guidance_scale > 1
+    B = len(prompts) * num_videos
 
-    # Text: (2B, L, D) with the negative prompt first under guidance, as the pipelines batch it.
+    # Text: (2B, L, D), every negative prompt first under guidance, as the pipelines batch it.
     t0 = time.perf_counter()
-    emb = encode_text(pipe, [negative_prompt, prompt] if cfg else [prompt], max_sequence_length)
+    emb = encode_text(pipe, negatives + prompts if cfg else prompts, L)               # ([2]P, L, D)
     text = emb.repeat_interleave(num_videos, dim=0)                                   # (B' = [2]B, L, D)
     timings["text"] = time.perf_counter() - t0
 
@@ -386,25 +432,26 @@ def generate(pipe: Pipeline, prompt: str, *, negative_prompt: str = "", num_fram
     pad = (p_t - lf % p_t) % p_t
     h, w = height // info.spatial_compression, width // info.spatial_compression
     channels = pipe.transformer.config.out_channels
+    tiled = vae_tiling and worth_tiling(pipe.vae, height, width)
 
     # Conditioning latents first: their posterior samples come before the noise in the generator's stream.
     t0 = time.perf_counter()
     cond, start = None, None
     if image is not None:
         pixels = resize(image[None], height, width)[:, :, None] * 2 - 1              # (1, 3, 1, H, W)
-        z = encode_video(pipe, pixels.expand(num_videos, -1, -1, -1, -1), generator, vae_tiling)   # (B, 1, C, h, w)
+        z = encode_video(pipe, pixels.expand(B, -1, -1, -1, -1), generator, tiled)    # (B, 1, C, h, w)
         vcfg = pipe.vae.config
         z = z / vcfg.scaling_factor if vcfg.invert_scale_latents else z * vcfg.scaling_factor  # 1.5 divides (as trained)
-        cond = torch.cat([z, z.new_zeros(num_videos, lf + pad - 1, *z.shape[2:])], dim=1)  # (B, F, C, h, w)
+        cond = torch.cat([z, z.new_zeros(B, lf + pad - 1, *z.shape[2:])], dim=1)      # (B, F, C, h, w)
         cond = torch.cat([cond, cond]) if cfg else cond                                # (B', F, C, h, w)
     if video is not None:
         pixels = (resize(video, height, width) * 2 - 1).permute(1, 0, 2, 3)[None]      # (1, 3, F, H, W)
-        start = encode_video(pipe, pixels.expand(num_videos, -1, -1, -1, -1), generator, vae_tiling)
+        start = encode_video(pipe, pixels.expand(B, -1, -1, -1, -1), generator, tiled)
         start = start * pipe.vae.config.scaling_factor                                 # (B, F, C, h, w)
         # 1.5 needs an even latent count and 16k+1 frames always give an odd one (diffusers refuses): repeat the
         # first latent frame in front, as the official trainer does, and drop it after denoising
         start = torch.cat([start[:, :1].expand(-1, pad, -1, -1, -1), start], dim=1)
-    latents = torch.randn((num_videos, lf + pad, channels, h, w), generator=generator).to(dev, dtype)  # (B, F, C, h, w)
+    latents = torch.randn((B, lf + pad, channels, h, w), generator=generator).to(dev, dtype)  # (B, F, C, h, w)
     if start is not None:
         latents = add_noise(pipe.scheduler, start, latents, schedule.timesteps[0]).to(dtype)
     ofs = torch.full((text.shape[0],), 2.0, device=dev, dtype=dtype) if pipe.transformer.config.ofs_embed_dim else None
@@ -422,7 +469,7 @@ def generate(pipe: Pipeline, prompt: str, *, negative_prompt: str = "", num_fram
     timings["evaluations"] = cache.evaluations if cache is not None else len(schedule.timesteps)
 
     t0 = time.perf_counter()
-    frames = decode_latents(pipe, latents[:, pad:], vae_tiling)                       # (B, F, 3, H, W)
+    frames = decode_latents(pipe, latents[:, pad:], tiled)                            # (B, F, 3, H, W)
     timings["decode"] = time.perf_counter() - t0
     return frames
 
@@ -439,107 +486,148 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Generate a video with CogVideoX.")
-    p.add_argument("--prompt", required=True)
+    p = cli.ArgumentParser(description="Generate videos with CogVideoX: text-, image- and video-to-video.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="what the video shows")
+    what.add_argument("--prompt-file", help="one prompt per line (blank lines and lines starting with # skipped); "
+                                            "outputs are named <output stem>-<line number>")
     p.add_argument("--model", default=None, help="a local CogVideoX snapshot folder (default: the bundled demo model)")
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--negative-prompt", default="", help="what the video should not show")
     p.add_argument("--image", default=None, help="image-to-video: the first frame (I2V checkpoints)")
     p.add_argument("--video", default=None, help="video-to-video: the input video")
-    p.add_argument("--strength", type=float, default=0.8, help="video-to-video: how much of the schedule to re-run")
-    p.add_argument("--num-frames", type=int, default=None, help="8k+1 for CogVideoX 1.0, 16k+1 for 1.5")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=6.0)
-    p.add_argument("--dynamic-cfg", action="store_true")
-    p.add_argument("--sampler", choices=("ddim", "dpm"), default="ddim")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--num-videos", type=int, default=1)
-    p.add_argument("--fps", type=int, default=None)
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+    p.add_argument("--strength", type=cli.strength, default=None,
+                   help="video-to-video: how much of the schedule to re-run, in (0, 1] (default 0.8)")
+    p.add_argument("--num-frames", type=cli.positive_int, default=None,
+                   help="8k+1 for CogVideoX 1.0, 16k+1 for 1.5 (default: the model's)")
+    p.add_argument("--height", type=cli.pixels, default=None, help="a multiple of 16 (default: the model's)")
+    p.add_argument("--width", type=cli.pixels, default=None, help="a multiple of 16 (default: the model's)")
+    p.add_argument("--steps", type=cli.positive_int, default=50, help="sampler steps")
+    p.add_argument("--guidance", type=cli.nonnegative_float, default=6.0,
+                   help="classifier-free guidance scale (<= 1: no guidance)")
+    p.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's cosine guidance schedule")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="the sampler")
+    p.add_argument("--karras", action="store_true", help="Karras sigma spacing (samplers that support it)")
+    p.add_argument("--seed", type=cli.seed, default=42, help="the same seed gives the same video")
+    p.add_argument("--num-videos", type=cli.positive_int, default=1, help="videos per prompt")
+    p.add_argument("--fps", type=cli.positive_float, default=None, help="frames per second (default: the model's)")
+    p.add_argument("--dtype", choices=tuple(cli.DTYPES), default=None,
                    help="default: fp32 on CPU; on GPU fp16 for 2b (trained in fp16), bf16 otherwise")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--output", default="output.mp4", help=".mp4, .gif, or a folder name for PNG frames")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    p.add_argument("--output", default="output.mp4",
+                   help=".mp4, .gif, or a new folder name for PNG frames; a contact sheet <stem>.png is written beside")
     p.add_argument("--offload", action="store_true", help="keep each stage on the CPU until it runs")
-    p.add_argument("--vae-tiling", action="store_true", help="decode in overlapping spatial tiles (less memory)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode in overlapping spatial tiles (less memory) when the frame spans two tiles")
     p.add_argument("--quantize", choices=("int8",), default=None, help="weight-only int8 transformer")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer (slow first step)")
-    p.add_argument("--step-cache", type=float, default=None, metavar="THRESH",
+    p.add_argument("--step-cache", type=cli.positive_float, default=None, metavar="THRESH",
                    help="skip the transformer on steps whose input changed less than THRESH in total (TeaCache; "
                         "e.g. 0.1-0.3: faster, slightly different)")
     p.add_argument("--lora", default=None, help="a LoRA file or folder (pytorch_lora_weights.safetensors)")
-    p.add_argument("--lora-scale", type=float, default=1.0,
-                   help="multiplies the LoRA's alpha/rank (THUDM finetune LoRAs: 0.5; SAT exports: 1/rank)")
+    p.add_argument("--lora-scale", type=cli.finite_float, default=None,
+                   help="multiplies the LoRA's alpha/rank (default 1; THUDM finetune LoRAs: 0.5; SAT exports: 1/rank)")
     return p.parse_args(argv)
 
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+def read_prompt_file(path: str) -> list[tuple[int, str]]:
+    """(line number, prompt) for every line that is not blank or a # comment."""
+    cli.existing_path("--prompt-file", path, "file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            jobs = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip() and not line.lstrip().startswith("#")]
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompt-file {path} is not UTF-8 text") from None
+    if not jobs:
+        raise ValueError(f"--prompt-file {path} holds no prompt (one per line; # starts a comment)")
+    return jobs
 
 
-def output_paths(output: str, n: int) -> list[str]:
-    if n == 1:
-        return [output]
-    stem, ext = os.path.splitext(output)
-    return [f"{stem}_{i}{ext}" for i in range(n)]
+def output_paths(output: str, num_videos: int, line: int | None = None) -> list[tuple[str, bool]]:
+    """(path, named) for each video of one prompt: `output` itself (named by the user), or derived from it with the
+    prompt's line number and the video's index: clip.mp4 -> clip-0007.mp4, clip_0.mp4, clip-0007_1.mp4."""
+    stem, ext = os.path.splitext(output.rstrip("/" + os.sep))
+    stem = stem if line is None else f"{stem}-{line:04d}"
+    if num_videos == 1:
+        return [(stem + ext, line is None)]
+    return [(f"{stem}_{i}{ext}", False) for i in range(num_videos)]
+
+
+def shard() -> tuple[int, int, int]:
+    """(rank, world size, local rank) under torchrun (each process takes every world-th prompt), else (0, 1, 0)."""
+    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        # Everything that can be checked cheaply is checked before any weights are read.
-        path = resolve_model_path(args.model)
-        tcfg, _, info = read_model_info(path)
-        image = read_image(args.image) if args.image else None
-        video = read_video(args.video) if args.video else None
-        if video is not None and args.num_frames:
-            if len(video) < args.num_frames:
-                raise ValueError(f"{args.video} has {len(video)} frames, fewer than --num-frames {args.num_frames}")
-            video = video[:args.num_frames]
-        num_frames = len(video) if video is not None else (args.num_frames or info.num_frames)
-        check_request(info, num_frames, args.height or info.height, args.width or info.width, image, video)
-        if os.path.splitext(args.output)[1].lower() not in (".mp4", ".gif", ""):
-            raise ValueError(f"--output {args.output}: use .mp4, .gif, or a folder name (no extension) for PNG frames")
-        if args.num_videos < 1 or args.steps < 1:
-            raise ValueError("--num-videos and --steps must be at least 1")
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-        if args.dtype:
-            dtype = DTYPES[args.dtype]
-        elif device.type == "cpu":
-            dtype = torch.float32
-        else:
-            dtype = torch.bfloat16 if (tcfg.use_rotary_positional_embeddings or info.is_v15) else torch.float16
+    return cli.run(lambda: run_cli(args))
 
-        t0 = time.perf_counter()
-        pipe = load_pipeline(path, dtype=dtype, device=device, offload=args.offload)
-        if args.lora:
-            from lora import load_lora
-            print(load_lora(pipe.transformer, args.lora, args.lora_scale))
-        if args.quantize == "int8":
-            quantize_int8(pipe.transformer)
-        if args.compile:
-            pipe.transformer.compile()
-        load_s = time.perf_counter() - t0
+
+def run_cli(args) -> int:
+    # Everything that can be checked is checked before any weights are read; every process checks every output.
+    jobs = read_prompt_file(args.prompt_file) if args.prompt_file else [(None, args.prompt)]
+    if args.lora_scale is not None and not args.lora:
+        raise ValueError("--lora-scale needs --lora PATH")
+    if args.strength is not None and not args.video:
+        raise ValueError("--strength applies to video-to-video only: add --video PATH, or drop --strength")
+    if args.image and args.video:
+        raise ValueError("give either --image (image-to-video) or --video (video-to-video), not both")
+    path = resolve_model_path(args.model)
+    tcfg, _, info = read_model_info(path)
+    rank, world, local = shard()
+    device = cli.pick_device(args.device if args.device or world == 1 or not torch.cuda.is_available()
+                             else f"cuda:{local}")
+    dtype = cli.pick_dtype(args.dtype, device, info.gpu_dtype)
+    image = read_image(cli.existing_path("--image", args.image, "file")) if args.image else None
+    video = read_video(cli.existing_path("--video", args.video, "file")) if args.video else None
+    if video is not None and args.num_frames:
+        if len(video) < args.num_frames:
+            raise ValueError(f"--video {args.video} has {len(video)} frames, fewer than --num-frames {args.num_frames}")
+        video = video[:args.num_frames]
+    num_frames = len(video) if video is not None else (args.num_frames or info.num_frames)
+    check_request(info, num_frames, args.height or info.height, args.width or info.width, image, video)
+    strength = 0.8 if args.strength is None else args.strength
+    make_sampler(args.sampler, load_scheduler_config(os.path.join(path, "scheduler")), args.steps,
+                 strength if video is not None else 1.0, karras=args.karras)  # refuses e.g. a strength that keeps no step
+    if args.lora:
+        from lora import check_lora
+        with torch.device("meta"):
+            check_lora(CogVideoXTransformer(tcfg), args.lora)
+    outputs = {line: output_paths(args.output, args.num_videos, line) for line, _ in jobs}
+    for out, named in (o for paths in outputs.values() for o in paths):
+        check_video_output(out, named)
+
+    mine = list(enumerate(jobs))[rank::world]  # the index in the whole file seeds the prompt: any split, same videos
+    if not mine:
+        print(f"process {rank} of {world}: no prompt left for it")
+        return 0
+    t0 = time.perf_counter()
+    pipe = load_pipeline(path, dtype=dtype, device=device, offload=args.offload)
+    if args.lora:
+        from lora import load_lora
+        print(load_lora(pipe.transformer, args.lora, 1.0 if args.lora_scale is None else args.lora_scale))
+    if args.quantize == "int8":
+        quantize_int8(pipe.transformer)
+    if args.compile:
+        pipe.transformer.compile()
+    load_s = time.perf_counter() - t0
+    for n, (index, (line, prompt)) in enumerate(mine):
+        if line is not None:
+            print(f"[{n + 1}/{len(mine)}] line {line}: {prompt}")
         timings = {}
-        frames = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, num_frames=num_frames,
+        frames = generate(pipe, prompt, negative_prompt=args.negative_prompt, num_frames=num_frames,
                           height=args.height, width=args.width, num_inference_steps=args.steps,
                           guidance_scale=args.guidance, use_dynamic_cfg=args.dynamic_cfg, sampler=args.sampler,
-                          seed=args.seed, num_videos=args.num_videos, image=image, video=video,
-                          strength=args.strength, vae_tiling=args.vae_tiling, step_cache=args.step_cache,
-                          timings=timings,
-                          max_sequence_length=tcfg.max_text_seq_length)
-        written = []
-        for f, out in zip(frames, output_paths(args.output, args.num_videos)):
-            written += save_video(f, out, args.fps or info.fps)
-    except (ValueError, CheckpointError, OSError) as e:
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)  # one line: the cause, not a backtrace
-        return 2
-    print(f"wrote {', '.join(written)}")
-    print(f"load {load_s:.1f}s, text {timings['text']:.1f}s, denoise {timings['denoise']:.1f}s, "
-          f"decode {timings['decode']:.1f}s, peak memory {peak_memory_gb(pipe.device):.2f} GB")
-    if args.step_cache is not None:
-        print(f"step cache: {timings['evaluations']} transformer evaluations for {args.steps} steps")
+                          karras=args.karras, seed=args.seed + index,
+                          num_videos=args.num_videos, image=image, video=video,
+                          strength=strength, vae_tiling=args.vae_tiling,
+                          step_cache=args.step_cache, timings=timings)
+        written = [w for f, (out, named) in zip(frames, outputs[line])
+                   for w in save_video(f, out, args.fps or info.fps, named)]
+        print(f"wrote {', '.join(written)}")
+        print(f"load {load_s:.1f}s, text {timings['text']:.1f}s, denoise {timings['denoise']:.1f}s, "
+              f"decode {timings['decode']:.1f}s, peak memory {peak_memory_gb(pipe.device):.2f} GB")
+        if args.step_cache is not None:
+            print(f"step cache: {timings['evaluations']} transformer evaluations for {args.steps} steps")
     return 0
 
 

@@ -169,10 +169,9 @@ def lora_scales(pairs: dict, meta: dict | None, path: str) -> dict[str, float]:
     return {name: s for name in pairs}
 
 
-@torch.no_grad()
-def load_lora(model: nn.Module, path: str, scale: float = 1.0, fuse: bool = True) -> str:
-    """Apply a LoRA file to `model` (our CogVideoXTransformer). fuse=True folds s·B·A into each W (no run-time cost);
-    fuse=False wraps the layers instead (the weights then stay exactly the base ones). Returns a one-line summary."""
+def check_lora(model: nn.Module, path: str) -> tuple[dict, dict | None, dict[str, float]]:
+    """Read a LoRA file and check it fits `model` (which may live on the meta device: only names and shapes are
+    looked at, so the CLI can refuse a wrong file before any model weight is read). -> (pairs, metadata, scales)."""
     pairs, meta = read_lora(path)
     scales = lora_scales(pairs, meta, path)
     modules = dict(model.named_modules())
@@ -184,7 +183,17 @@ def load_lora(model: nn.Module, path: str, scale: float = 1.0, fuse: bool = True
         if (A.shape[1], B.shape[0]) != (linear.in_features, linear.out_features):
             raise CheckpointError(f"{lora_file(path)}: LoRA for {name!r} is {B.shape[0]}x{A.shape[1]}, the layer is "
                                   f"{linear.out_features}x{linear.in_features}: made for another model size?")
-        wrapped = LoRALinear(linear, A.shape[0], scale * scales[name])
+    return pairs, meta, scales
+
+
+@torch.no_grad()
+def load_lora(model: nn.Module, path: str, scale: float = 1.0, fuse: bool = True) -> str:
+    """Apply a LoRA file to `model` (our CogVideoXTransformer). fuse=True folds s·B·A into each W (no run-time cost);
+    fuse=False wraps the layers instead (the weights then stay exactly the base ones). Returns a one-line summary."""
+    pairs, meta, scales = check_lora(model, path)
+    modules = dict(model.named_modules())
+    for name, (A, B) in pairs.items():
+        wrapped = LoRALinear(modules[name], A.shape[0], scale * scales[name])
         wrapped.lora_A.weight.copy_(A)
         wrapped.lora_B.weight.copy_(B)
         _replace(model, name, wrapped.merged() if fuse else wrapped.requires_grad_(False))
@@ -193,4 +202,3 @@ def load_lora(model: nn.Module, path: str, scale: float = 1.0, fuse: bool = True
            "(THUDM finetune LoRAs need --lora-scale 0.5, SAT exports 1/rank)")
     return (f"LoRA {lora_file(path)}: {len(pairs)} layers, rank {'/'.join(map(str, ranks))}, {how}; "
             f"applied at {scale:g} x {sorted(set(scales.values()))[0]:g}")
-

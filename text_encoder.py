@@ -227,12 +227,15 @@ class Tokenizer:
         if not os.path.isfile(file):
             hint = " (only tokenizer.json, as transformers 5 saves it)" if folder and os.path.isfile(
                 os.path.join(folder, "tokenizer.json")) else ""
-            raise FileNotFoundError(f"no spiece.model at {file}{hint}: copy tokenizer/spiece.model from the official "
-                                    "repo (THUDM/CogVideoX-2b or google/t5-v1_1-xxl)")
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=file)
+            raise CheckpointError(f"no spiece.model at {file}{hint}: copy tokenizer/spiece.model from the official "
+                                  "repo (THUDM/CogVideoX-2b or google/t5-v1_1-xxl)")
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=file)
+        except RuntimeError as e:  # sentencepiece's "could not parse ModelProto": truncated, or not a model at all
+            raise CheckpointError(f"{file} is not a readable SentencePiece model ({e}); download it again") from None
         self.pad_id, self.eos_id = self.sp.pad_id(), self.sp.eos_id()
         if self.pad_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{file} defines no pad or eos piece: not a T5 SentencePiece model")
+            raise CheckpointError(f"{file} defines no pad or eos piece: not a T5 SentencePiece model")
         n = self.sp.get_piece_size()
         self.vocab_size = n + 100
         self.special = {t: self.sp.piece_to_id(t) for t in ("<pad>", "</s>", "<unk>")}

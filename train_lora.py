@@ -45,8 +45,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from checkpoint import CheckpointError
-from generate import Pipeline, atomic_write, generate, read_model_info, read_video, resize, save_video
+import cli
+from cli import atomic_write
+from generate import Pipeline, generate, read_model_info, read_video, resize, resolve_model_path, save_video
 from lora import WEIGHT_NAME, add_lora, lora_state_dict, save_lora, set_lora_state
 from model import load_transformer
 from sampler import add_noise, load_scheduler_config, v_target
@@ -370,41 +371,46 @@ class Renderer:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="LoRA fine-tuning of CogVideoX (text-to-video) on your own clips.")
+    p = cli.ArgumentParser(description="LoRA fine-tuning of CogVideoX (text-to-video) on your own clips.")
     p.add_argument("--model", required=True, help="a local CogVideoX snapshot folder (T2V: 2b, 5b, 1.5-5B)")
     p.add_argument("--data", required=True, help="prompts.txt + videos.txt, or name.mp4 + name.txt pairs")
-    p.add_argument("--output", default="runs/lora")
+    p.add_argument("--output", default="runs/lora",
+                   help="a new folder, or one an earlier run of this tool created (checkpoints, the LoRA, the log)")
     p.add_argument("--cache-dir", default=None, help="latent/text cache (default: <output>/cache)")
-    p.add_argument("--num-frames", type=int, default=None, help="default: the model's (49; 81 for 1.5)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--rank", type=int, default=128)
-    p.add_argument("--alpha", type=float, default=64.0, help="the LoRA scale is alpha/rank (THUDM's default 64/128)")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=1, help="samples per micro-step, over all processes")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then cosine decay to 0")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--num-frames", type=cli.positive_int, default=None, help="default: the model's (49; 81 for 1.5)")
+    p.add_argument("--height", type=cli.pixels, default=None, help="a multiple of 16 (default: the model's)")
+    p.add_argument("--width", type=cli.pixels, default=None, help="a multiple of 16 (default: the model's)")
+    p.add_argument("--rank", type=cli.positive_int, default=128, help="LoRA rank")
+    p.add_argument("--alpha", type=cli.positive_float, default=64.0,
+                   help="the LoRA scale is alpha/rank (THUDM's default 64/128)")
+    p.add_argument("--steps", type=cli.positive_int, default=1000, help="optimizer steps")
+    p.add_argument("--batch-size", type=cli.positive_int, default=1, help="samples per micro-step, over all processes")
+    p.add_argument("--grad-accum", type=cli.positive_int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--lr", type=cli.positive_float, default=1e-4, help="peak learning rate")
+    p.add_argument("--warmup", type=cli.nonnegative_int, default=100, help="linear warm-up steps, then cosine decay to 0")
+    p.add_argument("--weight-decay", type=cli.nonnegative_float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=cli.positive_float, default=1.0, help="gradient clipping")
+    p.add_argument("--seed", type=cli.seed, default=42, help="data order, timesteps, noise")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="frozen weights and autocast: default bf16 on GPU, fp32 on CPU (the LoRA itself is fp32)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each block in backward: much less memory, ~30%% slower")
-    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--checkpoint-every", type=cli.positive_int, default=200, help="steps between checkpoints")
     p.add_argument("--resume", default=None, help="a checkpoint-<step> folder, or 'latest' in --output")
-    p.add_argument("--validation-prompt", default=None)
-    p.add_argument("--validate-every", type=int, default=0, help="render --validation-prompt every N steps (0: never)")
-    p.add_argument("--device", default=None, help="default: cuda (the local rank's GPU) when available, else cpu")
+    p.add_argument("--validation-prompt", default=None, help="a prompt rendered during training")
+    p.add_argument("--validate-every", type=cli.nonnegative_int, default=0,
+                   help="render --validation-prompt every N steps (0: never)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the local rank's GPU when "
+                                                  "there is one, else cpu)")
     return p.parse_args(argv)
 
 
 def setup_distributed(device_arg):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: then one process per GPU (nccl), or per CPU worker (gloo)."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
-    cuda = (device_arg or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    device = cli.pick_device(device_arg)
+    cuda = device.type == "cuda"
+    device = torch.device("cuda", local) if cuda and device.index is None else device
     if cuda:
         torch.cuda.set_device(device)
     if world > 1:
@@ -432,30 +438,34 @@ def check_args(args, info, world: int) -> None:
             raise ValueError(f"--{k} {getattr(args, k)} is not a multiple of 16")
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the process count {world}")
-    for k in ("steps", "batch_size", "grad_accum", "checkpoint_every", "warmup", "rank"):
-        if getattr(args, k) < (0 if k == "warmup" else 1):
-            raise ValueError(f"--{k.replace('_', '-')} must be at least {0 if k == 'warmup' else 1}")
     if args.validate_every and not args.validation_prompt:
         raise ValueError("--validate-every needs --validation-prompt")
+    if args.validation_prompt and not args.validate_every:
+        raise ValueError("--validation-prompt needs --validate-every N")
+    cli.existing_path("--data", args.data, "folder")
+    if args.resume and args.resume != "latest":
+        cli.existing_path("--resume", args.resume, "folder")
+    cli.check_folder(args.output, "--output", exact=False)
+    if args.cache_dir:
+        cli.check_folder(args.cache_dir, "--cache-dir", exact=False)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    world, rank, local, device = setup_distributed(args.device)
-    try:
-        return train(args, world, rank, local, device)
-    except (ValueError, CheckpointError, OSError) as e:
-        print(f"error: {str(e).strip()}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+    def work():
+        try:
+            return train(args, *setup_distributed(args.device))
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return cli.run(work)
 
 
 def train(args, world: int, rank: int, local: int, device) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     say = print if rank == 0 else (lambda *a, **k: None)
-    tcfg, vcfg, info = read_model_info(args.model)
+    tcfg, vcfg, info = read_model_info(resolve_model_path(args.model))
     args.num_frames, args.height, args.width = args.num_frames or info.num_frames, args.height or info.height, \
         args.width or info.width
     args.max_text_len = tcfg.max_text_seq_length
@@ -466,6 +476,9 @@ def train(args, world: int, rank: int, local: int, device) -> int:
     # 1. Validate every sample, then fill the cache; one process per machine does it, the others wait.
     ok, good = True, []
     if local == 0:
+        cli.claim_folder(args.output, "train_lora.py", "--output")
+        if args.cache_dir:
+            cli.claim_folder(args.cache_dir, "train_lora.py", "--cache-dir")
         samples, problems = find_samples(args.data)
         good, problems = validate(samples, problems, cache, settings, args.num_frames)
         if problems:

@@ -1,6 +1,6 @@
 """Train the bundled demo model, demo/shapes-tiny, from scratch: a tiny CogVideoX on moving shapes.
 
-    python train_tiny.py                      # everything, about 50 min on 2 CPU cores -> demo/shapes-tiny
+    python train_tiny.py                      # everything, about 50 min on 2 CPU cores -> runs/shapes-tiny
     python train_tiny.py --smoke              # the same pipeline at toy size, < 1 min (CI)
     python train_tiny.py --device cuda        # the same batches and noise on a GPU
     python evaluate.py                        # colour / shape / motion accuracy of what it generates
@@ -41,7 +41,6 @@ clips were converted to float all at once; encode_clips now converts a batch at 
 
 Legend: N clips, B batch, F frames (pixel or latent), C channels, H/W height/width, L text tokens, D width.
 """
-import argparse
 import json
 import math
 import os
@@ -59,13 +58,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import cli
 import shapes
 from model import CogVideoXTransformer, TransformerConfig
 from sampler import PRESETS as SCHEDULERS, add_noise, v_target
 from text_encoder import T5Config, T5Encoder, Tokenizer
 from vae import CogVideoXVAE, VAEConfig, load_vae
 
-DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "shapes-tiny")
 DIFFUSERS_VERSION = "0.32.0"  # written into the configs, as the official snapshots do
 
 
@@ -376,18 +375,6 @@ def save_snapshot(root, t5, vae, transformer):
                {"_class_name": "CogVideoXDDIMScheduler", **diffusers, **asdict(SCHEDULERS["cogvideox-5b"])})
 
 
-def replace_folder(tmp, out):
-    """Move the finished snapshot into place; an existing one is moved aside first and deleted only afterwards."""
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(out))
-        os.rmdir(old)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old:
-        shutil.rmtree(old)
-
-
 # ---------------------------------------------------------------------------------------------------------- main
 
 def train(cfg: TrainConfig, out: str, evaluate_after: bool = True, vae_from: str | None = None, device="cpu"):
@@ -401,8 +388,8 @@ def train(cfg: TrainConfig, out: str, evaluate_after: bool = True, vae_from: str
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = os.path.abspath(out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(out))
+    cli.check_folder(out, "--output")  # new, or a snapshot this script wrote with nothing added: checked now and at the end
+    tmp = cli.new_folder(out)
     summary = {}
     try:
         logfile = open(os.path.join(tmp, "train_log.jsonl"), "w")
@@ -450,7 +437,7 @@ def train(cfg: TrainConfig, out: str, evaluate_after: bool = True, vae_from: str
         log(logfile, stage="done", wall_s=round(wall, 1), cpu_s=round(cpu, 1), scaling_factor=vae.config.scaling_factor,
             vae_from=vae_from, **{f"{k}_first_last": v for k, v in summary.items()})
         logfile.close()
-        replace_folder(tmp, out)
+        cli.install_folder(tmp, out, "train_tiny.py")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -464,27 +451,33 @@ def train(cfg: TrainConfig, out: str, evaluate_after: bool = True, vae_from: str
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Train the tiny moving-shapes CogVideoX from scratch (demo/shapes-tiny).")
-    p.add_argument("--output", default=None, help=f"snapshot folder (default: {os.path.relpath(DEMO)}; with --smoke "
-                                                  "a folder in the temp directory)")
+    p = cli.ArgumentParser(description="Train the tiny moving-shapes CogVideoX from scratch (demo/shapes-tiny).")
+    p.add_argument("--output", default=None,
+                   help="snapshot folder: a new one, or one this script wrote (default: runs/shapes-tiny; with --smoke "
+                        "a folder in the temp directory). The shipped demo/shapes-tiny is replaced only if named here")
     p.add_argument("--smoke", action="store_true", help="toy sizes and a few steps: checks the pipeline in < 1 min")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--device", default="cpu", help="cpu or cuda: the same batches and noise either way "
+    p.add_argument("--seed", type=cli.seed, default=0, help="every random draw of the recipe")
+    p.add_argument("--threads", type=cli.positive_int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps: the same batches and noise on any "
                                                     "(4,000 transformer steps: ~6 min on an H100 shared by 3 runs)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     p.add_argument("--vae-from", default=None, help="reuse the VAE of this snapshot (skip stage 2)")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfg = replace(PRESETS["smoke" if args.smoke else "default"], seed=args.seed)
-    out = args.output or (os.path.join(tempfile.gettempdir(), "shapes-tiny-smoke") if args.smoke else DEMO)
-    summary = train(cfg, out, evaluate_after=not args.no_eval, vae_from=args.vae_from, device=args.device)
-    if args.smoke:
-        for key, (first, last) in summary.items():
-            if not last < first:
-                raise SystemExit(f"smoke: {key} did not go down ({first:.4f} -> {last:.4f})")
-        print("smoke: every loss went down")
-    return 0
+
+    def work():
+        device = cli.pick_device(args.device)
+        if args.vae_from:
+            cli.existing_path("--vae-from", os.path.join(args.vae_from, "vae", "config.json"), "file")
+        torch.set_num_threads(args.threads)
+        cfg = replace(PRESETS["smoke" if args.smoke else "default"], seed=args.seed)
+        out = args.output or os.path.join(tempfile.gettempdir() if args.smoke else "runs", "shapes-tiny" + "-smoke" * args.smoke)
+        summary = train(cfg, out, evaluate_after=not args.no_eval, vae_from=args.vae_from, device=device)
+        if args.smoke:
+            for key, (first, last) in summary.items():
+                if not last < first:
+                    raise ValueError(f"smoke: {key} did not go down ({first:.4f} -> {last:.4f})")
+            print("smoke: every loss went down")
+    return cli.run(work)
 
 
 if __name__ == "__main__":

@@ -285,19 +285,24 @@ def test_lora_export_matches_sat_merge(variant, tmp_path):
 
 # ---- bad inputs ---------------------------------------------------------------------------------------------
 
-def fails(argv):
-    with pytest.raises(SystemExit) as e:
-        convert.main(argv)
-    return str(e.value.code)
+@pytest.fixture
+def fails(capsys):
+    """Run convert.main, which must refuse: exit status 2 and one line on stderr, returned."""
+    def run(argv):
+        assert convert.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: "), err
+        return err
+    return run
 
 
-def test_not_a_checkpoint(tmp_path):
+def test_not_a_checkpoint(tmp_path, fails):
     (tmp_path / "notes.pt").write_text("this is not a checkpoint\n")
     msg = fails(["sat2hf", "--transformer", str(tmp_path / "notes.pt"), "--variant", "cogvideox-2b",
                  "--out", str(tmp_path / "o")])
     assert "notes.pt is not a PyTorch checkpoint" in msg
     torch.save({"module": {"a": 1}}, tmp_path / "noweights.pt")
-    assert "holds no state dict" in fails(["lora", "--lora", str(tmp_path / "noweights.pt"), "--out", str(tmp_path)])
+    assert "holds no state dict" in fails(["lora", "--lora", str(tmp_path / "noweights.pt"), "--out", str(tmp_path / "l")])
     assert "not found" in fails(["lora", "--lora", str(tmp_path / "missing.pt"), "--out", str(tmp_path)])
     assert not (tmp_path / "o").exists()
 
@@ -310,7 +315,7 @@ class RunsCode:
         return os.mkdir, (self.path,)
 
 
-def test_pickle_needing_code_is_refused(tmp_path):
+def test_pickle_needing_code_is_refused(tmp_path, fails):
     torch.save({"module": {SAT + "time_embed.0.weight": torch.zeros(2)}, "x": RunsCode(str(tmp_path / "pwned"))},
                tmp_path / "evil.pt")
     msg = fails(["sat2hf", "--transformer", str(tmp_path / "evil.pt"), "--variant", "cogvideox-2b",
@@ -319,7 +324,7 @@ def test_pickle_needing_code_is_refused(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_wrong_variant(tmp_path, tiny_presets):
+def test_wrong_variant(tmp_path, tiny_presets, fails):
     _, sd = official_transformer("cogvideox-5b-i2v")
     sat_file(sd, tmp_path / "sat.pt", "cogvideox-5b-i2v")
     msg = fails(["sat2hf", "--transformer", str(tmp_path / "sat.pt"), "--variant", "cogvideox-5b",
@@ -328,7 +333,7 @@ def test_wrong_variant(tmp_path, tiny_presets):
     assert not (tmp_path / "o" / "transformer").exists()
 
 
-def test_real_preset_rejects_other_size(tmp_path):
+def test_real_preset_rejects_other_size(tmp_path, fails):
     _, sd = official_transformer("cogvideox-2b")
     sat_file(sd, tmp_path / "sat.pt", "cogvideox-2b")
     msg = fails(["sat2hf", "--transformer", str(tmp_path / "sat.pt"), "--variant", "cogvideox-2b",
@@ -336,7 +341,7 @@ def test_real_preset_rejects_other_size(tmp_path):
     assert "'hidden size': 32" in msg and "'hidden size': 1920" in msg
 
 
-def test_unmatched_keys(tmp_path, tiny_presets):
+def test_unmatched_keys(tmp_path, tiny_presets, fails):
     _, sd = official_transformer("cogvideox-5b")
     sat = convert.hf_to_sat(sd)
     del sat[SAT + "transformer.layers.1.mlp.dense_4h_to_h.bias"]

@@ -243,4 +243,4 @@ def test_cli(snapshots, tmp_path, capsys):
                    "--output", str(out)]) == 0
     assert out.exists() and (tmp_path / "out.png").exists()
     assert E.main(["--model", snapshots("5b"), "--video", str(tmp_path / "missing.mp4"), "--prompt", PROMPT]) == 2
-    assert "cannot read video" in capsys.readouterr().err
+    assert "missing.mp4: file not found" in capsys.readouterr().err

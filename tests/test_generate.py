@@ -147,8 +147,8 @@ def test_cli_writes_mp4_and_contact_sheet(snapshots, tmp_path):
 
 @pytest.mark.parametrize("bad,message", [
     (["--num-frames", "50"], "num_frames=50"),
-    (["--width", "719"], "width=719"),
-    (["--model", "/nonexistent/CogVideoX-2b"], "huggingface-cli download"),
+    (["--width", "719"], "--width: 719"),
+    (["--model", "/nonexistent/CogVideoX-2b"], "hf download THUDM/CogVideoX-2b"),
     (["--video", "UNREADABLE"], "cannot read video"),
 ])
 def test_cli_bad_input_fails_cleanly(snapshots, tmp_path, bad, message):

@@ -191,8 +191,8 @@ def test_training_lowers_the_loss_and_writes_its_files(snap, data, trained):
     assert after < 0.9 * before, (before, after)
     rows = [json.loads(line) for line in open(os.path.join(trained, "loss.jsonl"))]
     assert [r["step"] for r in rows] == list(range(1, 31)) and all(np.isfinite(r["loss"]) for r in rows)
-    assert sorted(os.listdir(trained)) == ["checkpoint-000015", "checkpoint-000030", "loss.jsonl",
-                                           "pytorch_lora_weights.safetensors", "validation"]
+    assert sorted(os.listdir(trained)) == [".cogvideox-mini.json", "checkpoint-000015", "checkpoint-000030",
+                                           "loss.jsonl", "pytorch_lora_weights.safetensors", "validation"]
     assert sorted(os.listdir(os.path.join(trained, "validation"))) == [
         "step-000015.mp4", "step-000015.png", "step-000030.mp4", "step-000030.png"]
     assert imageio.v3.imread(os.path.join(trained, "validation", "step-000030.mp4"), index=None).shape == (9, 32, 32, 3)

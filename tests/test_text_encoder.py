@@ -13,6 +13,7 @@ from transformers import T5Config as PeerConfig
 from transformers import T5EncoderModel, T5Tokenizer
 
 from text_encoder import PRESETS, T5Encoder, Tokenizer, load_text_encoder, relative_position_bucket
+from checkpoint import CheckpointError
 
 # 3 layers, so the block-0 bias is reused; max_distance 20 < L, so the capped log buckets are exercised.
 SMALL = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=37, num_layers=3, num_heads=4, relative_attention_num_buckets=8,
@@ -241,5 +242,5 @@ def test_tokenizer_json_only_folder_is_an_error(tokenizers, tmp_path):
     if (tmp_path / "spiece.model").exists():
         os.remove(tmp_path / "spiece.model")
     assert (tmp_path / "tokenizer.json").exists()
-    with pytest.raises(FileNotFoundError, match="no spiece.model at .*only tokenizer.json"):
+    with pytest.raises(CheckpointError, match="no spiece.model at .*only tokenizer.json"):
         Tokenizer(str(tmp_path))

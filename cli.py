@@ -1,0 +1,295 @@
+"""The boundary between a shell and the models, shared by generate.py, edit.py, train_lora.py, convert.py and
+train_tiny.py: argument checks that run before any weight is read, the device and dtype, and writing outputs so that
+nothing the user did not ask to replace is ever destroyed.
+
+Why outputs need rules: a generation takes minutes to hours, and the obvious implementation (delete the target, then
+write) once turned `--output .` into an `rm -rf` of a checkout. The rules, which every writer here follows:
+  - a file the user names (`--output clip.mp4`) may be replaced, as any command-line tool does, and atomically:
+    it is written under a temporary name in the same folder and renamed over the old one, so a crash or Ctrl-C
+    leaves the old file or the new one, never half of one;
+  - every other path is replaced only if this project wrote it: folders we create hold MARKER_FILE, listing what we
+    put there; files at derived paths (the contact sheet beside a video, numbered videos) carry MARK in their
+    metadata (a PNG text chunk, the mp4's or GIF's comment). A path that fails the test is refused, with one line,
+    before any work starts;
+  - new files and folders get the permissions the umask gives (a temporary file is created 0600 and then widened).
+
+Errors: every check raises ValueError (or argparse's error) with one line that names the value and the fix; `run`
+turns them into that line on stderr and exit status 2, and Ctrl-C into one line and 130.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+import zlib
+
+import numpy as np
+import torch
+
+MARK = "written by cogvideox-mini"
+MARKER_FILE = ".cogvideox-mini.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with every default shown in --help, and errors on one line (argparse prints its usage first)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def _number(cast, ok, need: str):
+    """An argparse type: parse with `cast`, then require ok(value); the message says what is needed."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if cast is int else 'a number'}") from None
+        if (cast is float and not math.isfinite(value)) or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: use {need}")
+        return value
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+seed = _number(int, lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2**63)")
+pixels = _number(int, lambda v: v >= 16 and v % 16 == 0, "a positive multiple of 16, e.g. 480 or 720")
+positive_float = _number(float, lambda v: v > 0, "a number > 0")
+nonnegative_float = _number(float, lambda v: v >= 0, "a number >= 0")
+strength = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+finite_float = _number(float, lambda v: True, "a finite number")
+
+
+def existing_path(flag: str, path: str, kind: str = "file or folder") -> str:
+    if not os.path.exists(path):
+        raise ValueError(f"{flag} {path}: {kind} not found")
+    if kind == "file" and not os.path.isfile(path):
+        raise ValueError(f"{flag} {path} is not a file")
+    if kind == "folder" and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is not a folder")
+    return path
+
+
+def pick_device(name: str | None) -> torch.device:
+    """cpu, cuda, cuda:N or mps, checked to exist here; None: the first GPU if there is one, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", name):
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda, cuda:N or mps")
+    device = torch.device(name)
+    if device.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise ValueError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
+        if device.index is not None and device.index >= n:
+            raise ValueError(f"--device {name}: {n} CUDA GPU(s) are visible, cuda:0 to cuda:{n - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: Apple's Metal backend is not available here; use --device cpu")
+    return device
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_dtype(name: str | None, device: torch.device, gpu_dtype: torch.dtype) -> torch.dtype:
+    """The dtype policy: what the user asks for; else fp32 on the CPU (fast enough, and exact), and on an accelerator
+    the precision the checkpoint was trained in (ModelInfo.gpu_dtype: fp16 for CogVideoX-2b, bf16 for the others)."""
+    if name is not None:
+        return DTYPES[name]
+    return torch.float32 if device.type == "cpu" else gpu_dtype
+
+
+def run(work) -> int:
+    """Run a command's body: a ValueError or OSError becomes one line on stderr and exit status 2 (CheckpointError is
+    a ValueError), Ctrl-C one line and 130. Temporary files are removed by the writers themselves on the way out."""
+    try:
+        return work() or 0
+    except KeyboardInterrupt:
+        print("interrupted: nothing unfinished was written", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        print(f"error: {lines[0]}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Is it ours? Checks that run before any work
+
+
+def written_by_us(path: str) -> bool:
+    """A folder with our MARKER_FILE, or a file carrying MARK in its first or last MiB (where PNG text chunks, GIF
+    comments and the mp4 `moov` box live)."""
+    if os.path.isdir(path):
+        return read_marker(path) is not None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+            f.seek(max(0, os.fstat(f.fileno()).st_size - (1 << 20)))
+            tail = f.read()
+    except OSError:
+        return False
+    return MARK.encode() in head or MARK.encode() in tail
+
+
+def read_marker(folder: str) -> dict | None:
+    try:
+        with open(os.path.join(folder, MARKER_FILE)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("written_by") == "cogvideox-mini" else None
+
+
+def check_parent(path: str, flag: str) -> None:
+    """The folder `path` goes into exists and is writable, or can be created."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: the folder {parent} is not writable; choose another location")
+
+
+def check_file(path: str, flag: str, named: bool) -> None:
+    """A file output. named: the user typed this exact path, so an existing file may be replaced; otherwise (a derived
+    path) only a file we wrote may be."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is an existing folder; name a file, e.g. "
+                         f"{os.path.join(path, 'output' + (os.path.splitext(path)[1] or '.mp4'))}")
+    if os.path.lexists(path) and not named and not written_by_us(path):
+        raise ValueError(f"{path} exists and was not written by cogvideox-mini, so it is not replaced: move it away, "
+                         f"or choose another {flag}")
+    check_parent(path, flag)
+
+
+def check_folder(path: str, flag: str, exact: bool = True) -> None:
+    """A folder output: new, empty, or one this project created. exact: it must also hold nothing but what we put
+    there (it is about to be replaced whole); otherwise the tool only writes its own files inside it."""
+    if not os.path.lexists(path):
+        return check_parent(path, flag)
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise ValueError(f"{flag} {path} exists and is not a folder; choose a new folder name")
+    entries = set(os.listdir(path))
+    marker = read_marker(path)
+    if entries and marker is None:
+        raise ValueError(f"{flag} {path} is an existing folder that cogvideox-mini did not create; it is never "
+                         f"replaced or written into: choose a new folder name")
+    foreign = sorted(entries - set(marker.get("files", entries)) - {MARKER_FILE}) if marker and exact else []
+    if foreign:
+        raise ValueError(f"{flag} {path} holds {foreign[0]!r}, which cogvideox-mini did not write; move it away or "
+                         f"choose a new folder name")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: the folder is not writable")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_permissions(path: str) -> None:
+    """What open()/mkdir() would have given, instead of mkstemp's 0600 / mkdtemp's 0700."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+
+
+def atomic_write(path: str, write) -> None:
+    """write(tmp) to a temporary name in the same folder, then rename over `path`: a crash or Ctrl-C never leaves a
+    partial file, and never a temporary one."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    stem, ext = os.path.splitext(name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=ext, dir=folder)  # keeps the extension: writers read it
+    os.close(fd)
+    try:
+        write(tmp)
+        ordinary_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_marker(folder: str, tool: str, listed: bool = True) -> None:
+    """Sign a folder as ours. listed: record its entries, so that a later replacement can see anything added since."""
+    marker = {"written_by": "cogvideox-mini", "tool": tool}
+    if listed:
+        marker["files"] = sorted(n for n in os.listdir(folder) if n != MARKER_FILE)
+    with open(os.path.join(folder, MARKER_FILE), "w") as f:
+        json.dump(marker, f, indent=1)
+        f.write("\n")
+
+
+def claim_folder(path: str, tool: str, flag: str) -> None:
+    """Create (or reuse) a folder a tool writes its own files into (train_lora's runs, convert's output)."""
+    check_folder(path, flag, exact=False)
+    os.makedirs(path, exist_ok=True)
+    if read_marker(path) is None:
+        write_marker(path, tool, listed=False)
+
+
+def new_folder(path: str) -> str:
+    """A hidden temporary folder beside `path`, to be filled and then moved into place by `install_folder`."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.", dir=parent)
+
+
+def install_folder(tmp: str, path: str, tool: str, flag: str = "--output") -> None:
+    """Sign `tmp` and rename it to `path`. An earlier folder there must pass check_folder (checked again now, not only
+    before the work); it is moved aside first and deleted only once the new one is in place. On any failure
+    (Ctrl-C included) `tmp` is removed and `path` is left as it was."""
+    try:
+        write_marker(tmp, tool)
+        ordinary_permissions(tmp)
+        old = None
+        if os.path.lexists(path):
+            check_folder(path, flag)
+            old = tmp + ".old"
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old:
+        shutil.rmtree(old)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> a PNG file, with MARK in a tEXt chunk. Each row uses the "Sub" filter (each byte minus the
+    same channel of the pixel to its left), which is what makes flat regions compress."""
+    h, w, _ = image.shape
+    sub = image.astype(np.int16)
+    sub[:, 1:] -= image[:, :-1]
+    rows = np.concatenate([np.ones((h, 1), np.uint8), (sub & 0xFF).astype(np.uint8).reshape(h, 3 * w)], axis=1)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"tEXt", b"Software\0" + MARK.encode()) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+            + chunk(b"IEND", b""))
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        f.write(png_bytes(image))
