@@ -1,15 +1,27 @@
-"""The CogVideoX noise schedule, the DDIM and DPM samplers and classifier-free guidance: everything between
-noise and clean latents except the network. Legend: B batch, F latent frames, C channels, H/W latent height/width.
+"""The CogVideoX noise schedule, its samplers and classifier-free guidance: everything between noise and clean latents
+except the network. Legend: B batch, F latent frames, C channels, H/W latent height/width.
 
 The schedule is the one `scheduler/scheduler_config.json` describes: scaled-linear betas, an SNR shift and a
-zero-terminal-SNR rescale, in float64. Two solvers share it: DDIM (deterministic, the checkpoints' default) and the
-CogVideoX DPM sampler (DPM-Solver++(2M) with a noise term, used by THUDM's 5B demos). Both match diffusers step for
-step: 0-d float64 coefficients times the latents (scalar-tensor promotion keeps the latent dtype), and DPM draws
-its noise from the caller's generator exactly as diffusers does (one draw on the first and last step, two between).
+zero-terminal-SNR rescale, in float64. Six solvers share it, each one small function below with its update equation:
+  ddim     DDIM, η = 0 (Song et al. 2021, arXiv:2010.02502), deterministic, the checkpoints' default
+  dpm      CogVideoX's DPM sampler, DPM-Solver++(2M) with a noise term (Lu et al. 2022, arXiv:2211.01095): 5B demos
+  ddpm     ancestral DDPM posterior sampling (Ho et al. 2020, arXiv:2006.11239)
+  euler    Euler on the probability-flow ODE in sigma space (Karras et al. 2022, arXiv:2206.00364, Algorithm 1)
+  euler_a  Euler ancestral: an Euler step to a lower sigma, then fresh noise back up to the next one
+  dpm++2m  DPM-Solver++(2M), deterministic (Lu et al. 2022, Algorithm 2); karras=True: Karras et al.'s sigma spacing
+All of them work on the latents as the model sees them (x = √ᾱ x0 + √(1−ᾱ) ε), so a caller needs no input scaling and
+video-to-video starts every one of them from add_noise(...). They match diffusers step for step: ddim and dpm the
+CogVideoX schedulers bit for bit (0-d float64 coefficients times the latents; scalar-tensor promotion keeps the latent
+dtype); the other four DDPMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler and
+DPMSolverMultistepScheduler (tests/test_sampler.py says how closely, and where those lose precision on this schedule),
+drawing their noise from the caller's generator in the same order. Two equivalences worth knowing: on the latents x,
+an Euler step is exactly a DDIM step between the same two noise levels, and an Euler-ancestral step is exactly a DDPM
+step (Karras et al. 2022, sec. 4; Song et al. 2021, sec. 4.3).
 
 API
     config = load_scheduler_config(snapshot)            # or PRESETS["cogvideox-2b"] / PRESETS["cogvideox-5b"]
-    sampler = make_sampler("dpm", config, 50)           # "ddim" | "dpm"; strength=0.8: last 80% (video-to-video)
+    sampler = make_sampler("dpm", config, 50)           # a name from SAMPLERS; strength=0.8: last 80% (video-to-video)
+    make_sampler("dpm++2m", config, 20, karras=True)    # Karras sigma spacing (dpm++2m only)
     sampler.timesteps                                   # list[int]: [999, 979, ..., 19]
     x = sampler.step(model_output, i, x, generator)     # one update at sampler.timesteps[i]; keeps the x0 estimate
     x = denoise(model, x, sampler, guidance_scale=6.0, dynamic_cfg=False, generator=g)   # the whole loop
@@ -171,10 +183,11 @@ def _lam(a):
     return ((a / (1 - a)) ** 0.5).log()  # λ = log(α/σ), half the log-SNR
 
 
-def _randn(x, generator):
-    # drawn where the generator lives (a CPU generator gives the same numbers for latents on any device), as diffusers
+def _randn(x, generator, dtype=None):
+    # drawn where the generator lives (a CPU generator gives the same numbers for latents on any device), as diffusers;
+    # in x.dtype, or in `dtype` and then cast to x.dtype
     device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    return torch.randn(x.shape, generator=generator, device=device, dtype=dtype or x.dtype).to(x.device, x.dtype)
 
 
 def dpm_step(x, x0, a, a_prev, generator, old_x0=None, a_back=None):
@@ -194,15 +207,103 @@ def dpm_step(x, x0, a, a_prev, generator, old_x0=None, a_back=None):
     return m_x * x - m_0 * d + m_z * z
 
 
+# The four samplers below take the noise level as σ = √((1−ᾱ)/ᾱ) (the noise-to-signal ratio; 0 when clean) or as ᾱ.
+# With x = √ᾱ x0 + √(1−ᾱ) ε, the variable y = x/√ᾱ = x0 + σ ε is the "variance exploding" form Karras et al. write
+# their samplers in; α = √ᾱ = 1/√(1+σ²) converts between the two. The steps take and return x, with every
+# coefficient a 0-d float64 tensor, so no tensor ever holds y: at σ = 4096 (see ZERO_SNR_ALPHA) y is 4096 times
+# larger than x, and an fp32 y would lose 12 bits to cancellation on the first step.
+
+def _sigma(a):
+    return ((1 - a) / a) ** 0.5
+
+
+def ddpm_step(x, x0, a, a_prev, z=None):
+    """Ancestral DDPM (Ho et al. 2020, eq. 6-7, Algorithm 2), over a stride of the schedule: with α = ᾱ/ᾱ_prev the
+    stride's own signal fraction, sample the forward process's posterior q(x_prev | x, x0):
+        x_prev = √ᾱ_prev (1−α)/(1−ᾱ) · x0 + √α (1−ᾱ_prev)/(1−ᾱ) · x + √β̃ z,   β̃ = (1−ᾱ_prev)/(1−ᾱ) · (1−α).
+    This is DDIM with η = 1 (Song et al. 2021, eq. 16). Finite at ᾱ = 0 (then x_prev = √ᾱ_prev x0 + √(1−ᾱ_prev) z), so
+    DDPM needs no zero-SNR clamp; β̃ = 0 on the last step (ᾱ_prev = 1), which returns x0."""
+    alpha = a / a_prev
+    c_0 = a_prev ** 0.5 * (1 - alpha) / (1 - a)
+    c_x = alpha ** 0.5 * (1 - a_prev) / (1 - a)
+    x = c_0 * x0 + c_x * x
+    if z is None:
+        return x
+    return x + ((1 - a_prev) / (1 - a) * (1 - alpha)) ** 0.5 * z
+
+
+def euler_step(x, x0, a, a_next):
+    """Euler (Karras et al. 2022, eq. 4 and Algorithm 1 with S_churn = 0) on the probability-flow ODE in σ:
+        dy/dσ = (y − x0)/σ,   y_next = y + (σ_next − σ) (y − x0)/σ,   y = x/α.
+    On x: x_next = (α_next σ_next)/(α σ) · x + α_next (1 − σ_next/σ) · x0, which is ddim_step between the same
+    two levels."""
+    s, s_next = _sigma(a), _sigma(a_next)
+    return (a_next / a) ** 0.5 * (s_next / s) * x + a_next ** 0.5 * (1 - s_next / s) * x0
+
+
+def euler_ancestral_step(x, x0, a, a_next, z):
+    """Euler ancestral (Karras et al. 2022, sec. 4 and their code's ancestral sampler): split σ_next² into a part
+    reached deterministically and fresh noise, σ_up = σ_next √(1 − σ_next²/σ²), σ_down = √(σ_next² − σ_up²) = σ_next²/σ;
+    take an Euler step to σ_down, then add σ_up z:
+        y_next = y + (σ_down − σ) (y − x0)/σ + σ_up z,   y = x/α.
+    σ_up² is the DDPM posterior variance in y, and the mean is DDPM's too: this is ddpm_step, with the noise drawn
+    on every step (the last one has σ_up = 0)."""
+    s, s_next = _sigma(a), _sigma(a_next)
+    down = s_next ** 2 / s
+    up = s_next * (1 - (s_next / s) ** 2) ** 0.5
+    return (a_next / a) ** 0.5 * (down / s) * x + a_next ** 0.5 * (1 - down / s) * x0 + a_next ** 0.5 * up * z
+
+
+def dpmpp_2m_step(x, x0, a, a_next, old_x0=None, a_back=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Algorithm 2; "midpoint" form), the deterministic multistep
+    solver of the data-prediction ODE. With λ = log(α/√(1−ᾱ)) = −log σ and h = λ_next − λ:
+        x_next = √(1−ᾱ_next)/√(1−ᾱ) · x − α_next (e^{−h} − 1) · D,
+    D = x0 on the first step and on the last (σ_next = 0, h = ∞), else D = (1 + 1/2r) x0 − (1/2r) old_x0 with
+    r = h_last/h, the slope of x0 in λ extrapolated from the previous step. The first-order case is euler_step."""
+    s, s_next = _sigma(a), _sigma(a_next)
+    c_x = ((1 - a_next) / (1 - a)) ** 0.5
+    c_0 = a_next ** 0.5 * (1 - s_next / s)                      # = −α_next (e^{−h} − 1), as e^{−h} = σ_next/σ
+    if old_x0 is None or s_next == 0:
+        return c_x * x + c_0 * x0
+    r = (_sigma(a_back) / s).log() / (s / s_next).log()
+    return c_x * x + c_0 * (1 + 1 / (2 * r)) * x0 - c_0 / (2 * r) * old_x0
+
+
+# Zero terminal SNR (ᾱ[T−1] = 0) puts the first step at σ = ∞. For the sigma-space samplers (euler, euler_a, dpm++2m)
+# we do what diffusers does (rescale_betas_zero_snr in its Euler and DPM-Solver schedulers): replace that ᾱ by 2^−24,
+# the smallest positive fp16 subnormal, so σ_max = √(2^24 − 1) ≈ 4096. The network still sees t = 999; only the
+# solver's coefficients move, and the first x0 estimate becomes 2^−12 x − √(1 − 2^−24) v instead of −v.
+# (diffusers' text-to-video also scales the initial noise by σ_max in y, i.e. by σ_max/√(σ_max² + 1) = 1 − 3e−8 in x:
+# below fp32 resolution, so we pass the noise through unscaled.) DDPM is finite at ᾱ = 0 and keeps it.
+ZERO_SNR_ALPHA = 2.0 ** -24
+
+
+def karras_sigmas(sigma_min, sigma_max, n, rho=7.0):
+    """Karras et al. (2022), eq. 5: σ_i = (σ_max^{1/ρ} + i/(n−1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, i = 0..n−1, ρ = 7:
+    the n noise levels spaced evenly in σ^{1/ρ}, so the steps crowd towards the clean end. float64."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def _karras_schedule(ac: torch.Tensor, n: int) -> tuple[list[int], torch.Tensor]:
+    """Karras levels between the schedule's end points, and for each the timestep the network is evaluated at: the
+    fractional t where log σ(t) (linear between integer t) reaches it, rounded (numpy's half-to-even, as diffusers)."""
+    log_sigmas = _sigma(ac).log().numpy()                                 # increasing in t
+    sig = karras_sigmas(_sigma(ac[0]).item(), _sigma(ac[-1]).item(), n)
+    ts = np.round(np.interp(sig.log().numpy(), log_sigmas, np.arange(len(ac))))
+    return [int(t) for t in ts], 1 / (1 + sig ** 2)                      # ᾱ = 1/(1 + σ²)
+
+
 @dataclass
 class Sampler:
-    """One sampling run: the timesteps, the schedule and the last x0 estimate (DPM's multistep term uses it)."""
-    solver: str                     # "ddim" | "dpm"
+    """One sampling run: the timesteps, the schedule and the last x0 estimate (the multistep DPMs use it)."""
+    solver: str                     # one of SAMPLERS
     config: SchedulerConfig
     num_steps: int                  # N of the full schedule, before any strength cut
     timesteps: list[int]
     alphas_cumprod: torch.Tensor    # (T,) float64 on CPU: 0-d entries act as scalars for latents on any device
     x0: torch.Tensor | None = None
+    levels: torch.Tensor | None = None  # ddpm/euler/euler_a/dpm++2m: ᾱ at step i, and 1.0 after the last, float64
 
     def alpha(self, t: int) -> torch.Tensor:
         if t >= 0:
@@ -211,6 +312,8 @@ class Sampler:
 
     def step(self, out, i, x, generator=None):
         """x at timesteps[i] -> x at the next noise level. out: the network output (guided), x (B, F, C, H, W)."""
+        if self.levels is not None:
+            return self._step_from_levels(out, i, x, generator)
         t = self.timesteps[i]
         prev = t - self.config.num_train_timesteps // self.num_steps  # official quirk: t − T//N, not timesteps[i+1]
         a, a_prev = self.alpha(t), self.alpha(prev)
@@ -221,6 +324,25 @@ class Sampler:
             x = dpm_step(x, x0, a, a_prev, generator, self.x0, self.alpha(self.timesteps[i - 1]))
         else:
             x = dpm_step(x, x0, a, a_prev, generator)
+        self.x0 = x0
+        return x
+
+    def _step_from_levels(self, out, i, x, generator):
+        """The four samplers that step from one entry of `levels` to the next, in fp32 at least whatever the latent
+        dtype (as diffusers' Euler and DPM-Solver schedulers upcast). Noise is drawn in fp32 as diffusers draws it:
+        DDPM on every step with t > 0 (its rule; the last step's variance is 0 here), Euler ancestral on every step."""
+        a, a_next = self.levels[i], self.levels[i + 1]
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        x0 = predict_x0(self.config.prediction_type, out, x, a)
+        if self.solver == "ddpm":
+            x = ddpm_step(x, x0, a, a_next, _randn(x, generator, torch.float32) if self.timesteps[i] > 0 else None)
+        elif self.solver == "euler":
+            x = euler_step(x, x0, a, a_next)
+        elif self.solver == "euler_a":
+            x = euler_ancestral_step(x, x0, a, a_next, _randn(x, generator, torch.float32))
+        else:  # dpm++2m: first order on the first step of the run (also a video-to-video one) and on the last
+            old = (self.x0, self.levels[i - 1]) if i > 0 else (None, None)
+            x = dpmpp_2m_step(x, x0, a, a_next, *old)
         self.x0 = x0
         return x
 
@@ -236,19 +358,38 @@ class Sampler:
         return ddim_inverse_step(x0, predict_eps(self.config.prediction_type, out, x, a), a_next)
 
 
-SAMPLERS = ("ddim", "dpm")   # the names make_sampler, generate(sampler=...) and --sampler accept
+SAMPLERS = ("ddim", "dpm", "ddpm", "euler", "euler_a", "dpm++2m")  # make_sampler, generate(sampler=) and --sampler
+KARRAS = ("dpm++2m",)                                               # the ones that take karras=True
 
 
 def make_sampler(name: str, config: SchedulerConfig, num_steps: int, strength: float = 1.0,
                  karras: bool = False) -> Sampler:
     """name: one of SAMPLERS. strength < 1 (video-to-video) runs only the last int(N·strength) steps.
-    karras: Karras et al. (2022) sigma spacing, for the samplers that take it."""
+    karras: Karras et al. (2022) sigma spacing (KARRAS only); the network is evaluated at the nearest integer t."""
     if name not in SAMPLERS:
         raise ValueError(f"sampler {name!r} is unknown, use one of {', '.join(SAMPLERS)}")
+    if karras and name not in KARRAS:
+        raise ValueError(f"sampler {name!r} has no Karras spacing; karras=True needs one of {', '.join(KARRAS)}")
+    ac = alphas_cumprod(config)
+    if name in ("ddim", "dpm"):
+        ts = strength_timesteps(timesteps(config, num_steps), strength)
+        return Sampler(name, config, num_steps, ts, ac)
+    if name != "ddpm" and ac[-1] == 0:
+        ac = ac.clone()
+        ac[-1] = ZERO_SNR_ALPHA          # σ = ∞ -> ~4096, as diffusers (see ZERO_SNR_ALPHA)
     if karras:
-        raise ValueError(f"sampler {name!r} has no Karras spacing")
-    ts = strength_timesteps(timesteps(config, num_steps), strength)
-    return Sampler(name, config, num_steps, ts, alphas_cumprod(config))
+        ts, levels = _karras_schedule(ac, num_steps)
+    else:
+        ts = timesteps(config, num_steps)
+        levels = ac[ts]
+    levels = torch.cat([levels, levels.new_ones(1)])   # the clean end, σ = 0 (diffusers' final_sigmas_type "zero")
+    cut = strength_timesteps(ts, strength)
+    levels = levels[len(ts) - len(cut):]
+    if karras and strength < 1:
+        # video-to-video starts from add_noise(config, x0, noise, timesteps[0]), at ᾱ of that integer t: start the
+        # solver there too, not at the Karras level it was rounded from (diffusers noises to the Karras level)
+        levels[0] = ac[cut[0]]
+    return Sampler(name, config, num_steps, cut, ac, levels=levels)
 
 
 def guidance(uncond, cond, scale):

@@ -1,4 +1,6 @@
-"""sampler.py against diffusers' CogVideoXDDIMScheduler / CogVideoXDPMScheduler and the CogVideoXPipeline loop."""
+"""sampler.py against diffusers' CogVideoXDDIMScheduler / CogVideoXDPMScheduler, its DDPM, Euler, Euler ancestral and
+DPM-Solver++ schedulers on CogVideoX's schedule, and the CogVideoXPipeline loop."""
+import contextlib
 import copy
 import dataclasses
 import json
@@ -7,10 +9,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import (CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPipeline,
-                       CogVideoXTransformer3DModel, CogVideoXVideoToVideoPipeline)
+                       CogVideoXTransformer3DModel, CogVideoXVideoToVideoPipeline, DDPMScheduler,
+                       DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler)
+from diffusers.schedulers import (scheduling_ddpm, scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete,
+                                  scheduling_euler_discrete)
+from diffusers.utils.torch_utils import randn_tensor
 
 import sampler as S
 from checkpoint import CheckpointError
+
+# diffusers' generic schedulers call np.array on a tensor in set_timesteps; numpy 2 warns on every call
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 PEERS = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
 SHAPE = (2, 3, 4, 6, 8)  # (B, F, C, H, W)
@@ -39,8 +48,8 @@ def test_load_scheduler_config_errors(tmp_path):
     (tmp_path / "scheduler_config.json").write_text(json.dumps({"prediction_type": "flow"}))
     with pytest.raises(CheckpointError, match="prediction_type='flow'"):
         S.load_scheduler_config(str(tmp_path))
-    with pytest.raises(ValueError, match="sampler 'euler'"):
-        S.make_sampler("euler", S.PRESETS["cogvideox-2b"], 50)
+    with pytest.raises(ValueError, match="sampler .heun."):
+        S.make_sampler("heun", S.PRESETS["cogvideox-2b"], 50)
 
 
 # ---- schedule
@@ -204,3 +213,284 @@ def test_denoise_matches_pipeline(tiny_transformer, name, dtype, scale, dynamic,
     assert scales == expected  # the scale the pipeline used at each step, read back from the pipeline itself
     if n == 50:  # N = 50: the oscillating sequence of spec 4.1 (2.29, 2.54, 6.97, ...)
         assert scales[:2] == pytest.approx([2.2915, 2.5435], abs=1e-4) and len(set(scales)) == n
+
+
+# ---- ddpm, euler, euler_a and dpm++2m against diffusers' generic schedulers on CogVideoX's schedule
+#
+# The peers get CogVideoX's schedule as trained_betas, with v-prediction, trailing spacing and rescale_betas_zero_snr
+# (whose 2^-24 clamp of ᾱ[999] sampler.py takes over). Two things they add are rounding, not the algorithm, and are
+# taken out for the tight comparison ("exact"), then measured on their own:
+# 1. trained_betas are cast to float32 and multiplied up in float32: their ᾱ is up to 1.0e-6 (relative) off the
+#    float64 schedule of the checkpoints' own schedulers, 1-5e-6 in the latents over a loop.
+# 2. Euler and Euler ancestral keep y = x/√ᾱ in fp32. At σ_max ≈ 4096 (the clamp) y is 4096 times the latent, and the
+#    first step's cancellation costs 12 bits: up to 1e-4 in the latents after 5 steps.
+# "exact": the same scheduler objects and step code, their ᾱ and σ replaced by float64 values from our ᾱ, run on float64
+# latents (float64_peers: their `.to(torch.float32)` upcasts become float64; noise still drawn in fp32, then cast).
+# Tolerances (max abs): ours in float64 within 1e-6 of the exact peer, step by step over the whole loop, for 5, 20 and
+# 50 steps; at fp32 each of our steps within 1e-6 of the exact step, and whole fp32 loops within 5e-6 of the exact
+# result (the fp32 floor for 50 steps of random network outputs) and no further from it than diffusers' fp32 loop.
+
+GENERIC = {"ddpm": DDPMScheduler, "euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
+           "dpm++2m": DPMSolverMultistepScheduler}
+
+
+def cogvideox_betas(config):
+    """β_t = 1 − ᾱ_t/ᾱ_{t−1} from our float64 ᾱ (the last one is 1: zero terminal SNR)."""
+    ac = S.alphas_cumprod(config)
+    return (1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])).numpy()
+
+
+def generic_peer(name, config, karras=False, exact=False):
+    sched = GENERIC[name](trained_betas=cogvideox_betas(config), prediction_type="v_prediction",
+                          timestep_spacing="trailing", rescale_betas_zero_snr=True,
+                          **({"clip_sample": False} if name == "ddpm" else {}),
+                          **({"use_karras_sigmas": True} if karras else {}))
+    if exact:
+        ac = S.alphas_cumprod(config)
+        if name != "ddpm":
+            ac[-1] = 2 ** -24                          # the peers' own clamp, on the float64 value
+        sched.alphas_cumprod = ac
+        set_timesteps = sched.set_timesteps
+
+        def set_timesteps64(n, *args, **kwargs):      # set_timesteps ends by casting σ to float32
+            set_timesteps(n, *args, **kwargs)
+            if name != "ddpm":
+                sigma = ((1 - ac) / ac) ** 0.5
+                if karras:
+                    sigma = torch.from_numpy(sched._convert_to_karras(in_sigmas=sigma.flip(0).numpy(),
+                                                                      num_inference_steps=n))
+                else:
+                    sigma = sigma[sched.timesteps.long()]
+                sched.sigmas = torch.cat([sigma, sigma.new_zeros(1)])
+        sched.set_timesteps = set_timesteps64
+    return sched
+
+
+class _Torch64:
+    def __getattr__(self, name):  # `torch` as the peers' modules see it under float64_peers
+        return torch.float64 if name == "float32" else getattr(torch, name)
+
+
+def _randn32(shape, generator=None, device=None, dtype=None, layout=None):
+    return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+
+
+@contextlib.contextmanager
+def float64_peers():
+    """The peers' step code in float64: their explicit upcasts to float32 become float64; noise is still drawn in fp32
+    (and cast), so the random numbers stay those of an fp32 run."""
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (scheduling_euler_discrete, scheduling_euler_ancestral_discrete, scheduling_dpmsolver_multistep):
+            mp.setattr(module, "torch", _Torch64())
+        for module in (scheduling_ddpm, scheduling_euler_ancestral_discrete):
+            mp.setattr(module, "randn_tensor", _randn32)
+        yield
+
+
+def run_generic_peer(name, config, n, outs, x, karras=False, strength=1.0, exact=False):
+    """The pipelines' loop around the peer with a fixed sequence of network outputs. x: the initial noise, or with
+    strength < 1 (video latents, noise). Returns the latents the network sees at each later step, then the result."""
+    dtype = torch.float64 if exact else torch.float32
+    sched = generic_peer(name, config, karras, exact)
+    sched.set_timesteps(n)
+    ts = CogVideoXVideoToVideoPipeline.get_timesteps(SimpleNamespace(scheduler=sched), n, sched.timesteps,
+                                                     strength, "cpu")[0]
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(n - len(ts))  # unset, a repeated first timestep breaks Karras (test_karras_peer_...)
+    if strength < 1:  # add_noise alone: the video-to-video pipeline also multiplies by init_noise_sigma (test_v2v_...)
+        x = sched.add_noise(x[0].to(dtype), x[1].to(dtype), ts[:1])
+    else:
+        x = x.to(dtype) * sched.init_noise_sigma
+    g, seen = torch.Generator().manual_seed(1), []
+    with float64_peers() if exact else contextlib.nullcontext():
+        for i, t in enumerate(ts):
+            x_in = sched.scale_model_input(x, t)
+            if i:
+                seen.append(x_in)
+            x = sched.step(outs[i].to(dtype), t, x, generator=g, return_dict=False)[0]
+    return seen + [x], g
+
+
+def run_generic_ours(name, config, n, outs, x, karras=False, strength=1.0, dtype=torch.float32, start=None):
+    """Our loop; start: a reference trajectory to take each step from instead (step-by-step comparison)."""
+    sampler = S.make_sampler(name, config, n, strength, karras)
+    x = S.add_noise(config, x[0].to(dtype), x[1].to(dtype), sampler.timesteps[0]) if strength < 1 else x.to(dtype)
+    g, xs = torch.Generator().manual_seed(1), []
+    for i in range(len(sampler.timesteps)):
+        x_i = x if start is None or i == 0 else start[i - 1].to(dtype)
+        x = sampler.step(outs[i].to(dtype), i, x_i, g).to(dtype)
+        xs.append(x)
+    return xs, g
+
+
+def max_err(xs, ref):
+    return max((a.double() - b.double()).abs().max().item() for a, b in zip(xs, ref))
+
+
+GENERIC_CASES = [(name, preset, n, False, 1.0) for name in GENERIC for preset in ("cogvideox-2b", "cogvideox-5b")
+                 for n in (5, 20, 50)]
+GENERIC_CASES += [("dpm++2m", preset, n, True, 1.0) for preset in ("cogvideox-2b", "cogvideox-5b") for n in (5, 20, 50)]
+GENERIC_CASES += [(name, "cogvideox-5b", 20, False, 0.6) for name in GENERIC]       # video-to-video
+
+
+@pytest.mark.parametrize("case", GENERIC_CASES, ids=lambda c: f"{c[0]}{'-karras' if c[3] else ''}-{c[1][-2:]}-{c[2]}"
+                                                             f"{'-v2v' if c[4] < 1 else ''}")
+def test_generic_sampler_matches_peer(case):
+    name, preset, n, karras, strength = case
+    config = S.PRESETS[preset]
+    outs = torch.randn(n, *SHAPE)
+    x = torch.randn(SHAPE) if strength == 1 else (torch.randn(SHAPE), torch.randn(SHAPE))
+    exact, g_exact = run_generic_peer(name, config, n, outs, x, karras, strength, exact=True)
+    assert len(exact) == int(n * strength)
+    # the algorithm: ours in float64 against the exact peer, at every step, consuming the same random numbers
+    ours, g_ours = run_generic_ours(name, config, n, outs, x, karras, strength, torch.float64)
+    for i, (a, b) in enumerate(zip(ours, exact, strict=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m: f"step {i}: {m}")
+    assert torch.equal(torch.randn(3, generator=g_exact), torch.randn(3, generator=g_ours))
+    # fp32: each step, taken from the exact latents, within 1e-6 of the exact step
+    steps, _ = run_generic_ours(name, config, n, outs, x, karras, strength, start=exact)
+    for i, (a, b) in enumerate(zip(steps, exact, strict=True)):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=1e-6, msg=lambda m: f"step {i}: {m}")
+    # fp32 loops: ours within the fp32 floor of the exact result, and no further from it than diffusers' own
+    err_ours = max_err(run_generic_ours(name, config, n, outs, x, karras, strength)[0], exact)
+    err_peer = max_err(run_generic_peer(name, config, n, outs, x, karras, strength)[0], exact)
+    assert err_ours <= 5e-6 and err_ours <= err_peer, (err_ours, err_peer)
+    if name.startswith("euler") and n == 5 and strength == 1:
+        assert err_peer > 10 * err_ours  # the peer's fp32 y = x/√ᾱ at σ = 4096 (comment above)
+
+
+@pytest.mark.parametrize("preset", ["cogvideox-2b", "cogvideox-5b"])
+def test_generic_timesteps_match_peer(preset):
+    """The integer timesteps the network sees, N = 1..100 (for Karras: rounded from the fractional t of each level)."""
+    config = S.PRESETS[preset]
+    for name, karras in [(name, False) for name in GENERIC] + [("dpm++2m", True)]:
+        sched = generic_peer(name, config, karras)
+        for n in range(1, 101):
+            sched.set_timesteps(n)
+            assert S.make_sampler(name, config, n, karras=karras).timesteps == sched.timesteps.tolist(), (name, n)
+
+
+def test_karras_peer_breaks_on_repeated_first_timestep():
+    """Karras levels from σ_max ≈ 4096 round to t = 999 more than once on the 5b schedule from N = 21 on. Run as
+    CogVideoXPipeline runs it (no set_begin_index), diffusers' first-step lookup takes the second 999 (meant for a
+    video-to-video start), skips the first level and fails on the last step. Ours steps through every level in order,
+    as the peer does once its begin index is set (the comparisons above)."""
+    config, n = S.PRESETS["cogvideox-5b"], 21
+    sampler = S.make_sampler("dpm++2m", config, n, karras=True)
+    assert sampler.timesteps[:2] == [999, 999] and len(sampler.timesteps) == n
+    assert (sampler.levels.diff() > 0).all()   # distinct levels, noisiest first
+    sched = generic_peer("dpm++2m", config, karras=True)
+    sched.set_timesteps(n)
+    x = torch.randn(SHAPE)
+    with pytest.raises(IndexError):
+        for t in sched.timesteps:
+            x = sched.step(torch.randn(SHAPE), t, x, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_a"])
+def test_v2v_peer_pipeline_scales_euler_start_by_sigma_max(name):
+    """CogVideoXVideoToVideoPipeline multiplies scheduler.add_noise(video, noise, t) by init_noise_sigma, a no-op for
+    its own schedulers (1.0) but ~4096 for Euler on the zero-SNR schedule: the network then sees the noised video 4096
+    times too loud. Ours starts from add_noise(config, ...) on the latents as the network sees them, which is what
+    add_noise followed by scale_model_input gives in diffusers."""
+    config, n = S.PRESETS["cogvideox-5b"], 20
+    sched = generic_peer(name, config)
+    sched.set_timesteps(n)
+    ts = sched.timesteps[n - 12:]
+    z = torch.randn(1, 3, 4, 4, 4)                                       # the video's latents (B, F, C, H, W)
+    vae = SimpleNamespace(encode=lambda v: SimpleNamespace(latent_dist=SimpleNamespace(
+        sample=lambda generator: z.permute(0, 2, 1, 3, 4))))
+    fake = SimpleNamespace(vae=vae, vae_scale_factor_temporal=4, vae_scale_factor_spatial=8,
+                           vae_scaling_factor_image=1.0, scheduler=sched)
+    latents = CogVideoXVideoToVideoPipeline.prepare_latents(
+        fake, torch.zeros(1, 3, 9, 32, 32), 1, 4, 32, 32, torch.float32, "cpu", torch.Generator().manual_seed(5),
+        None, ts[:1])
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(5))
+    right = sched.add_noise(z, noise, ts[:1])
+    assert float(sched.init_noise_sigma) == pytest.approx(4096, rel=1e-6)
+    torch.testing.assert_close(latents, right * sched.init_noise_sigma)
+    sched.set_begin_index(n - 12)
+    ours = S.add_noise(config, z, noise, S.make_sampler(name, config, n, 0.6).timesteps[0])
+    torch.testing.assert_close(ours, sched.scale_model_input(right, ts[0]), rtol=0, atol=1e-6)
+
+
+def test_euler_is_ddim_and_euler_a_is_ddpm():
+    """The docstrings' equivalences, where no zero-SNR clamp separates them (SNR > 0 at t = 999)."""
+    config = dataclasses.replace(S.PRESETS["cogvideox-2b"], rescale_betas_zero_snr=False)
+    n = 20
+    outs, x = torch.randn(n, *SHAPE).double(), torch.randn(SHAPE).double()
+    for a, b in (("euler", "ddim"), ("euler_a", "ddpm")):
+        xs = {}
+        for name in (a, b):
+            sampler, g, y = S.make_sampler(name, config, n), torch.Generator().manual_seed(0), x
+            for i in range(n):
+                y = sampler.step(outs[i], i, y, g)
+            xs[name] = y
+        torch.testing.assert_close(xs[a], xs[b], rtol=0, atol=1e-10)
+
+
+def test_karras_only_where_supported():
+    for name in S.SAMPLERS:
+        if name in S.KARRAS:
+            S.make_sampler(name, S.PRESETS["cogvideox-5b"], 10, karras=True)
+        else:
+            with pytest.raises(ValueError, match=f"sampler '{name}' has no Karras spacing"):
+                S.make_sampler(name, S.PRESETS["cogvideox-5b"], 10, karras=True)
+    # video-to-video with Karras: the solver starts at the integer timestep's level, where add_noise puts the latents
+    sampler = S.make_sampler("dpm++2m", S.PRESETS["cogvideox-5b"], 10, strength=0.5, karras=True)
+    assert sampler.levels[0] == S.alphas_cumprod(S.PRESETS["cogvideox-5b"])[sampler.timesteps[0]]
+
+
+PIPELINE_CASES = [("ddpm", False, 12), ("euler", False, 5), ("euler_a", False, 20), ("dpm++2m", False, 12),
+                  ("dpm++2m", True, 12)]
+
+
+@pytest.mark.parametrize("name,karras,n", PIPELINE_CASES, ids=lambda v: str(v) if not isinstance(v, bool) else
+                         ("karras" if v else "plain"))
+def test_generic_denoise_matches_pipeline(tiny_transformer, name, karras, n):
+    """Each generic peer swapped into CogVideoXPipeline (guidance 6): init_noise_sigma, scale_model_input, Euler's
+    float timesteps, the seed's stream (initial noise, then the ancestral draws). In float64 with the exact peer (see
+    above) within 1e-6; as configured, at fp32, within 5e-5: the peer's own fp32 rounding (4.3e-5 for Euler at 5
+    steps)."""
+    config = S.PRESETS["cogvideox-2b"]
+    for dtype, exact, tol in ((torch.float64, True, 1e-6), (torch.float32, False, 5e-5)):
+        model = copy.deepcopy(tiny_transformer).to(dtype)
+        pos, neg = torch.randn(1, 6, 12).to(dtype), torch.randn(1, 6, 12).to(dtype)
+        sched = generic_peer(name, config, karras, exact)
+        pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model, scheduler=sched)
+        pipe.set_progress_bar_config(disable=True)
+        with float64_peers() if exact else contextlib.nullcontext():
+            ref = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, height=32, width=32, num_frames=9,
+                       num_inference_steps=n, guidance_scale=6.0, output_type="latent",
+                       generator=torch.Generator().manual_seed(3)).frames
+        text = torch.cat([neg, pos])
+
+        def call(x, t):
+            return model(hidden_states=x, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
+
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(1, 3, 4, 4, 4, generator=g, dtype=dtype)
+        if exact:  # the pipeline's start as the network sees it: ε σ_max/√(σ_max² + 1) = ε (1 − 3e-8) for Euler
+            sigma = torch.as_tensor(sched.init_noise_sigma, dtype=dtype)
+            x = x * (sigma / (sigma ** 2 + 1) ** 0.5 if name.startswith("euler") else 1)
+        with torch.no_grad():
+            ours = S.denoise(call, x, S.make_sampler(name, config, n, karras=karras), 6.0, False, g, progress=False)
+        assert ours.dtype == ref.dtype == dtype
+        torch.testing.assert_close(ours, ref, rtol=0, atol=tol, msg=lambda m: f"{dtype}: {m}")
+
+
+def test_karras_peer_pipeline_fails_on_5b(tiny_transformer):
+    """test_karras_peer_breaks_on_repeated_first_timestep, as a user meets it: DPM-Solver++ with Karras sigmas swapped
+    into CogVideoXPipeline on the 5b schedule stops with an IndexError at 21 steps or more; ours runs."""
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tiny_transformer,
+                             scheduler=generic_peer("dpm++2m", S.PRESETS["cogvideox-5b"], karras=True))
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(IndexError):
+        pipe(prompt_embeds=torch.randn(1, 6, 12), height=32, width=32, num_frames=9, num_inference_steps=21,
+             guidance_scale=1.0, output_type="latent", generator=torch.Generator().manual_seed(3))
+    x = S.denoise(lambda x, t: tiny_transformer(hidden_states=x, encoder_hidden_states=torch.randn(1, 6, 12),
+                                                timestep=t, return_dict=False)[0],
+                  torch.randn(1, 3, 4, 4, 4), S.make_sampler("dpm++2m", S.PRESETS["cogvideox-5b"], 21, karras=True),
+                  progress=False)
+    assert torch.isfinite(x).all()
