@@ -38,11 +38,16 @@ MARKER_FILE = ".cogvideox-mini.json"
 # Arguments
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: None)" says nothing: those helps say what the default is
+        return action.help if action.default in (None, False, "") else super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with every default shown in --help, and errors on one line (argparse prints its usage first)."""
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _ShowDefaults)
         super().__init__(**kwargs)
 
     def error(self, message):
@@ -180,6 +185,9 @@ def check_file(path: str, flag: str, named: bool) -> None:
 def check_folder(path: str, flag: str, exact: bool = True) -> None:
     """A folder output: new, empty, or one this project created. exact: it must also hold nothing but what we put
     there (it is about to be replaced whole); otherwise the tool only writes its own files inside it."""
+    here = os.path.abspath(path)
+    if here == os.getcwd() or os.getcwd().startswith(here.rstrip(os.sep) + os.sep):
+        raise ValueError(f"{flag} {path} is the current folder or holds it; choose a new folder name")
     if not os.path.lexists(path):
         return check_parent(path, flag)
     if not os.path.isdir(path) or os.path.islink(path):

@@ -138,6 +138,7 @@ def edit_frames(info, available: int, num_frames: int | None) -> int:
     a valid count. Checked against the video's length."""
     if num_frames is None:
         num_frames = (min(available, info.num_frames) - 1) // info.frame_multiple * info.frame_multiple + 1
+    check_request(info, num_frames, info.height, info.width)  # an invalid count is named before the video's length
     if available < num_frames:
         raise ValueError(f"the video has {available} frames, fewer than num_frames={num_frames}")
     return num_frames

@@ -64,6 +64,21 @@ def test_text_to_video_parity(snapshots, family, solver, dynamic, negative, n):
     assert ours.shape == (n, 9, 3, 32, 48)
 
 
+def test_prompt_lists_parity(snapshots):
+    """Several prompts with their own negative prompts and 2 videos each, batched as diffusers batches them. (The
+    peer's CogVideoX pipelines set num_videos_per_prompt = 1 whatever is passed, so it gets each prompt twice.)"""
+    path = snapshots("5b")
+    prompts, negatives = [PROMPT, "a blue square moving up"], [NEGATIVE, "green"]
+    kw = dict(num_frames=9, height=32, width=32, num_inference_steps=3, guidance_scale=6.0)
+    peer = peer_pipeline(path, ("t2v", "ddim"))
+    twice = lambda xs: [x for x in xs for _ in range(2)]  # noqa: E731
+    ref = peer(prompt=twice(prompts), negative_prompt=twice(negatives), output_type="pt",
+               generator=torch.Generator().manual_seed(42), max_sequence_length=MAX_TEXT, **kw).frames
+    ours = generate(load_pipeline(path), prompts, negative_prompt=negatives, num_videos=2, progress=False, **kw)
+    check(ours, ref)
+    assert ours.shape == (4, 9, 3, 32, 32) and not torch.equal(ours[0], ours[2])
+
+
 def test_v15_pads_latent_frames(snapshots):
     path = snapshots("1.5")  # 17 frames -> 5 latent frames, padded to 6 for patch_size_t = 2
     kw = dict(num_frames=17, height=32, width=32, num_inference_steps=3, guidance_scale=4.0)
