@@ -15,8 +15,8 @@ CogVideoX schedulers bit for bit (0-d float64 coefficients times the latents; sc
 dtype); the other four DDPMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler and
 DPMSolverMultistepScheduler (tests/test_sampler.py says how closely, and where those lose precision on this schedule),
 drawing their noise from the caller's generator in the same order. Two equivalences worth knowing: on the latents x,
-an Euler step is exactly a DDIM step between the same two noise levels, and an Euler-ancestral step is exactly a DDPM
-step (Karras et al. 2022, sec. 4; Song et al. 2021, sec. 4.3).
+an Euler step is exactly a DDIM step between the same two noise levels (Song et al. 2021, sec. 4.3), and an Euler
+ancestral step exactly a DDPM step (the same algebra; tests/test_sampler.py checks both).
 
 API
     config = load_scheduler_config(snapshot)            # or PRESETS["cogvideox-2b"] / PRESETS["cogvideox-5b"]
@@ -233,7 +233,8 @@ def ddpm_step(x, x0, a, a_prev, z=None):
 
 
 def euler_step(x, x0, a, a_next):
-    """Euler (Karras et al. 2022, eq. 4 and Algorithm 1 with S_churn = 0) on the probability-flow ODE in σ:
+    """Euler (Karras et al. 2022, eq. 4 with σ(t) = t; their Algorithm 1 without its second-order correction) on the
+    probability-flow ODE in σ:
         dy/dσ = (y − x0)/σ,   y_next = y + (σ_next − σ) (y − x0)/σ,   y = x/α.
     On x: x_next = (α_next σ_next)/(α σ) · x + α_next (1 − σ_next/σ) · x0, which is ddim_step between the same
     two levels."""
@@ -242,9 +243,9 @@ def euler_step(x, x0, a, a_next):
 
 
 def euler_ancestral_step(x, x0, a, a_next, z):
-    """Euler ancestral (Karras et al. 2022, sec. 4 and their code's ancestral sampler): split σ_next² into a part
-    reached deterministically and fresh noise, σ_up = σ_next √(1 − σ_next²/σ²), σ_down = √(σ_next² − σ_up²) = σ_next²/σ;
-    take an Euler step to σ_down, then add σ_up z:
+    """Euler ancestral (DDPM's ancestral sampling written in σ, as Karras et al. 2022 write samplers): split σ_next²
+    into a part reached deterministically and fresh noise, σ_up = σ_next √(1 − σ_next²/σ²) and
+    σ_down = √(σ_next² − σ_up²) = σ_next²/σ; take an Euler step to σ_down, then add σ_up z:
         y_next = y + (σ_down − σ) (y − x0)/σ + σ_up z,   y = x/α.
     σ_up² is the DDPM posterior variance in y, and the mean is DDPM's too: this is ddpm_step, with the noise drawn
     on every step (the last one has σ_up = 0)."""
@@ -280,7 +281,8 @@ ZERO_SNR_ALPHA = 2.0 ** -24
 
 def karras_sigmas(sigma_min, sigma_max, n, rho=7.0):
     """Karras et al. (2022), eq. 5: σ_i = (σ_max^{1/ρ} + i/(n−1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, i = 0..n−1, ρ = 7:
-    the n noise levels spaced evenly in σ^{1/ρ}, so the steps crowd towards the clean end. float64."""
+    the n noise levels spaced evenly in σ^{1/ρ}, so the steps crowd towards small σ. float64. Designed for σ_max ≈ 80;
+    with the clamp's σ_max ≈ 4096 half of them land at t ≥ 979 here (bench/RESULTS.md, section 7)."""
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
