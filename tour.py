@@ -1,0 +1,412 @@
+"""A guided tour through one generation: the demo model, one prompt, every stage printed as it runs.
+
+    python tour.py                                                  # the README prompt on the demo model -> tour/
+    python tour.py --prompt "a blue square moving up on a gray background" --out tour_blue --attn-word square
+
+For each stage it prints what happens, the shapes of the real tensors (read from the run, never typed in), and the
+`file.py:function` that does it, so it reads best beside the source. It runs the same computation as
+`generate.generate(pipe, prompt, seed=...)` (the tests check the frames are identical), written out step by step:
+
+    tokenizer -> T5 -> initial noise -> 50 x [patchify + RoPE -> 4 expert blocks -> unpatchify -> CFG -> DDIM step]
+    -> VAE decode -> frames -> what shapes.py's evaluator reads from them
+
+and writes two pictures into --out (default `tour/`):
+  x0.png         the decoded x0 prediction (the sampler's estimate of the clean video) at several steps:
+                 rows = steps, columns = the 9 frames; the last step's x0 is the video.
+  attention.png  one attention head at one step: how much each video token attends to each prompt token, as a heat map
+                 over the 4x4 token grid of each latent frame (columns = text tokens, rows = latent frames; the first
+                 column is the decoded video at that latent frame). One colour scale for the whole picture.
+
+Legend: B batch (2 = [negative; prompt] under guidance), L text tokens, N video tokens, D width, E timestep-embedding
+width, F latent frames, C latent channels, h/w latent height/width, p patch size, heads x d attention heads.
+"""
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import model
+import shapes
+import vae
+from generate import DEMO_MODEL, decode_latents, encode_text, load_pipeline
+from sampler import guidance, make_sampler
+
+PROMPT = "a red circle moving right on a black background"
+
+
+@contextlib.contextmanager
+def patched(obj, name: str, value):
+    """Set `obj.name = value` for the duration of a `with` block, then put back what was there. A name that came from
+    the class (a method such as `transformer.rope`) is shadowed by an instance attribute and the shadow removed after.
+    This is how the tour and bench/ablations.py reach the hooks without editing the core files:
+    `patched(model, "attention", fn)`, `patched(pipe.transformer, "rope", fn)`, `patched(evaluate, "generate", fn)`."""
+    own = name in vars(obj) or name in getattr(obj, "_modules", {})
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield value
+    finally:
+        if own:
+            setattr(obj, name, old)
+        else:
+            delattr(obj, name)
+
+
+class Printer:
+    """Prints the stages and keeps every shape it prints in `shapes` (name -> tuple), which main() returns."""
+
+    def __init__(self, out=None):
+        self.out, self.shapes, self.n = out, {}, 0       # out None: sys.stdout at the time of printing
+
+    def print(self, text: str):
+        print(text, file=self.out or sys.stdout)
+
+    def stage(self, title: str, where: str, what: str):
+        self.n += 1
+        self.print(f"\n[{self.n}] {title}  --  {where}\n    {what}")
+
+    def shape(self, name: str, tensor, note: str = ""):
+        self.shapes[name] = tuple(tensor.shape)
+        self.print(f"    {name:<18} {str(tuple(tensor.shape)):<22} {note}")
+
+    def line(self, text: str):
+        self.print(f"    {text}")
+
+
+class Probe:
+    """Forward hooks that keep the inputs and outputs of named submodules during one transformer call."""
+
+    def __init__(self, modules: dict):
+        self.modules, self.seen, self.handles = modules, {}, []
+
+    def __enter__(self):
+        for name, m in self.modules.items():
+            self.handles.append(m.register_forward_hook(self.keeper(name)))
+        return self
+
+    def keeper(self, name):
+        def keep(_module, args, out):   # returns None: a forward hook that returns something replaces the output
+            self.seen.setdefault(name, (args, out))
+        return keep
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+class AttentionRecorder:
+    """Stands in for model.attention: the same output, plus softmax(q k^T / sqrt(d)) of every call kept in `maps`
+    (one per block, in order). Install with `patched(model, "attention", recorder)`."""
+
+    def __init__(self, inner):
+        self.inner, self.maps, self.first_qkv = inner, [], None
+
+    def __call__(self, q, k, v):
+        self.first_qkv = self.first_qkv or (q, k, v)
+        self.maps.append(torch.softmax((q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1))
+        return self.inner(q, k, v)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pictures: numpy + imageio; labels drawn with Pillow (imageio's own dependency)
+
+
+def heat(a: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB, black -> red -> yellow -> white."""
+    stops = np.array([[0, 0, 0], [190, 0, 0], [255, 170, 0], [255, 255, 255]], np.float64)
+    pos = np.clip(a, 0, 1) * (len(stops) - 1)
+    i = np.minimum(pos.astype(int), len(stops) - 2)
+    f = (pos - i)[..., None]
+    return np.round(stops[i] * (1 - f) + stops[i + 1] * f).astype(np.uint8)
+
+
+def upscale(img: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour upscaling of an (H, W, 3) image to (size, size, 3); size a multiple of H and W."""
+    return img.repeat(size // img.shape[0], axis=0).repeat(size // img.shape[1], axis=1)
+
+
+GAP, LABEL_W, TITLE_H, HEAD_H = 4, 130, 20, 16   # picture layout in pixels: between cells, row labels, title, headers
+
+
+def labelled_grid(cells, title: str, row_labels, col_labels, cell: int) -> np.ndarray:
+    """cells[r][c] (h, w, 3) uint8 images, upscaled to cell x cell -> one white canvas with a title, a label left of
+    each row and one above each column: (TITLE_H + HEAD_H + rows * (cell + GAP), LABEL_W + cols * (cell + GAP), 3)."""
+    from PIL import Image, ImageDraw
+    rows, cols, top = len(cells), len(cells[0]), TITLE_H + HEAD_H
+    canvas = Image.new("RGB", (LABEL_W + cols * (cell + GAP), top + rows * (cell + GAP)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), title, fill="black")
+    for c, text in enumerate(col_labels):
+        draw.text((LABEL_W + c * (cell + GAP) + 2, TITLE_H + 2), text, fill="black")
+    for r, row in enumerate(cells):
+        y = top + r * (cell + GAP)
+        for i, text in enumerate(row_labels[r].split("\n")):
+            draw.text((4, y + 4 + 12 * i), text, fill="black")
+        for c, img in enumerate(row):
+            canvas.paste(Image.fromarray(upscale(img, cell)), (LABEL_W + c * (cell + GAP), y))
+    return np.asarray(canvas)
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+    """Write through a temporary name in the same folder, then rename (a crash never leaves half a PNG)."""
+    import imageio.v3 as iio
+    fd, tmp = tempfile.mkstemp(prefix=".tour.", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        iio.imwrite(tmp, image, extension=".png")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                    # mkstemp makes it 0600; give it a new file's usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
+def uint8_frames(frames: torch.Tensor) -> np.ndarray:
+    """(F, 3, H, W) in [0, 1] -> (F, H, W, 3) uint8, rounded as evaluate.py rounds."""
+    return shapes.from_tensor(frames * 2 - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The tour
+
+
+@torch.no_grad()
+def tour(pipe, prompt: str = PROMPT, out: str = "tour", steps: int = 50, guidance_scale: float = 6.0, seed: int = 42,
+         show_steps=(0, 2, 5, 10, 20, 30, 49), attn_step: int = 25, attn_block: int = -1, attn_head: int = 0,
+         printer: Printer | None = None) -> dict:
+    """Run one generation stage by stage, printing as it goes; write x0.png and attention.png into `out`.
+    Returns {"shapes": name -> shape of every tensor printed, "frames": (1, F, 3, H, W), "pngs": [paths],
+    "attention": (L,) attention of the chosen head from video tokens to each text token, "pieces": text tokens}."""
+    p = printer or Printer()
+    tr, cfg, info = pipe.transformer, pipe.transformer.config, pipe.info
+    L = cfg.max_text_seq_length
+    use_cfg = guidance_scale > 1
+    B = 2 if use_cfg else 1
+    show_steps = sorted({s if s >= 0 else steps + s for s in show_steps if -steps <= s < steps} | {steps - 1})
+    if not (0 <= attn_step < steps and -cfg.num_layers <= attn_block < cfg.num_layers
+            and 0 <= attn_head < cfg.num_attention_heads):
+        raise ValueError(f"attn_step must be in [0, {steps}), attn_block in [-{cfg.num_layers}, {cfg.num_layers}), "
+                         f"attn_head in [0, {cfg.num_attention_heads})")
+    attn_block %= cfg.num_layers
+    os.makedirs(out, exist_ok=True)
+
+    # 1. Tokens
+    prompts = ["", prompt] if use_cfg else [prompt]
+    ids = pipe.tokenizer(prompts, max_length=L)
+    p.stage("tokenizer", "text_encoder.py:Tokenizer.__call__",
+            f"each prompt -> SentencePiece ids + </s>, padded with <pad> to max_text_seq_length = {L} (226 in the "
+            "real models)")
+    p.shape("ids", ids, "(B, L); rows: [negative prompt \"\", prompt]" if use_cfg else "(B, L)")
+    sp = pipe.tokenizer.sp
+    pieces = [sp.id_to_piece(i) if i < sp.get_piece_size() else f"<{i}>" for i in ids[-1].tolist()]
+    p.line("prompt tokens: " + " ".join(f"{s}:{i}" for s, i in zip(pieces, ids[-1].tolist())))
+
+    # 2. T5
+    text = encode_text(pipe, prompts, L)
+    p.stage("T5 encoder", "generate.py:encode_text -> text_encoder.py:T5Encoder.forward",
+            f"{pipe.text_encoder.config.num_layers} T5 layers, no attention mask: the <pad> outputs are part of the "
+            "conditioning (CogVideoX was trained that way)")
+    p.shape("text", text, f"(B, L, text_embed_dim = {cfg.text_embed_dim})")
+
+    # 3. Noise and schedule
+    lf = (info.num_frames - 1) // info.temporal_compression + 1
+    h, w = info.height // info.spatial_compression, info.width // info.spatial_compression
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((1, lf, cfg.out_channels, h, w), generator=generator).to(pipe.device, pipe.dtype)
+    sampler = make_sampler("ddim", pipe.scheduler, steps)
+    p.stage("initial noise and the schedule", "generate.py:generate, sampler.py:make_sampler",
+            f"{info.num_frames} frames of {info.height}x{info.width} px -> ({info.num_frames} - 1) / "
+            f"{info.temporal_compression} + 1 = {lf} latent frames of {h}x{w}, {cfg.out_channels} channels; "
+            f"Gaussian noise from seed {seed}")
+    p.shape("latents", x, "(1, F, C, h, w)")
+    ts = sampler.timesteps
+    p.line(f"{steps} timesteps {ts[0]}, {ts[1]}, {ts[2]}, ..., {ts[-1]}; alpha_bar({ts[0]}) = "
+           f"{float(sampler.alpha(ts[0])):.3g} (zero terminal SNR: step 0 sees pure noise, so the model predicts v)")
+
+    # The sampling loop: sampler.denoise written out, with probes on step 0 and attention recorded at attn_step
+    blk = tr.transformer_blocks[0]
+    probe = Probe({"patch_embed": tr.patch_embed, "text_proj": tr.patch_embed.text_proj,
+                   "time_embedding": tr.time_embedding, "block0": blk, "attn1": blk.attn1, "proj_out": tr.proj_out})
+    recorder = AttentionRecorder(model.attention)
+    x0s, first = {}, {}
+    for i, t in enumerate(ts):
+        x_in = torch.cat([x, x]) if use_cfg else x                                   # (B, F, C, h, w)
+        with probe if i == 0 else contextlib.nullcontext(), \
+                patched(model, "attention", recorder) if i in (0, attn_step) else contextlib.nullcontext():
+            out_ = tr(x_in, text, torch.full((B,), t, device=x.device)).float()      # (B, F, C, h, w)
+        if i == 0:
+            first.update(maps=recorder.maps[:], qkv=recorder.first_qkv, out=out_)
+        if i == attn_step:
+            attn_maps = recorder.maps[-cfg.num_layers:]
+        guided = guidance(*out_.chunk(2), guidance_scale) if use_cfg else out_         # (1, F, C, h, w)
+        x = sampler.step(guided, i, x, generator).to(pipe.dtype)
+        if i == 0:
+            first.update(guided=guided, x_next=x, x0=sampler.x0)
+        if i in show_steps:
+            x0s[i] = sampler.x0.to(pipe.dtype)
+
+    # 4-7: what happened inside the first step's transformer call, read back from the probes
+    seen = probe.seen
+    pe_in, pe_out = seen["patch_embed"][0][0], seen["patch_embed"][1]
+    patches = model.patchify(pe_in, cfg.patch_size, cfg.patch_size_t or 1)
+    p.stage("into the transformer (step 0)", "model.py:CogVideoXTransformer.forward",
+            f"the timestep becomes a vector, the text and the {cfg.patch_size}x{cfg.patch_size} latent patches become "
+            "tokens of the same width, text first in one joint sequence")
+    p.shape("timestep sinusoid", seen["time_embedding"][0][0], "(B, D)  model.py:timestep_embedding")
+    p.shape("emb", seen["time_embedding"][1], "(B, E)  model.py:MLPEmbedder (time_embedding)")
+    p.shape("patches", patches, f"(B, N, C*p*p = {cfg.in_channels}*{cfg.patch_size}*{cfg.patch_size})  "
+            "model.py:patchify, tokens in (frame, row, column) order")
+    p.shape("video tokens", pe_out, "(B, N, D)  model.py:PatchEmbed.forward")
+    p.shape("text tokens", seen["text_proj"][1], "(B, L, D)  PatchEmbed.text_proj")
+    Hp, Wp = h // cfg.patch_size, w // cfg.patch_size
+    p.line(f"{L} text + {lf} x {Hp} x {Wp} = {pe_out.shape[1]} video tokens = {L + pe_out.shape[1]} in the joint "
+           "sequence [text; video]")
+    rope = seen["block0"][0][3]
+    if rope is not None:
+        n_t, n_hw = cfg.attention_head_dim // 8, cfg.attention_head_dim // 16 * 3
+        p.shape("rope cos, sin", rope[0], f"(S, 1, d/2) each  model.py:CogVideoXTransformer.rope -> model.py:rope_3d")
+        p.line(f"per head of d = {cfg.attention_head_dim}: {cfg.attention_head_dim // 2} rotation angles = "
+               f"[time {n_t} | height {n_hw} | width {n_hw}]; the {L} text rows are the identity (cos 1, sin 0), so "
+               "RoPE moves video tokens only; no absolute position table in this variant")
+    else:
+        p.line("no RoPE in this variant: absolute 3D sincos positions are added to the tokens "
+               "(model.py:CogVideoXTransformer.absolute_positions)")
+
+    emb = seen["time_embedding"][1]
+    p.stage("one transformer block (block 0 of {}, step 0)".format(cfg.num_layers),
+            "model.py:Block.forward, LayerNormZero.forward (expert adaLN), Attention.forward",
+            "one shared LayerNorm; each modality gets its own shift/scale/gate from emb, twice per block: "
+            "norm1 before attention, norm2 before the feed-forward. emb depends on t only (the same for every row of the batch): "
+            "the text reaches the video through attention, not through the modulation")
+    for norm_name, norm in (("norm1", blk.norm1), ("norm2", blk.norm2)):
+        mods = norm.linear(F.silu(emb))[:, None].chunk(6, dim=2)  # what LayerNormZero.forward computes first
+        if norm_name == "norm1":
+            p.shape("modulations", torch.stack(mods), "6 x (B, 1, D): video shift, scale, gate; text shift, scale, gate")
+        mag = [m[0].abs().mean().item() for m in mods]
+        p.line(f"{norm_name} at t = {ts[0]}, mean |.|: video shift {mag[0]:.2f} scale {mag[1]:.2f} gate "
+               f"{mag[2]:.2f}  |  text shift {mag[3]:.2f} scale {mag[4]:.2f} gate {mag[5]:.2f}")
+    q = first["qkv"][0]
+    p.shape("attention input", seen["attn1"][0][0], "(B, S, D): [norm1(text); norm1(video)] concatenated")
+    p.shape("q, k, v", q, "(B, heads, S, d) each, after the per-head QK LayerNorm and RoPE -> model.attention")
+    p.shape("attention probs", first["maps"][0], "(B, heads, S, S), softmax(q k^T / sqrt(d)) (kept by the tour)")
+    x_out, c_out = seen["block0"][1]
+    p.shape("block video out", x_out, "(B, N, D) = x + gate * attn + gate * ff(norm2(x))")
+    p.shape("block text out", c_out, "(B, L, D), the same with the text's own gates")
+
+    p.stage("out of the transformer", "model.py:AdaLayerNorm (norm_out), proj_out, unpatchify",
+            f"after all {cfg.num_layers} blocks only the video tokens go on: a final adaLN, a linear map back to "
+            "p*p*C numbers per token, and the patches put back in place")
+    p.shape("proj_out", seen["proj_out"][1], "(B, N, p*p*C_out)")
+    p.shape("prediction", first["out"], "(B, F, C, h, w): v = sqrt(a) noise - sqrt(1 - a) x0, for each branch")
+
+    # 8-9: guidance and the sampler update of step 0
+    if use_cfg:
+        uncond, cond = first["out"].chunk(2)
+        rel = ((cond - uncond).norm() / uncond.norm()).item()
+        p.stage("classifier-free guidance", "sampler.py:guidance (called by sampler.py:denoise)",
+                f"uncond + {guidance_scale:g} * (cond - uncond): the batch was [negative; prompt], the prompt's "
+                f"difference is pushed {guidance_scale:g}x")
+        p.shape("uncond, cond", uncond, "(1, F, C, h, w) each, from out.chunk(2)")
+        p.shape("guided", first["guided"], f"(1, F, C, h, w); here |cond - uncond| / |uncond| = {rel:.3f}")
+    t_prev = ts[0] - pipe.scheduler.num_train_timesteps // steps        # the official t - T//N, as Sampler.step
+    a, a_prev = float(sampler.alpha(ts[0])), float(sampler.alpha(t_prev))
+    p.stage("sampler update (DDIM, step 0)", "sampler.py:Sampler.step -> predict_x0, ddim_step",
+            f"x0 = sqrt(a) x - sqrt(1 - a) v, then x_prev = c_x x + c_0 x0 with a = alpha_bar({ts[0]}) = {a:.4f}, "
+            f"a_prev = alpha_bar({t_prev}) = {a_prev:.4f}")
+    p.shape("x0 estimate", first["x0"], "(1, F, C, h, w)" + (": at a = 0 it is exactly -v" if a == 0 else ""))
+    p.shape("x next", first["x_next"], "(1, F, C, h, w), the input of step 1")
+    p.line(f"... {steps - 1} more steps of the same; the last goes to a_prev = 1, so the last x is its own x0 "
+           f"(x0.png shows steps {', '.join(map(str, show_steps))})")
+
+    # 10. VAE decode (frame batches seen through a hook on the decoder)
+    calls = []
+    hook = pipe.vae.decoder.register_forward_hook(lambda _m, args, out: calls.append((args[0], out)))
+    try:
+        frames = decode_latents(pipe, x, tiled=False)                                 # (1, F, 3, H, W)
+    finally:
+        hook.remove()
+    p.stage("VAE decode", "generate.py:decode_latents -> vae.py:CogVideoXVAE.decode, run_in_frame_batches",
+            f"latents / scaling_factor ({pipe.vae.config.scaling_factor}), channels first, then the causal decoder "
+            f"{len(calls)} time(s): {vae.LATENT_FRAMES_PER_BATCH} latent frames per batch, the remainder joining the "
+            "first (a cache carries the convolutions' context from batch to batch)")
+    p.shape("final latents", x, "(1, F, C, h, w)")
+    for j, (z_in, v_out) in enumerate(calls):
+        p.shape(f"decoder batch {j} in", z_in, "(1, C, frames, h, w)")
+        p.shape(f"decoder batch {j} out", v_out, "(1, 3, frames, H, W) in [-1, 1]")
+    p.shape("frames", frames, "(1, frames, 3, H, W) in [0, 1], what generate() returns")
+    video = uint8_frames(frames[0])
+    read = shapes.classify(video)
+    p.stage("what the evaluator reads", "shapes.py:classify",
+            f"from pixels only: colour {read.colour}, shape {read.shape}, motion {read.motion}, "
+            f"background {read.background}")
+
+    # Pictures
+    rows = decode_latents(pipe, torch.cat([x0s[s] for s in show_steps]), tiled=False)  # (R, frames, 3, H, W)
+    cells = [list(uint8_frames(r)) for r in rows]
+    labels = [f"step {s}\nt = {ts[s]}" for s in show_steps]
+    title = (f"x0, the clean video the sampler predicts at each step (sampler.x0, decoded): rows = steps, "
+             f"columns = frames; {prompt!r}, seed {seed}, guidance {guidance_scale:g}")
+    grid = labelled_grid(cells, title, labels, [f"frame {j}" for j in range(video.shape[0])], cell=2 * video.shape[1])
+    x0_png = os.path.join(out, "x0.png")
+    save_png(x0_png, grid)
+
+    probs = attn_maps[attn_block][-1, attn_head]                                     # (S, S), the prompt's row
+    to_text = probs[L:, :L]                                                          # (N, L): video -> text
+    share = to_text.mean(0)                                                          # (L,)
+    maps = to_text.T.reshape(L, lf, Hp, Wp).numpy()                                  # (L, F, Hp, Wp)
+    scale = maps.max() if maps.max() > 0 else 1.0
+    size = 2 * video.shape[1]
+    span = [0] + [min(info.temporal_compression * j, video.shape[0] - 1) for j in range(1, lf)]  # a pixel frame each
+    cells = [[video[span[f]]] + [heat(maps[j, f] / scale) for j in range(L)] for f in range(lf)]
+    labels = [f"latent frame {f}\n(pixel frame {span[f]})" for f in range(lf)]
+    cols = ["video"] + [f"{pieces[j].replace(chr(9601), '')} {100 * share[j]:.0f}%" for j in range(L)]
+    attn_png = os.path.join(out, "attention.png")
+    title = (f"block {attn_block}, head {attn_head}, step {attn_step} (t = {ts[attn_step]}), prompt branch: attention "
+             f"from each video token ({Hp}x{Wp} grid per latent frame) to each text token; one colour scale, black = 0, "
+             f"white = {scale:.2f}; % = the token's mean share")
+    save_png(attn_png, labelled_grid(cells, title, labels, cols, cell=size))
+    p.stage("pictures", f"written to {out}/",
+            f"x0.png: x0 decoded at steps {show_steps} (rows) x frames (columns); attention.png: block {attn_block}, "
+            f"head {attn_head}, step {attn_step} (t = {ts[attn_step]}), prompt branch, video tokens -> each text token")
+    order = share.argsort(descending=True)[:4].tolist()
+    p.line("largest shares of the video tokens' attention among the text tokens: "
+           + ", ".join(f"{pieces[j]} {100 * share[j]:.1f}%" for j in order)
+           + f" (all text together: {100 * share.sum():.1f}%, the rest goes to video tokens)")
+    return {"shapes": p.shapes, "frames": frames, "pngs": [x0_png, attn_png], "attention": share, "pieces": pieces}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description="A guided tour through one CogVideoX generation on the demo model.")
+    ap.add_argument("--model", default=DEMO_MODEL, help="a snapshot folder (default: the bundled demo model)")
+    ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--out", default="tour", help="folder for x0.png and attention.png (created if missing)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=6.0)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--show-steps", type=int, nargs="+", default=[0, 2, 5, 10, 20, 30, 49],
+                    help="the steps whose x0 prediction x0.png shows (negative: from the end)")
+    ap.add_argument("--attn-step", type=int, default=25)
+    ap.add_argument("--attn-block", type=int, default=-1, help="the block attention.png shows (-1: the last)")
+    ap.add_argument("--attn-head", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args.model)
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s  --  generate.py:load_pipeline")
+    result = tour(pipe, args.prompt, args.out, args.steps, args.guidance, args.seed, args.show_steps,
+                  args.attn_step, args.attn_block, args.attn_head)
+    print(f"\ntour done in {time.perf_counter() - t0:.1f} s; pictures: {', '.join(result['pngs'])}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
