@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 
 
 class CheckpointError(ValueError):
@@ -32,6 +33,13 @@ def read_json(path: str) -> dict:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+def component_folder(path: str, name: str) -> str:
+    """Every loader takes either a snapshot root or the component folder itself: `path/name` if it exists, else
+    `path`."""
+    sub = os.path.join(path, name)
+    return sub if os.path.isdir(sub) else path
 
 
 def config_from_dict(cls, d: dict):
@@ -145,3 +153,35 @@ def load_weights(model: nn.Module, folder: str, name: str, dtype=torch.float32, 
             raise CheckpointError(f"shape of {k!r} in {where} is {tuple(sd[k].shape)}, the model expects {tuple(v.shape)}")
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing: the mirror of the reading above
+
+
+def write_json(path: str, d: dict) -> None:
+    """As diffusers and transformers write their configs: indented, keys sorted, a final newline."""
+    with open(path, "w") as f:
+        json.dump(d, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def save_component(sd: dict[str, torch.Tensor], config: dict, folder: str, name: str = "diffusion_pytorch_model",
+                   max_shard_bytes: float = math.inf) -> None:
+    """A new component folder that `load_weights` reads back: config.json and the weights, one `<name>.safetensors`,
+    or numbered shards and their index once the tensors pass max_shard_bytes."""
+    os.makedirs(folder)
+    write_json(os.path.join(folder, "config.json"), config)
+    shards, size = [{}], 0
+    for k in sorted(sd):
+        if shards[-1] and size + sd[k].nbytes > max_shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][k], size = sd[k].contiguous(), size + sd[k].nbytes
+    if len(shards) == 1:
+        return save_file(shards[0], os.path.join(folder, f"{name}.safetensors"), metadata={"format": "pt"})
+    files = [f"{name}-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)]
+    for file, shard in zip(files, shards):
+        save_file(shard, os.path.join(folder, file), metadata={"format": "pt"})
+    write_json(os.path.join(folder, f"{name}.safetensors.index.json"),
+               {"metadata": {"total_size": sum(t.nbytes for t in sd.values())},
+                "weight_map": {k: file for file, shard in zip(files, shards) for k in shard}})

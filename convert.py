@@ -12,9 +12,7 @@ modulation vectors in one Linear. Everything else is a rename. Facts: CogVideo `
 
 Legend: D hidden size, E time embedding size (512), r LoRA rank.
 """
-import argparse
 import dataclasses
-import json
 import os
 import pickle
 import re
@@ -25,12 +23,12 @@ import zipfile
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 import cli
+import lora
 import model
 import vae
-from checkpoint import config_from_dict, read_json, read_tensors, weight_files
+from checkpoint import config_from_dict, read_json, read_tensors, save_component, weight_files
 
 VARIANTS = tuple(model.PRESETS)  # cogvideox-2b, -5b, -5b-i2v, cogvideox1.5-5b, -5b-i2v
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -168,9 +166,9 @@ def vae_to_hf(sd, reverse=False):
     return out
 
 
-def sat_lora_to_diffusers(sd, alpha=1.0):
-    """SAT LoRA factors -> (diffusers LoRA state dict, safetensors metadata). SAT scales the update by alpha / r as
-    peft does, so alpha carries over; it is recorded where diffusers reads it (without it diffusers takes alpha = r)."""
+def sat_lora_to_diffusers(sd):
+    """SAT LoRA factors -> (diffusers LoRA state dict, rank). SAT scales the update by alpha / r as peft does, so
+    alpha carries over: lora.save_lora records it where diffusers reads it (without it diffusers takes alpha = r)."""
     out = {}
     for key, t in sd.items():
         if key.startswith(SAT) and (m := SAT_LORA.match(key[len(SAT):])):
@@ -184,9 +182,7 @@ def sat_lora_to_diffusers(sd, alpha=1.0):
             raise ConvertError(f"LoRA factor {pair!r} is missing (its pair {k!r} is present)")
     if len(ranks := {t.shape[0] for k, t in out.items() if "lora_A" in k}) != 1:
         raise ConvertError(f"LoRA factors have several ranks {sorted(ranks)}; expected one")
-    lora_config = {"transformer.r": ranks.pop(), "transformer.lora_alpha": alpha,
-                   "transformer.target_modules": sorted({k.split(".attn1.")[1].split(".lora_")[0] for k in out})}
-    return out, {"format": "pt", "lora_adapter_metadata": json.dumps(lora_config, indent=2, sort_keys=True)}
+    return out, ranks.pop()
 
 
 def expected_shapes(component, config):
@@ -257,27 +253,6 @@ def parse_size(text):
     return int(float(m[1]) * 1000 ** "BKMG".index(m[2][0]))
 
 
-def save_component(sd, config, folder, max_shard_bytes, name="diffusion_pytorch_model"):
-    """config.json and the weights: one safetensors file, or numbered shards and an index above max_shard_bytes."""
-    os.makedirs(folder)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    shards, size = [{}], 0
-    for k in sorted(sd):
-        if shards[-1] and size + sd[k].nbytes > max_shard_bytes:
-            shards, size = shards + [{}], 0
-        shards[-1][k], size = sd[k].contiguous(), size + sd[k].nbytes
-    if len(shards) == 1:
-        return save_file(shards[0], os.path.join(folder, f"{name}.safetensors"), metadata={"format": "pt"})
-    files = [f"{name}-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)]
-    for file, shard in zip(files, shards):
-        save_file(shard, os.path.join(folder, file), metadata={"format": "pt"})
-    index = {"metadata": {"total_size": sum(t.nbytes for t in sd.values())},
-             "weight_map": {k: file for file, shard in zip(files, shards) for k in shard}}
-    with open(os.path.join(folder, f"{name}.safetensors.index.json"), "w") as f:
-        json.dump(index, f, indent=2)
-
-
 def write_atomically(out, writers):
     """Run each writer(path) into a temporary folder inside `out`, then rename the results into place: a failed or
     interrupted conversion never leaves a half-written component behind. `out` is a folder this tool created (or a
@@ -306,10 +281,10 @@ def cmd_sat2hf(a):
         sd, unmatched = sat_to_hf(load_sat(a.transformer), t_cfg)
         sd = check(sd, expected_shapes("transformer", t_cfg), a.transformer, unmatched, a.allow_missing, a.variant)
         sd = {k: t.to(DTYPES.get(a.dtype, t.dtype)) for k, t in sd.items()}
-        writers["transformer"] = lambda d: save_component(sd, t_cfg, d, a.max_shard_size)
+        writers["transformer"] = lambda d: save_component(sd, t_cfg, d, max_shard_bytes=a.max_shard_size)
     if a.vae:  # the VAE stays in fp32, as the official converter keeps it
         vsd = check(vae_to_hf(load_sat(a.vae)), expected_shapes("vae", v_cfg), a.vae, (), a.allow_missing)
-        writers["vae"] = lambda d: save_component(vsd, v_cfg, d, a.max_shard_size)
+        writers["vae"] = lambda d: save_component(vsd, v_cfg, d, max_shard_bytes=a.max_shard_size)
     write_atomically(a.out, writers)
 
 
@@ -341,9 +316,9 @@ def cmd_hf2sat(a):
 
 
 def cmd_lora(a):
-    sd, metadata = sat_lora_to_diffusers(load_sat(a.lora), a.alpha)
+    sd, rank = sat_lora_to_diffusers(load_sat(a.lora))
     sd = {k: t.to(DTYPES.get(a.dtype, t.dtype)).contiguous() for k, t in sd.items()}
-    write_atomically(a.out, {"pytorch_lora_weights.safetensors": lambda p: save_file(sd, p, metadata=metadata)})
+    write_atomically(a.out, {lora.WEIGHT_NAME: lambda p: lora.save_lora(p, sd, rank, a.alpha)})
 
 
 def main(argv=None):

@@ -17,7 +17,6 @@ Supported: the text-to-video models. `inject` needs the RoPE ones (CogVideoX-5b,
 
 Legend: B batch, F latent frames, C channels, h/w latent height/width, q/k/v (B, heads, S, head_dim), S = L + N tokens.
 """
-import argparse
 import os
 import sys
 import time
@@ -26,9 +25,9 @@ import torch
 
 import cli
 import model
-from generate import (Pipeline, check_request, check_video_output, decode_latents, encode_text, encode_video,
-                      load_pipeline, on_device, peak_memory_gb, read_model_info, read_video, resize, resolve_model_path,
-                      save_video, worth_tiling)
+from generate import (Pipeline, check_request, check_video_output, decode_latents, encode_frames, encode_text,
+                      load_pipeline, on_device, pad_front, peak_memory_gb, prologue, read_video, resize, save_video,
+                      worth_tiling)
 from sampler import denoise, invert, make_sampler
 
 METHODS = ("inject", "plain")
@@ -121,12 +120,9 @@ def edit(pipe: Pipeline, video, prompt: str, *, method: str = "inject", source_p
     check_request(info, num_frames, height, width)
 
     generator = torch.Generator().manual_seed(seed)      # the posterior sample first, then the noise, as generate()
-    pixels = (resize(video[:num_frames], height, width) * 2 - 1).permute(1, 0, 2, 3)[None]  # (1, 3, F, H, W)
     tiled = vae_tiling and worth_tiling(pipe.vae, height, width)
-    z = encode_video(pipe, pixels, generator, tiled) * pipe.vae.config.scaling_factor        # (1, F, C, h, w)
-    p_t = pipe.transformer.config.patch_size_t or 1
-    pad = (p_t - z.shape[1] % p_t) % p_t                 # CogVideoX 1.5: repeat the first latent frame, dropped after
-    z = torch.cat([z[:, :1]] * pad + [z], dim=1)
+    z = encode_frames(pipe, resize(video[:num_frames], height, width)[None], generator, tiled)  # (1, F, C, h, w)
+    z, pad = pad_front(z, pipe.transformer.config.patch_size_t)
     z = edit_latents(pipe, z, prompt, method=method, source_prompt=source_prompt, negative_prompt=negative_prompt,
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
                      max_sequence_length=max_sequence_length, progress=progress)
@@ -180,11 +176,8 @@ def main(argv=None) -> int:
 
 def run_cli(args) -> int:
     # Everything that can be checked is checked before any weights are read.
-    path = resolve_model_path(args.model)
-    tcfg, _, info = read_model_info(path)
+    path, tcfg, info, device, dtype = prologue(args)
     check_edit(info, tcfg, args.method)
-    device = cli.pick_device(args.device)
-    dtype = cli.pick_dtype(args.dtype, device, info.gpu_dtype)
     video = read_video(cli.existing_path("--video", args.video, "file"))
     num_frames = edit_frames(info, len(video), args.num_frames)
     check_request(info, num_frames, args.height or info.height, args.width or info.width)

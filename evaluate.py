@@ -28,6 +28,18 @@ def evaluate_model(pipe, attrs_list, per_combo, steps, guidance, seed=0):
     return shapes.evaluate(np.concatenate(videos), labels)
 
 
+def report(model: str = DEMO_MODEL, per_combo: int = 1, steps: int = 50, guidance: float = 6.0,
+           sets=("held-out", "train"), device="cpu") -> dict:
+    """Load `model`, score the chosen prompt sets and print the table; returns {set: results}."""
+    pipe = load_pipeline(model, device=device)
+    train, held_out = shapes.split()
+    results = {name: evaluate_model(pipe, attrs, per_combo, steps, guidance)
+               for name, attrs in (("held-out", held_out), ("train", train)) if name in sets}
+    print(f"{model}: {steps} DDIM steps, guidance {guidance}, {per_combo} video(s) per prompt")
+    shapes.print_table(results)
+    return results
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Colour / shape / motion accuracy of a moving-shapes model.")
     p.add_argument("--model", default=DEMO_MODEL)
@@ -39,13 +51,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model, device=args.device)
-    train, held_out = shapes.split()
-    results = {name: evaluate_model(pipe, attrs, args.per_combo, args.steps, args.guidance)
-               for name, attrs in (("held-out", held_out), ("train", train)) if name in args.sets}
-    print(f"{args.model}: {args.steps} DDIM steps, guidance {args.guidance}, {args.per_combo} video(s) per prompt")
-    shapes.print_table(results)
-    return results
+    return report(args.model, args.per_combo, args.steps, args.guidance, args.sets, args.device)
 
 
 if __name__ == "__main__":

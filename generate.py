@@ -10,7 +10,6 @@ video here and there) -> the sampler loop with classifier-free guidance -> VAE d
 
 Legend: B batch, F latent frames, C channels, H/W height/width (latent unless said "pixel"), L text tokens.
 """
-import argparse
 import math
 import os
 import sys
@@ -341,13 +340,33 @@ def encode_text(pipe: Pipeline, prompts: list[str], max_sequence_length: int) ->
         return t5(ids).to(pipe.dtype)                                                 # (B, L, D)
 
 
+def front_padding(patch_size_t: int | None, latent_frames: int) -> int:
+    """CogVideoX 1.5 patches two latent frames into one token, and its 16k+1 frames always give an odd latent count:
+    this many frames go in front of the latents (noise when generating; a copy of the first latent frame for an
+    encoded video, as THUDM's trainer pads) and are dropped before decoding. 0 for CogVideoX 1.0."""
+    p_t = patch_size_t or 1
+    return (p_t - latent_frames % p_t) % p_t
+
+
+def pad_front(z: torch.Tensor, patch_size_t: int | None) -> tuple[torch.Tensor, int]:
+    """Encoded latents (B, F', C, h, w) -> (B, F' + pad, C, h, w) with the first frame repeated in front, and pad."""
+    pad = front_padding(patch_size_t, z.shape[1])
+    return torch.cat([z[:, :1].expand(-1, pad, -1, -1, -1), z], dim=1), pad
+
+
 @torch.no_grad()
-def encode_video(pipe: Pipeline, pixels: torch.Tensor, generator: torch.Generator, tiled: bool) -> torch.Tensor:
-    """(B, 3, F, H, W) in [-1, 1] -> posterior samples (B, F', C, H', W'), one VAE call and one draw per video, in the
-    order diffusers draws them (before the initial noise)."""
+def encode_frames(pipe: Pipeline, frames: torch.Tensor, generator: torch.Generator, tiled: bool,
+                  condition: bool = False) -> torch.Tensor:
+    """Frames (B, F, 3, H, W) in [0, 1] at the model's size -> scaled latents (B, F', C, h, w): the mirror of
+    decode_latents. One VAE call and one posterior draw per video, in the order diffusers draws them (before the
+    initial noise). condition: the I2V first frame, which CogVideoX 1.5 was trained with divided by scaling_factor
+    instead of multiplied (its VAE config's invert_scale_latents)."""
+    pixels = frames.permute(0, 2, 1, 3, 4) * 2 - 1                                    # (B, 3, F, H, W) in [-1, 1]
     with on_device(pipe, pipe.vae) as vae:
         zs = [sample_posterior(*vae.encode(v[None].to(pipe.device, pipe.dtype), tiled=tiled), generator) for v in pixels]
-    return torch.cat(zs).to(pipe.dtype).permute(0, 2, 1, 3, 4)                       # (B, F', C, H', W')
+    z = torch.cat(zs).to(pipe.dtype).permute(0, 2, 1, 3, 4)                           # (B, F', C, h, w)
+    sf = pipe.vae.config.scaling_factor
+    return z / sf if condition and pipe.vae.config.invert_scale_latents else z * sf
 
 
 @torch.no_grad()
@@ -426,10 +445,8 @@ def generate(pipe: Pipeline, prompt: str | list[str], *, negative_prompt: str | 
     text = emb.repeat_interleave(num_videos, dim=0)                                   # (B' = [2]B, L, D)
     timings["text"] = time.perf_counter() - t0
 
-    # Latent frames; CogVideoX 1.5 patches 2 latent frames at once, so an odd count is padded at the front.
-    lf = (num_frames - 1) // info.temporal_compression + 1
-    p_t = pipe.transformer.config.patch_size_t or 1
-    pad = (p_t - lf % p_t) % p_t
+    lf = (num_frames - 1) // info.temporal_compression + 1                            # latent frames
+    pad = front_padding(pipe.transformer.config.patch_size_t, lf)
     h, w = height // info.spatial_compression, width // info.spatial_compression
     channels = pipe.transformer.config.out_channels
     tiled = vae_tiling and worth_tiling(pipe.vae, height, width)
@@ -438,19 +455,14 @@ def generate(pipe: Pipeline, prompt: str | list[str], *, negative_prompt: str | 
     t0 = time.perf_counter()
     cond, start = None, None
     if image is not None:
-        pixels = resize(image[None], height, width)[:, :, None] * 2 - 1              # (1, 3, 1, H, W)
-        z = encode_video(pipe, pixels.expand(B, -1, -1, -1, -1), generator, tiled)    # (B, 1, C, h, w)
-        vcfg = pipe.vae.config
-        z = z / vcfg.scaling_factor if vcfg.invert_scale_latents else z * vcfg.scaling_factor  # 1.5 divides (as trained)
+        first = resize(image[None], height, width)[:, None].expand(B, -1, -1, -1, -1)  # (B, 1, 3, H, W)
+        z = encode_frames(pipe, first, generator, tiled, condition=True)              # (B, 1, C, h, w)
         cond = torch.cat([z, z.new_zeros(B, lf + pad - 1, *z.shape[2:])], dim=1)      # (B, F, C, h, w)
         cond = torch.cat([cond, cond]) if cfg else cond                                # (B', F, C, h, w)
     if video is not None:
-        pixels = (resize(video, height, width) * 2 - 1).permute(1, 0, 2, 3)[None]      # (1, 3, F, H, W)
-        start = encode_video(pipe, pixels.expand(B, -1, -1, -1, -1), generator, tiled)
-        start = start * pipe.vae.config.scaling_factor                                 # (B, F, C, h, w)
-        # 1.5 needs an even latent count and 16k+1 frames always give an odd one (diffusers refuses): repeat the
-        # first latent frame in front, as the official trainer does, and drop it after denoising
-        start = torch.cat([start[:, :1].expand(-1, pad, -1, -1, -1), start], dim=1)
+        clip = resize(video, height, width)[None].expand(B, -1, -1, -1, -1)           # (B, F, 3, H, W)
+        # 1.5: diffusers refuses the odd latent count here; we pad it as the official trainer does
+        start, _ = pad_front(encode_frames(pipe, clip, generator, tiled), pipe.transformer.config.patch_size_t)
     latents = torch.randn((B, lf + pad, channels, h, w), generator=generator).to(dev, dtype)  # (B, F, C, h, w)
     if start is not None:
         latents = add_noise(pipe.scheduler, start, latents, schedule.timesteps[0]).to(dtype)
@@ -557,6 +569,15 @@ def shard() -> tuple[int, int, int]:
     return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
 
 
+def prologue(args) -> tuple[str, TransformerConfig, ModelInfo, torch.device, torch.dtype]:
+    """What every command starts with, from the config files alone: the snapshot, its configs, the device (checked
+    to exist) and the dtype policy (cli.pick_dtype with the model's training precision)."""
+    path = resolve_model_path(args.model)
+    tcfg, _, info = read_model_info(path)
+    device = cli.pick_device(args.device)
+    return path, tcfg, info, device, cli.pick_dtype(args.dtype, device, info.gpu_dtype)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     return cli.run(lambda: run_cli(args))
@@ -571,12 +592,10 @@ def run_cli(args) -> int:
         raise ValueError("--strength applies to video-to-video only: add --video PATH, or drop --strength")
     if args.image and args.video:
         raise ValueError("give either --image (image-to-video) or --video (video-to-video), not both")
-    path = resolve_model_path(args.model)
-    tcfg, _, info = read_model_info(path)
     rank, world, local = shard()
-    device = cli.pick_device(args.device if args.device or world == 1 or not torch.cuda.is_available()
-                             else f"cuda:{local}")
-    dtype = cli.pick_dtype(args.dtype, device, info.gpu_dtype)
+    if world > 1 and args.device is None and torch.cuda.is_available():
+        args.device = f"cuda:{local}"  # torchrun: one GPU per process
+    path, tcfg, info, device, dtype = prologue(args)
     image = read_image(cli.existing_path("--image", args.image, "file")) if args.image else None
     video = read_video(cli.existing_path("--video", args.video, "file")) if args.video else None
     if video is not None and args.num_frames:

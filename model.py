@@ -1,5 +1,10 @@
 """The CogVideoX expert transformer: a diffusion transformer over [text; video] tokens.
 
+References: the paper (Yang et al. 2024, "CogVideoX: Text-to-Video Diffusion Models with An Expert Transformer",
+arXiv:2408.06072), the official SAT module it was trained with (THUDM/CogVideo, `sat/dit_video_concat.py`), and the
+diffusers port this file equals numerically (`diffusers/models/transformers/cogvideox_transformer_3d.py`, the test
+oracle in tests/test_model.py).
+
 One file for all five released variants (2b, 5b, 5b-I2V, 1.5-5B, 1.5-5B-I2V). Parameter names equal the
 keys of the official `transformer/diffusion_pytorch_model*.safetensors`, so the weights load as they are.
 What makes CogVideoX different from a plain DiT:
@@ -20,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import config_from_dict, load_weights, read_json
+from checkpoint import component_folder, config_from_dict, load_weights, read_json
 
 
 @dataclass
@@ -465,7 +470,7 @@ class CogVideoXTransformer(nn.Module):
 def load_transformer(path: str, dtype=torch.float32, device="cpu") -> CogVideoXTransformer:
     """Build from `<path>/config.json` on the meta device and assign the (sharded) safetensors weights.
     `path` is the `transformer/` folder or the snapshot root that contains it."""
-    folder = os.path.join(path, "transformer") if os.path.isdir(os.path.join(path, "transformer")) else path
+    folder = component_folder(path, "transformer")
     cfg = config_from_dict(TransformerConfig, read_json(os.path.join(folder, "config.json")))
     with torch.device("meta"):
         model = CogVideoXTransformer(cfg)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, config_from_dict, read_json
+from checkpoint import CheckpointError, component_folder, config_from_dict, read_json
 
 
 @dataclass
@@ -74,8 +74,7 @@ PRESETS = {
 
 def load_scheduler_config(path: str) -> SchedulerConfig:
     """`path`: scheduler_config.json, the `scheduler/` folder or the snapshot root."""
-    if os.path.isdir(os.path.join(path, "scheduler")):
-        path = os.path.join(path, "scheduler")
+    path = component_folder(path, "scheduler")
     if os.path.isdir(path):
         path = os.path.join(path, "scheduler_config.json")
     d = read_json(path)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, config_from_dict, load_weights, read_json
+from checkpoint import CheckpointError, component_folder, config_from_dict, load_weights, read_json
 
 
 @dataclass
@@ -171,12 +171,6 @@ class T5Encoder(nn.Module):
         return self.encoder.final_layer_norm(x)
 
 
-def _component(path: str, name: str) -> str:
-    """The component folder: `path` itself, or `path/name` when `path` is a snapshot root."""
-    sub = os.path.join(path, name)
-    return sub if os.path.isdir(sub) else path
-
-
 def load_text_encoder(path: str, dtype=torch.float32, device="cpu") -> T5Encoder:
     """Load the official `text_encoder/` folder (or a snapshot root holding one), strictly.
 
@@ -186,7 +180,7 @@ def load_text_encoder(path: str, dtype=torch.float32, device="cpu") -> T5Encoder
     from the first feed-forward on. We do the same on purpose: `wo` and the residual stream are fp32
     from the embedding on, every other weight and matmul is fp16, so no clamping is needed.
     bf16 has fp32's range, so there everything is bf16, as in transformers."""
-    folder = _component(path, "text_encoder")
+    folder = component_folder(path, "text_encoder")
     d = read_json(os.path.join(folder, "config.json"))
     missing = [k for k in T5Config.__dataclass_fields__ if k not in d]
     if missing:
@@ -222,7 +216,7 @@ class Tokenizer:
     WORD_SPLIT = re.compile("[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\u2581]+")
 
     def __init__(self, path: str):
-        folder = _component(path, "tokenizer") if os.path.isdir(path) else None
+        folder = component_folder(path, "tokenizer") if os.path.isdir(path) else None
         file = os.path.join(folder, "spiece.model") if folder else path
         if not os.path.isfile(file):
             hint = " (only tokenizer.json, as transformers 5 saves it)" if folder and os.path.isfile(

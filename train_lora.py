@@ -47,7 +47,8 @@ from tqdm import tqdm
 
 import cli
 from cli import atomic_write
-from generate import Pipeline, generate, read_model_info, read_video, resize, resolve_model_path, save_video
+from generate import (Pipeline, generate, pad_front, read_model_info, read_video, resize, resolve_model_path,
+                      save_video)
 from lora import WEIGHT_NAME, add_lora, lora_state_dict, save_lora, set_lora_state
 from model import load_transformer
 from sampler import add_noise, load_scheduler_config, v_target
@@ -243,9 +244,7 @@ def make_batch(items, positions: list[tuple[int, int]], cache: str, scaling_fact
         g = sample_generator(*pos)
         lat = load_file(os.path.join(cache, "latents", lat_key + ".safetensors"))
         z = sample_posterior(lat["mean"].float(), lat["logvar"].float(), g) * scaling_factor  # (F, C, H, W)
-        if patch_size_t and z.shape[0] % patch_size_t:  # 1.5: pad the odd latent count with the first frame, as THUDM
-            z = torch.cat([z[:1]] * (patch_size_t - z.shape[0] % patch_size_t) + [z])
-        x0.append(z)
+        x0.append(pad_front(z[None], patch_size_t)[0][0])                             # 1.5: an even latent count
         text.append(load_file(os.path.join(cache, "text", txt_key + ".safetensors"))["embedding"])
         t.append(torch.randint(0, timesteps, (1,), generator=g))
         noise.append(torch.randn(z.shape, generator=g))

@@ -28,16 +28,11 @@ Hugging Face layout, so diffusers' CogVideoXPipeline loads it unchanged. Stages,
    (snr_shift_scale 1: the 2b shift of 3 was chosen for 480x720 latents and would leave an 8x8 latent mostly noise),
    trained with v-prediction at uniform timesteps on cached latents and text embeddings, with 10% empty captions so
    that classifier-free guidance works, under bf16 autocast (fp32 weights; 1.8x faster on a CPU with bf16 units).
-   Width matters more than steps at first: at width 64 the loss stalled at 0.15 after 5000 steps and samples were
-   blocky noise; width 256 reaches 0.10 in 1500. Steps and clips matter for the shape: it is learned last (training
-   prompts drawn with the right shape 35% after 2000 steps, 74% after 8000; colour and motion are right from ~2000),
-   and composed into new combinations last. On 1,200 clips, 8,000 steps drew held-out shapes at chance (25-32%, the
-   clips memorised); 6,000 clips gave 38-43% at the same steps, and 8,000 clips with 14,000 steps 72%.
+   Width, clip count and step count were each found to matter by measurement (README, the demo model section).
 5. The snapshot: config.json files as diffusers/transformers write them, safetensors weights, a loss log
    (train_log.jsonl); written to a temporary folder and renamed into place, so a crash never leaves half a model.
-Time on 2 CPU cores (2 threads, measured): VAE phases 1-3 13.5 min, transformer 34.8 min, 49.2 min in all (51.1 with
-the evaluation that follows). Memory: caching and transformer stages peak at 2.0 GB RSS (9.1 GB while the 8,000
-clips were converted to float all at once; encode_clips now converts a batch at a time, same latents bit for bit).
+Measured results (time on 2 CPU cores, memory, accuracy) are in the README and bench/RESULTS.md, not here: they
+change whenever the recipe does.
 
 Legend: N clips, B batch, F frames (pixel or latent), C channels, H/W height/width, L text tokens, D width.
 """
@@ -55,11 +50,11 @@ import numpy as np
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import cli
 import shapes
+from checkpoint import save_component, write_json
 from model import CogVideoXTransformer, TransformerConfig
 from sampler import PRESETS as SCHEDULERS, add_noise, v_target
 from text_encoder import T5Config, T5Encoder, Tokenizer
@@ -336,12 +331,6 @@ def train_transformer(cfg, latents, text, caption_ids, empty_id, logfile, gen):
 
 # ------------------------------------------------------------------------------------------------------ 4. snapshot
 
-def write_json(path, d):
-    with open(path, "w") as f:
-        json.dump(d, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
 def save_snapshot(root, t5, vae, transformer):
     """The official layout (tokenizer/ is written by train_tokenizer): model_index.json and one folder per component,
     each with the config.json its library writes and safetensors weights."""
@@ -357,19 +346,14 @@ def save_snapshot(root, t5, vae, transformer):
             ("transformer", "CogVideoXTransformer3DModel", transformer, asdict(transformer.config), torch.bfloat16),
             ("vae", "AutoencoderKLCogVideoX", vae, {**asdict(vae.config), "force_upcast": True, "shift_factor": None,
                                                     "latents_mean": None, "latents_std": None}, torch.float32)):
-        os.makedirs(os.path.join(root, name))
-        write_json(os.path.join(root, name, "config.json"), {"_class_name": cls, **diffusers, **config})
-        save_file({k: v.to(dtype).contiguous() for k, v in model.state_dict().items()},
-                  os.path.join(root, name, "diffusion_pytorch_model.safetensors"))
+        save_component({k: v.to(dtype) for k, v in model.state_dict().items()},
+                       {"_class_name": cls, **diffusers, **config}, os.path.join(root, name))
     c = t5.config
-    os.makedirs(os.path.join(root, "text_encoder"))
-    write_json(os.path.join(root, "text_encoder", "config.json"), {
+    save_component(t5.state_dict(), {
         **asdict(c), "architectures": ["T5EncoderModel"], "model_type": "t5", "dense_act_fn": "gelu_new",
         "is_gated_act": True, "dropout_rate": 0.1, "initializer_factor": 1.0, "is_encoder_decoder": True,
         "num_decoder_layers": c.num_layers, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
-        "tie_word_embeddings": False, "use_cache": True, "dtype": "float32"})
-    save_file({k: v.contiguous() for k, v in t5.state_dict().items()},
-              os.path.join(root, "text_encoder", "model.safetensors"), metadata={"format": "pt"})
+        "tie_word_embeddings": False, "use_cache": True, "dtype": "float32"}, os.path.join(root, "text_encoder"), "model")
     os.makedirs(os.path.join(root, "scheduler"))
     write_json(os.path.join(root, "scheduler", "scheduler_config.json"),
                {"_class_name": "CogVideoXDDIMScheduler", **diffusers, **asdict(SCHEDULERS["cogvideox-5b"])})
@@ -445,8 +429,7 @@ def train(cfg: TrainConfig, out: str, evaluate_after: bool = True, vae_from: str
         f"{k} {first:.4f} -> {last:.4f}" for k, (first, last) in summary.items()))
     if evaluate_after and cfg.eval_per_combo > 0:
         import evaluate
-        evaluate.main(["--model", out, "--per-combo", str(cfg.eval_per_combo), "--steps", str(cfg.eval_steps),
-                       "--device", str(device)])
+        evaluate.report(out, per_combo=cfg.eval_per_combo, steps=cfg.eval_steps, device=device)
     return summary
 
 

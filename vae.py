@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import config_from_dict, load_weights, read_json
+from checkpoint import component_folder, config_from_dict, load_weights, read_json
 
 
 @dataclass
@@ -426,7 +426,7 @@ def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.
 
 def load_vae(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> CogVideoXVAE:
     """The VAE of a snapshot: `path` is the `vae/` folder or the snapshot root."""
-    folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
+    folder = component_folder(path, "vae")
     cfg = config_from_dict(VAEConfig, read_json(os.path.join(folder, "config.json")))
     with torch.device("meta"):
         model = CogVideoXVAE(cfg)

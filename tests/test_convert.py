@@ -12,6 +12,7 @@ import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel
 
 import convert
+from lora import lora_metadata
 import model
 import vae
 
@@ -249,8 +250,7 @@ def test_lora_export_matches_sat_merge(variant, tmp_path):
 
     # read back as diffusers reads it; it builds peft's LoraConfig(r, lora_alpha, target_modules) from the metadata
     lora, meta = CogVideoXPipeline.lora_state_dict(str(tmp_path / "l"), return_lora_metadata=True)
-    assert meta == {"transformer.r": r, "transformer.lora_alpha": alpha,
-                    "transformer.target_modules": ["to_k", "to_out.0", "to_q", "to_v"]}
+    assert meta == {"transformer." + k: v for k, v in lora_metadata(r, alpha).items()}  # all four targets
     assert len(lora) == 8 * 2 and "transformer.transformer_blocks.1.attn1.to_out.0.lora_B.weight" in lora
     scale = meta["transformer.lora_alpha"] / meta["transformer.r"]
 
