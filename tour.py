@@ -272,7 +272,7 @@ def tour(pipe, prompt: str = PROMPT, out: str = "tour", steps: int = 50, guidanc
     rope = seen["block0"][0][3]
     if rope is not None:
         n_t, n_hw = cfg.attention_head_dim // 8, cfg.attention_head_dim // 16 * 3
-        p.shape("rope cos, sin", rope[0], f"(S, 1, d/2) each  model.py:CogVideoXTransformer.rope -> model.py:rope_3d")
+        p.shape("rope cos, sin", rope[0], "(S, 1, d/2) each  model.py:CogVideoXTransformer.rope -> model.py:rope_3d")
         p.line(f"per head of d = {cfg.attention_head_dim}: {cfg.attention_head_dim // 2} rotation angles = "
                f"[time {n_t} | height {n_hw} | width {n_hw}]; the {L} text rows are the identity (cos 1, sin 0), so "
                "RoPE moves video tokens only; no absolute position table in this variant")
@@ -284,12 +284,13 @@ def tour(pipe, prompt: str = PROMPT, out: str = "tour", steps: int = 50, guidanc
     p.stage("one transformer block (block 0 of {}, step 0)".format(cfg.num_layers),
             "model.py:Block.forward, LayerNormZero.forward (expert adaLN), Attention.forward",
             "one shared LayerNorm; each modality gets its own shift/scale/gate from emb, twice per block: "
-            "norm1 before attention, norm2 before the feed-forward. emb depends on t only (the same for every row of the batch): "
-            "the text reaches the video through attention, not through the modulation")
+            "norm1 before attention, norm2 before the feed-forward. emb depends on t only (the same for every row "
+            "of the batch): the text reaches the video through attention, not through the modulation")
     for norm_name, norm in (("norm1", blk.norm1), ("norm2", blk.norm2)):
         mods = norm.linear(F.silu(emb))[:, None].chunk(6, dim=2)  # what LayerNormZero.forward computes first
         if norm_name == "norm1":
-            p.shape("modulations", torch.stack(mods), "6 x (B, 1, D): video shift, scale, gate; text shift, scale, gate")
+            p.shape("modulations", torch.stack(mods),
+                    "6 x (B, 1, D): video shift, scale, gate; text shift, scale, gate")
         mag = [m[0].abs().mean().item() for m in mods]
         p.line(f"{norm_name} at t = {ts[0]}, mean |.|: video shift {mag[0]:.2f} scale {mag[1]:.2f} gate "
                f"{mag[2]:.2f}  |  text shift {mag[3]:.2f} scale {mag[4]:.2f} gate {mag[5]:.2f}")
@@ -369,9 +370,9 @@ def tour(pipe, prompt: str = PROMPT, out: str = "tour", steps: int = 50, guidanc
     labels = [f"latent frame {f}\n(pixel frame {span[f]})" for f in range(lf)]
     cols = ["video"] + [f"{pieces[j].replace(chr(9601), '')} {100 * share[j]:.0f}%" for j in range(L)]
     attn_png = os.path.join(out, "attention.png")
-    title = (f"block {attn_block}, head {attn_head}, step {attn_step} (t = {ts[attn_step]}), prompt branch: attention "
-             f"from each video token ({Hp}x{Wp} grid per latent frame) to each text token; one colour scale, black = 0, "
-             f"white = {scale:.2f}; % = the token's mean share")
+    title = (f"block {attn_block}, head {attn_head}, step {attn_step} (t = {ts[attn_step]}), prompt branch: "
+             f"attention from each video token ({Hp}x{Wp} grid per latent frame) to each text token; one colour "
+             f"scale, black = 0, white = {scale:.2f}; % = the token's mean share")
     save_png(attn_png, labelled_grid(cells, title, labels, cols, cell=size))
     p.stage("pictures", f"written to {out}/",
             f"x0.png: x0 decoded at steps {show_steps} (rows) x frames (columns); attention.png: block {attn_block}, "

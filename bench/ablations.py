@@ -151,7 +151,7 @@ def fmt(r: dict) -> str:
 def table(results: dict, ablations: dict) -> str:
     first = next(iter(results.values()))
     n_h, n_t = first["held-out"]["n"], first["train"]["n"]
-    lines = [f"| ablation | held-out colour | shape | motion | training colour | shape | motion | seconds |",
+    lines = ["| ablation | held-out colour | shape | motion | training colour | shape | motion | seconds |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in results.items():
         h, t = row["held-out"], row["train"]
