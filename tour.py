@@ -20,17 +20,16 @@ and writes two pictures into --out (default `tour/`):
 Legend: B batch (2 = [negative; prompt] under guidance), L text tokens, N video tokens, D width, E timestep-embedding
 width, F latent frames, C latent channels, h/w latent height/width, p patch size, heads x d attention heads.
 """
-import argparse
 import contextlib
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import cli
 import model
 import shapes
 import vae
@@ -154,19 +153,8 @@ def labelled_grid(cells, title: str, row_labels, col_labels, cell: int) -> np.nd
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-    """Write through a temporary name in the same folder, then rename (a crash never leaves half a PNG)."""
-    import imageio.v3 as iio
-    fd, tmp = tempfile.mkstemp(prefix=".tour.", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        iio.imwrite(tmp, image, extension=".png")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)                    # mkstemp makes it 0600; give it a new file's usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+    """Atomically, and signed as ours, like every output of this project (cli.py)."""
+    cli.atomic_write(path, lambda p: cli.write_png(p, image))
 
 
 def uint8_frames(frames: torch.Tensor) -> np.ndarray:
@@ -196,7 +184,7 @@ def tour(pipe, prompt: str = PROMPT, out: str = "tour", steps: int = 50, guidanc
         raise ValueError(f"attn_step must be in [0, {steps}), attn_block in [-{cfg.num_layers}, {cfg.num_layers}), "
                          f"attn_head in [0, {cfg.num_attention_heads})")
     attn_block %= cfg.num_layers
-    os.makedirs(out, exist_ok=True)
+    cli.claim_folder(out, "tour.py", "--out")  # new, empty or ours: never another folder's x0.png
 
     # 1. Tokens
     prompts = ["", prompt] if use_cfg else [prompt]
@@ -385,20 +373,21 @@ def tour(pipe, prompt: str = PROMPT, out: str = "tour", steps: int = 50, guidanc
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description="A guided tour through one CogVideoX generation on the demo model.")
+    ap = cli.ArgumentParser(description="A guided tour through one CogVideoX generation on the demo model.")
     ap.add_argument("--model", default=DEMO_MODEL, help="a snapshot folder (default: the bundled demo model)")
-    ap.add_argument("--prompt", default=PROMPT)
-    ap.add_argument("--out", default="tour", help="folder for x0.png and attention.png (created if missing)")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--guidance", type=float, default=6.0)
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--prompt", default=PROMPT, help="what the video shows")
+    ap.add_argument("--out", default="tour", help="folder for x0.png and attention.png: new, empty, or one tour.py wrote")
+    ap.add_argument("--steps", type=cli.positive_int, default=50, help="DDIM steps")
+    ap.add_argument("--guidance", type=cli.nonnegative_float, default=6.0, help="classifier-free guidance scale")
+    ap.add_argument("--seed", type=cli.seed, default=42, help="the same seed gives generate.py's video")
     ap.add_argument("--show-steps", type=int, nargs="+", default=[0, 2, 5, 10, 20, 30, 49],
                     help="the steps whose x0 prediction x0.png shows (negative: from the end)")
-    ap.add_argument("--attn-step", type=int, default=25)
+    ap.add_argument("--attn-step", type=int, default=25, help="the step attention.png shows")
     ap.add_argument("--attn-block", type=int, default=-1, help="the block attention.png shows (-1: the last)")
-    ap.add_argument("--attn-head", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--attn-head", type=int, default=0, help="the head attention.png shows")
+    ap.add_argument("--threads", type=cli.positive_int, default=2, help="torch CPU threads")
     args = ap.parse_args(argv)
+    cli.check_folder(args.out, "--out", exact=False)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model)
@@ -410,4 +399,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(lambda: main() and 0))

@@ -81,7 +81,7 @@ def test_tour_prints_the_real_shapes_and_generates_what_generate_does(pipe, tmp_
     assert x0.shape == size(7, info.num_frames)        # 7 steps x 9 frames
     assert attention.shape == size(lf, 1 + L)          # latent frames x (the video + one column per text token)
     assert x0.std() > 20 and attention.std() > 20      # pictures, not blank canvases
-    assert sorted(os.listdir(tmp_path)) == ["attention.png", "x0.png"]   # no temporary files left behind
+    assert sorted(os.listdir(tmp_path)) == [".cogvideox-mini.json", "attention.png", "x0.png"]  # no temporary files
     assert 0 < float(result["attention"].sum()) <= 1
 
 
