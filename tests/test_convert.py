@@ -355,3 +355,75 @@ def test_unmatched_keys(tmp_path, tiny_presets, fails):
     convert.main(argv + ["--allow-missing"])
     written = convert.read_tensors(convert.weight_files(str(tmp_path / "o/transformer"), "diffusion_pytorch_model"))
     assert len(written) == len(sd) - 1
+
+
+# ---- the 12-way adaLN split against the spec, not against convert.py's own table --------------------------------
+
+# official-repo-and-sat.md 1.4/1.5, written out here (not imported from convert.py): SAT's 12 modulation chunks, and
+# which of them the official norm1.linear / norm2.linear hold, in CogVideoXLayerNormZero's (shift, scale, gate,
+# enc_shift, enc_scale, enc_gate) order.
+SAT_ADALN_NAMES = ["shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp", "text_shift_msa",
+                   "text_scale_msa", "text_gate_msa", "text_shift_mlp", "text_scale_mlp", "text_gate_mlp"]
+SPEC_NORM_CHUNKS = {"norm1": [0, 1, 2, 6, 7, 8], "norm2": [3, 4, 5, 9, 10, 11]}
+
+
+def labelled_sat(variant="cogvideox-2b"):
+    """A SAT state dict whose adaLN rows say where they came from: chunk j of layer i holds 100 i + j (weight and
+    bias alike), so every converted row can be traced back to its SAT chunk."""
+    config, sd = official_transformer(variant)
+    sat = convert.hf_to_sat(sd)
+    for key in list(sat):
+        if ".adaLN_modulations." in key:
+            layer = int(key.split(".adaLN_modulations.")[1].split(".")[0])
+            t = sat[key]
+            D = t.shape[0] // 12
+            label = (100 * layer + torch.arange(12, dtype=t.dtype)).repeat_interleave(D)  # (12D,)
+            sat[key] = label if t.ndim == 1 else label[:, None].expand_as(t).clone()
+    return config, sat
+
+
+def test_sat_adaln_split_follows_the_spec():
+    """Each converted norm{1,2}.linear row holds the SAT chunk the spec says, weight and bias, every layer."""
+    config, sat = labelled_sat()
+    hf, unmatched = convert.sat_to_hf(sat, config)
+    assert unmatched == []
+    D = TINY["num_attention_heads"] * TINY["attention_head_dim"]
+    for i in range(TINY["num_layers"]):
+        for norm, chunks in SPEC_NORM_CHUNKS.items():
+            for kind in ("weight", "bias"):
+                t = hf[f"transformer_blocks.{i}.{norm}.linear.{kind}"]
+                assert t.shape[0] == 6 * D, (norm, kind, t.shape)
+                got = [int(c.flatten()[0]) - 100 * i for c in t.chunk(6)]
+                assert all(bool((c == c.flatten()[0]).all()) for c in t.chunk(6))  # one SAT chunk per official chunk
+                assert got == chunks, f"layer {i} {norm}.linear.{kind}: SAT chunks {got}, spec says {chunks}"
+
+
+def test_sat_adaln_semantics_in_diffusers_layernorm_zero():
+    """The converted norm1/norm2 Linears, run in diffusers' own CogVideoXLayerNormZero, apply SAT's shift_msa as the
+    video shift before attention, text_gate_mlp as the text gate after the MLP, and so on for all 12 (the SAT block
+    semantics of the spec: x * (1 + scale) + shift, gated residuals)."""
+    from diffusers.models.normalization import CogVideoXLayerNormZero
+    config, sd = official_transformer("cogvideox-2b")
+    sat = convert.hf_to_sat(sd)
+    D, E = TINY["num_attention_heads"] * TINY["attention_head_dim"], TINY["time_embed_dim"]
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(12 * D, E, generator=g), torch.randn(12 * D, generator=g)  # SAT's fused adaLN Linear
+    sat[SAT + "mixins.adaln_layer.adaLN_modulations.0.1.weight"] = w
+    sat[SAT + "mixins.adaln_layer.adaLN_modulations.0.1.bias"] = b
+    hf, _ = convert.sat_to_hf(sat, config)
+    temb = torch.randn(2, E, generator=g)
+    x, text = torch.randn(2, 5, D, generator=g), torch.randn(2, 3, D, generator=g)
+    sat_out = dict(zip(SAT_ADALN_NAMES, (torch.nn.functional.silu(temb) @ w.T + b).chunk(12, dim=1)))  # SAT: 12 vectors
+    ln = lambda h: torch.nn.functional.layer_norm(h, (D,), eps=1e-5)
+    for norm, stage in (("norm1", "msa"), ("norm2", "mlp")):
+        layer = CogVideoXLayerNormZero(E, D, elementwise_affine=False)
+        layer.linear.weight.data.copy_(hf[f"transformer_blocks.0.{norm}.linear.weight"])
+        layer.linear.bias.data.copy_(hf[f"transformer_blocks.0.{norm}.linear.bias"])
+        with torch.no_grad():
+            h, enc, gate, enc_gate = layer(x, text, temb)
+        s = {k: v[:, None, :] for k, v in sat_out.items()}
+        torch.testing.assert_close(h, ln(x) * (1 + s[f"scale_{stage}"]) + s[f"shift_{stage}"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(enc, ln(text) * (1 + s[f"text_scale_{stage}"]) + s[f"text_shift_{stage}"],
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gate, s[f"gate_{stage}"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(enc_gate, s[f"text_gate_{stage}"], rtol=1e-6, atol=1e-6)
