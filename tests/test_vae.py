@@ -181,3 +181,31 @@ def test_load_errors_are_clear(pair, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="use_quant_conv"):
         load_vae(str(tmp_path))
+
+
+def test_encode_clamps_logvar_like_peer(tmp_path):
+    """An encoder whose log-variance leaves [-30, 20] (conv_out bias of the logvar half pushed to +-200): our
+    posterior (mean, logvar, and a seeded draw from it) equals the peer's latent_dist, which clamps; the test does not
+    clamp anything itself."""
+    torch.manual_seed(0)
+    peer = AutoencoderKLCogVideoX(**TINY)
+    with torch.no_grad():
+        for p in peer.parameters():
+            p.add_(torch.randn_like(p) * (0.3 if p.ndim == 1 else p.std().item() * 0.5 + 0.02))
+        bias = peer.encoder.conv_out.conv.bias  # (2 * latent_channels,): mean, then logvar
+        bias[4:6] += 200.0
+        bias[6:8] -= 200.0
+    peer.save_pretrained(tmp_path / "vae")
+    ours = load_vae(str(tmp_path))
+    x = torch.rand(1, 3, 9, 16, 24) * 2 - 1
+    with torch.no_grad():
+        dist = peer.eval().encode(x).latent_dist
+        raw = dist.parameters  # the encoder's unclamped output (mean, logvar)
+        mean, logvar = ours.encode(x)
+    assert raw[:, 4:6].min() > 20 and raw[:, 6:8].max() < -30  # the encoder really leaves the range
+    assert rel(mean, dist.mean) < 1e-5
+    assert torch.equal(logvar, dist.logvar), (  # clamped to exactly 20 and -30, as the peer
+        f"logvar in [{logvar.min():.1f}, {logvar.max():.1f}], the peer's in [{dist.logvar.min():.1f}, {dist.logvar.max():.1f}]")
+    ref = dist.sample(torch.Generator().manual_seed(7))
+    out = sample_posterior(mean, logvar, torch.Generator().manual_seed(7))
+    assert rel(out, ref) < 1e-5
