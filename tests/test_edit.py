@@ -244,3 +244,31 @@ def test_cli(snapshots, tmp_path, capsys):
     assert out.exists() and (tmp_path / "out.png").exists()
     assert E.main(["--model", snapshots("5b"), "--video", str(tmp_path / "missing.mp4"), "--prompt", PROMPT]) == 2
     assert "missing.mp4: file not found" in capsys.readouterr().err
+
+
+def test_edit_encodes_like_the_peer_vae(snapshots, monkeypatch):
+    """The latent edit() inverts is the peer's posterior draw times the peer config's scaling_factor, same seed:
+    diffusers' AutoencoderKLCogVideoX on the same snapshot, latent_dist.sample(generator) * scaling_factor."""
+    from diffusers import AutoencoderKLCogVideoX
+    path = snapshots("5b")
+    pipe = load_pipeline(path)
+    video = clip(9)  # 32x32: the model's size, so resize leaves it as it is
+    seen = {}
+
+    def capture(pipe, z, prompt, **kw):
+        seen["z"] = z.clone()
+        return z
+    monkeypatch.setattr(E, "edit_latents", capture)
+    E.edit(pipe, video, PROMPT, num_inference_steps=2, seed=5, height=32, width=32, max_sequence_length=MAX_TEXT,
+           progress=False)
+    peer = AutoencoderKLCogVideoX.from_pretrained(path, subfolder="vae").eval()
+    sf = peer.config.scaling_factor
+    assert sf != 1.0
+    with torch.no_grad():
+        pixels = video.permute(1, 0, 2, 3)[None] * 2 - 1                               # (1, 3, F, H, W) in [-1, 1]
+        ref = peer.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(5)) * sf
+    ref = ref.permute(0, 2, 1, 3, 4)                                                     # (1, F', C, h, w)
+    z = seen["z"]
+    assert z.shape == ref.shape == (1, 3, 4, 4, 4), (z.shape, ref.shape)
+    err = rel(z, ref)
+    assert err < 1e-5, f"edit's latent vs the peer's encode * scaling_factor ({sf}): relative error {err:.3g}"
