@@ -198,3 +198,39 @@ def test_v15_video_to_video_pads_the_odd_latent_count(snapshots):
     assert a.shape == (1, 17, 3, 32, 32)
     assert torch.equal(a, generate(pipe, PROMPT, video=video, **kw))
     assert not torch.equal(a, generate(pipe, PROMPT, video=video.flip(0), **kw))  # the input video matters
+
+
+# ---------------------------------------------------------------- offload: where each stage lives, and when
+
+
+def test_offload_moves_each_stage_in_just_for_its_use(snapshots, monkeypatch):
+    """Spy on every stage's .to() and on its use: with offload, each stage goes to pipe.device right before it runs and
+    back to the CPU right after, one at a time (T5, transformer, VAE), and all three end on the CPU. pipe.device is
+    "cpu:0", the CPU under another name, so moves in and out can be told apart without a second device."""
+    path = snapshots("5b")
+    pipe = load_pipeline(path, offload=True)
+    pipe.device = torch.device("cpu", 0)
+    events = []
+    stages = {"text_encoder": pipe.text_encoder, "transformer": pipe.transformer, "vae": pipe.vae}
+    for name, module in stages.items():
+        real_to = module.to
+
+        def spy_to(*args, _name=name, _real=real_to, **kw):
+            target = args[0] if args else kw.get("device")
+            events.append(("to", _name, str(torch.device(target))))
+            return _real(*args, **kw)
+        monkeypatch.setattr(module, "to", spy_to, raising=False)
+    pipe.text_encoder.register_forward_pre_hook(lambda m, a: events.append(("run", "text_encoder")))
+    pipe.transformer.register_forward_pre_hook(lambda m, a: events.append(("run", "transformer")))
+    real_decode = pipe.vae.decode
+    monkeypatch.setattr(pipe.vae, "decode", lambda *a, **k: (events.append(("run", "vae")), real_decode(*a, **k))[1],
+                        raising=False)
+    generate(pipe, PROMPT, num_frames=9, height=32, width=32, num_inference_steps=2, max_sequence_length=MAX_TEXT,
+             progress=False)
+    squeezed = [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]]  # one "run" per stay on the device
+    want = []
+    for name in ("text_encoder", "transformer", "vae"):
+        want += [("to", name, "cpu:0"), ("run", name), ("to", name, "cpu")]
+    assert squeezed == want, squeezed
+    for name, module in stages.items():
+        assert all(p.device.type == "cpu" for p in module.parameters()), name
