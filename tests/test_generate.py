@@ -234,3 +234,41 @@ def test_offload_moves_each_stage_in_just_for_its_use(snapshots, monkeypatch):
     assert squeezed == want, squeezed
     for name, module in stages.items():
         assert all(p.device.type == "cpu" for p in module.parameters()), name
+
+
+# ---------------------------------------------------------------- each flag reaches generate()
+
+_CLI_FRAMES = {}  # API frames, computed once per (snapshot, argument)
+
+
+def api_frames(path, **kw):
+    key = (path, tuple(sorted(kw.items())))
+    if key not in _CLI_FRAMES:
+        import generate as gen
+        pipe = _CLI_FRAMES.setdefault(path, load_pipeline(path))
+        _CLI_FRAMES[key] = gen.to_uint8(generate(pipe, PROMPT, num_frames=9, height=32, width=48,
+                                                 num_inference_steps=2, progress=False, **kw)[0])
+    return _CLI_FRAMES[key]
+
+
+@pytest.mark.parametrize("flag,kw", [
+    (["--guidance", "2.5"], dict(guidance_scale=2.5)),
+    (["--dynamic-cfg"], dict(use_dynamic_cfg=True)),
+    (["--sampler", "dpm"], dict(sampler="dpm")),
+    (["--sampler", "euler_a"], dict(sampler="euler_a")),
+], ids=["guidance", "dynamic-cfg", "sampler-dpm", "sampler-euler_a"])
+def test_cli_flag_gives_the_api_frames(snapshots, tmp_path, flag, kw):
+    """generate.py FLAG writes exactly the frames generate(..., that argument) returns, and they differ from the
+    default's, so a flag the command line dropped would fail here."""
+    import numpy as np
+    import generate as gen
+    path = snapshots("2b")
+    out = tmp_path / "frames"
+    assert gen.main(["--model", path, "--prompt", PROMPT, "--num-frames", "9", "--height", "32", "--width", "48",
+                     "--steps", "2", "--output", str(out), *flag]) == 0
+    png = np.stack([iio.imread(out / f"{i:04d}.png") for i in range(9)])
+    want, default = api_frames(path, **kw), api_frames(path)
+    assert not np.array_equal(want, default), f"{flag} does not change the frames here: the test cannot tell"
+    assert png.shape == want.shape and np.array_equal(png, want), (
+        f"{flag}: CLI frames differ from the API's by up to {np.abs(png.astype(int) - want).max()} "
+        f"(from the default's by {np.abs(png.astype(int) - default).max()})")
