@@ -319,3 +319,98 @@ def test_bad_pairs_dataset_lists_every_problem(snap, data, tmp_path, capsys):
     for name, why in [("nocaption.mp4", "nocaption.txt not found"), ("orphan.txt", "no video named orphan"),
                       ("empty.mp4", "empty caption"), ("garbage.gif", "cannot read video")]:
         assert any(line.strip().startswith(name) and why in line for line in err.splitlines()), (name, err)
+
+
+# ---------------------------------------------------------------- train_lora.py against the official recipe
+
+
+def official_lora_steps(snap, data, seed, batch, lrs, rank=RANK, alpha=ALPHA):
+    """The official recipe (diffusers examples/cogvideo/train_cogvideox_lora.py), recomputed here from the cache files
+    and the peers: the peer transformer with a peft LoRA (lora_alpha/r scaling), scaled posterior latents, DDPM noise
+    at the sampled timestep, x0-prediction via the velocity x̂0 = √ᾱ x_t − √(1−ᾱ) v̂, weights 1/(1 − ᾱ_t), mean per
+    sample then over the batch; clipping at 1.0 and AdamW(0.9, 0.95, 1e-4) as THUDM's trainer. Only the data order
+    (dataset_index), each sample's generator (sample_generator) and the LR of each step are taken from train_lora.
+    -> ([(loss, grad_norm)] per step, {file key: weight} after the steps)."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+    cache = os.path.join(os.path.dirname(data), "cache")
+    settings = train_lora.cache_settings(snap, 9, 32, 32, MAX_TEXT, torch.float32)
+    good, problems = train_lora.validate(*train_lora.find_samples(data), cache, settings, 9)
+    assert not problems and len(good) == 4
+    sf = json.load(open(os.path.join(snap, "vae", "config.json")))["scaling_factor"]
+    alphas_cumprod = CogVideoXDDIMScheduler.from_pretrained(snap, subfolder="scheduler").alphas_cumprod  # (1000,)
+
+    net = CogVideoXTransformer3DModel.from_pretrained(snap, subfolder="transformer").train()
+    net.requires_grad_(False)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    net.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True))
+    # the start train_lora documents: torch.manual_seed(seed), then per projection A = nn.Linear(in, r)'s default
+    # init and B = zero (an nn.Linear(r, out) drawn and zeroed), in module order
+    torch.manual_seed(seed)
+    lora = {}
+    for name, m in net.named_modules():
+        if hasattr(m, "lora_A") and "default" in m.lora_A:
+            a = torch.nn.Linear(m.base_layer.in_features, rank, bias=False)
+            torch.nn.Linear(rank, m.base_layer.out_features, bias=False)
+            with torch.no_grad():
+                m.lora_A["default"].weight.copy_(a.weight)
+                m.lora_B["default"].weight.zero_()
+            assert m.scaling["default"] == alpha / rank
+            lora[f"transformer.{name}.lora_A.weight"] = m.lora_A["default"].weight
+            lora[f"transformer.{name}.lora_B.weight"] = m.lora_B["default"].weight
+    params = list(lora.values())
+    assert len(params) == 2 * 4 * 2 and all(p.requires_grad for p in params)
+    opt = torch.optim.AdamW(params, lr=lrs[0], betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-4)
+
+    logs = []
+    for step, lr in enumerate(lrs):
+        x0, text, ts, eps = [], [], [], []
+        for p in range(step * batch, (step + 1) * batch):
+            _, lat_key, txt_key = good[train_lora.dataset_index(seed, p, len(good))]
+            g = train_lora.sample_generator(seed, p)
+            lat = load_file(os.path.join(cache, "latents", lat_key + ".safetensors"))   # (F, C, H, W) each
+            mean, logvar = lat["mean"].float(), lat["logvar"].float()
+            draw = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)  # latent_dist.sample()
+            x0.append(draw * sf)                                                        # * vae scaling_factor
+            text.append(load_file(os.path.join(cache, "text", txt_key + ".safetensors"))["embedding"])
+            ts.append(torch.randint(0, 1000, (1,), generator=g))
+            eps.append(torch.randn(draw.shape, generator=g))
+        x0, text, t, eps = torch.stack(x0), torch.stack(text), torch.cat(ts), torch.stack(eps)
+        a = alphas_cumprod[t].float().reshape(-1, 1, 1, 1, 1)  # the peer casts ᾱ to the latents' dtype
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps                                      # scheduler.add_noise
+        v_hat = net(hidden_states=x_t, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
+        a64, x_t64 = a.double(), x_t.double()  # the loss in float64: no fp32 cancellation in x̂0 − x0 at small t
+        x0_hat = a64.sqrt() * x_t64 - (1 - a64).sqrt() * v_hat.double()                # scheduler.get_velocity
+        weights = 1 / (1 - a64)
+        loss = torch.mean((weights * (x0_hat - x0.double()) ** 2).reshape(len(t), -1), dim=1).mean()
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        logs.append((loss.item(), norm.item()))
+    return logs, {k: v.detach().clone() for k, v in lora.items()}
+
+
+def test_training_steps_match_the_official_recipe(snap, data, tmp_path):
+    """Two optimizer steps of train_lora.py (batch 2, no warm-up: LR 3e-2 then 1.5e-2 on its cosine) give the losses,
+    gradient norms and LoRA weights of the official recipe recomputed with the peers (official_lora_steps). Step 1's
+    gradient norm is proportional to the LoRA scale; step 2 runs with B != 0, so the scale also enters the forward."""
+    from safetensors.torch import load_file
+    out = tmp_path / "run"
+    assert train_lora.main(train_args(snap, data, out, "--steps", "2", "--warmup", "0", "--checkpoint-every", "1",
+                                      "--seed", "42")) == 0
+    rows = [json.loads(line) for line in open(out / "loss.jsonl")]
+    assert [r["lr"] for r in rows] == [3e-2, 1.5e-2]
+    logs, weights = official_lora_steps(snap, data, seed=42, batch=2, lrs=[3e-2, 1.5e-2])
+    for r, (loss, norm) in zip(rows, logs):
+        assert r["loss"] == pytest.approx(loss, rel=1e-5), f"step {r['step']}: loss {r['loss']}, official {loss}"
+        assert r["grad_norm"] == pytest.approx(norm, rel=1e-5), \
+            f"step {r['step']}: grad norm {r['grad_norm']}, official {norm}"
+    ours = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert ours.keys() == weights.keys()
+    for k, w in weights.items():
+        torch.testing.assert_close(ours[k], w, rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    assert max(w.abs().max().item() for k, w in weights.items() if "lora_B" in k) > 1e-2  # B moved: a real step
