@@ -272,22 +272,22 @@ def save_checkpoint(output: str, step: int, model, optimizer, args) -> str:
     """checkpoint-<step>/ with the LoRA file (usable as is by --lora) and the optimizer state; written to a temporary
     folder and renamed, so a crash never leaves a half checkpoint."""
     final = checkpoint_dir(output, step)
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_lora(os.path.join(tmp, WEIGHT_NAME), lora_state_dict(model), args.rank, args.alpha)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args)},
-               os.path.join(tmp, "training_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    tmp = cli.new_folder(final)
+    try:
+        save_lora(os.path.join(tmp, WEIGHT_NAME), lora_state_dict(model), args.rank, args.alpha)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args)},
+                   os.path.join(tmp, "training_state.pt"))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    cli.install_folder(tmp, final, "train_lora.py")
     return final
 
 
 def find_resume(output: str, resume: str) -> str:
     if resume != "latest":
         return resume
-    found = sorted(n for n in os.listdir(output) if n.startswith("checkpoint-") and not n.endswith(".tmp")) \
-        if os.path.isdir(output) else []
+    found = sorted(n for n in os.listdir(output) if n.startswith("checkpoint-")) if os.path.isdir(output) else []
     if not found:
         raise ValueError(f"--resume latest: no checkpoint-* folder in {output}")
     return os.path.join(output, found[-1])
