@@ -272,3 +272,51 @@ def test_cli_flag_gives_the_api_frames(snapshots, tmp_path, flag, kw):
     assert png.shape == want.shape and np.array_equal(png, want), (
         f"{flag}: CLI frames differ from the API's by up to {np.abs(png.astype(int) - want).max()} "
         f"(from the default's by {np.abs(png.astype(int) - default).max()})")
+
+
+# ---------------------------------------------------------------- README promises, each with a test that can fail
+
+
+def cli_frames(path, out, *flags, size=("--num-frames", "9", "--height", "32", "--width", "48")):
+    """Run generate.main in-process writing PNG frames to `out`; returns them as (F, H, W, 3) uint8."""
+    import numpy as np
+    import generate as gen
+    assert gen.main(["--model", path, "--prompt", PROMPT, *size, "--output", str(out), *flags]) == 0
+    return np.stack([iio.imread(out / f) for f in sorted(os.listdir(out))])
+
+
+def test_vae_tiling_through_generate_matches_peer_tiling(snapshots, tmp_path):
+    """generate(vae_tiling=True) on a frame that spans two tiles gives the peer pipeline's frames with
+    pipe.vae.enable_tiling() (its default tiles: sample size / 2, overlaps 1/6 and 1/5) within TOL, and differs from
+    the untiled frames; a frame smaller than the sample size (worth_tiling False) is decoded whole, bit for bit.
+    The tiny VAE's sample size is 32x32 (tiles of 2x2 latents do not tile evenly), so the snapshot is copied with
+    sample 96x80 in vae/config.json (the size only sets the tiles: same weights), as tests/test_vae.py tiles."""
+    import json
+    import shutil
+    from diffusers import CogVideoXPipeline
+    import generate as gen
+    path = str(tmp_path / "snap")
+    shutil.copytree(snapshots("5b"), path)
+    config = os.path.join(path, "vae", "config.json")
+    with open(config) as f:
+        cfg = json.load(f)
+    cfg["sample_height"], cfg["sample_width"] = 96, 80
+    with open(config, "w") as f:
+        json.dump(cfg, f)
+    kw = dict(num_frames=9, height=96, width=80, num_inference_steps=2, guidance_scale=6.0)
+    pipe = load_pipeline(path)
+    # 64x64 spans two 48x40 tiles each way, but is below the sample size: not worth tiling, decoded whole
+    assert gen.worth_tiling(pipe.vae, 96, 80) and not gen.worth_tiling(pipe.vae, 64, 64)
+    tiled = generate(pipe, PROMPT, vae_tiling=True, max_sequence_length=MAX_TEXT, progress=False, **kw)
+    whole = generate(pipe, PROMPT, max_sequence_length=MAX_TEXT, progress=False, **kw)
+    peer = CogVideoXPipeline.from_pretrained(path)
+    peer.set_progress_bar_config(disable=True)
+    peer.vae.enable_tiling()
+    assert (peer.vae.tile_latent_min_height, peer.vae.tile_latent_min_width) == (6, 5)  # 2x2 tiles over 12x10 latents
+    ref = peer(prompt=[PROMPT], negative_prompt=[""], generator=torch.Generator().manual_seed(42), output_type="pt",
+               max_sequence_length=MAX_TEXT, **kw).frames
+    check(tiled, ref)  # observed ~8e-6
+    assert (tiled - whole).abs().max() > 0.1, "tiling did not change the frames: vae_tiling never reached the VAE"
+    small = dict(kw, height=64, width=64)
+    assert torch.equal(generate(pipe, PROMPT, vae_tiling=True, max_sequence_length=MAX_TEXT, progress=False, **small),
+                       generate(pipe, PROMPT, max_sequence_length=MAX_TEXT, progress=False, **small))
