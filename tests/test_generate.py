@@ -320,3 +320,29 @@ def test_vae_tiling_through_generate_matches_peer_tiling(snapshots, tmp_path):
     small = dict(kw, height=64, width=64)
     assert torch.equal(generate(pipe, PROMPT, vae_tiling=True, max_sequence_length=MAX_TEXT, progress=False, **small),
                        generate(pipe, PROMPT, max_sequence_length=MAX_TEXT, progress=False, **small))
+
+
+@pytest.mark.parametrize("family,sample,want", [
+    ("1.5", dict(sample_height=300, sample_width=300, sample_frames=81), (768, 1360, 81, 16)),  # the official 1.5 card
+    ("2b", dict(sample_height=60, sample_width=90, sample_frames=49), (480, 720, 49, 8)),      # the official 1.0 card
+    ("1.5", dict(sample_height=4, sample_width=6, sample_frames=17), (32, 48, 17, 16)),        # 1.5, not the official
+], ids=["official-1.5", "official-1.0", "other-1.5"])
+def test_defaults_are_read_from_the_config(snapshots, tmp_path, family, sample, want):
+    """The README's defaults (768x1360, 81 frames, 16 fps for 1.5; sample size x 8, 49 frames, 8 fps for 1.0) come
+    from the snapshot's config files alone: a folder holding only config.json files (and the five component
+    folders) is enough, and the frames come from sample_frames. Compared against the numbers on the model cards."""
+    import json
+    from generate import read_model_info
+    src = snapshots(family)
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        os.makedirs(tmp_path / sub)
+    for sub in ("transformer", "vae"):
+        with open(os.path.join(src, sub, "config.json")) as f:
+            cfg = json.load(f)
+        if sub == "transformer":
+            cfg.update(sample)
+        with open(tmp_path / sub / "config.json", "w") as f:
+            json.dump(cfg, f)
+    _, _, info = read_model_info(str(tmp_path))
+    assert (info.height, info.width, info.num_frames, info.fps) == want
+    assert info.frame_multiple == (16 if family == "1.5" else 8)
