@@ -346,3 +346,24 @@ def test_defaults_are_read_from_the_config(snapshots, tmp_path, family, sample, 
     _, _, info = read_model_info(str(tmp_path))
     assert (info.height, info.width, info.num_frames, info.fps) == want
     assert info.frame_multiple == (16 if family == "1.5" else 8)
+
+
+@pytest.mark.parametrize("mode", ["i2v", "v2v"])
+def test_num_videos_with_image_and_video_input(snapshots, mode):
+    """num_videos=2 with an input image (5b-i2v) or video (5b, strength 0.7) gives the peer pipeline's frames for the
+    prompt given twice with the input given twice (its pipelines force num_videos_per_prompt = 1, and draw one
+    posterior sample per input, then the noise, from one generator: the same stream as ours), within TOL, and the
+    two videos differ (each has its own posterior draw and noise)."""
+    g = torch.Generator().manual_seed(5)
+    kw = dict(height=32, width=32, num_inference_steps=3, guidance_scale=5.0)
+    if mode == "i2v":
+        path, image = snapshots("5b-i2v"), torch.rand(3, 32, 32, generator=g)
+        ours_in, peer_in = dict(image=image, num_frames=9), dict(image=torch.stack([image, image]), num_frames=9)
+    else:
+        path, video = snapshots("5b"), torch.rand(9, 3, 32, 32, generator=g)
+        ours_in, peer_in = dict(video=video, strength=0.7), dict(video=[video, video], strength=0.7)
+    ref = peer_frames(path, mode, "ddim", num_videos=2, **peer_in, **kw)
+    ours = generate(load_pipeline(path), PROMPT, num_videos=2, max_sequence_length=MAX_TEXT, progress=False,
+                    **ours_in, **kw)
+    check(ours, ref)
+    assert ours.shape == (2, 9, 3, 32, 32) and (ours[0] - ours[1]).abs().max() > 0.01
