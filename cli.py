@@ -267,16 +267,18 @@ def install_folder(tmp: str, path: str, tool: str, flag: str = "--output") -> No
     """Sign `tmp` and rename it to `path`. An earlier folder there must pass check_folder (checked again now, not only
     before the work); it is moved aside first and deleted only once the new one is in place. On any failure
     (Ctrl-C included) `tmp` is removed and `path` is left as it was."""
+    old = None
     try:
         write_marker(tmp, tool)
         ordinary_permissions(tmp)
-        old = None
         if os.path.lexists(path):
             check_folder(path, flag)
             old = tmp + ".old"
             os.replace(path, old)
         os.replace(tmp, path)
     except BaseException:
+        if old and not os.path.lexists(path):
+            os.replace(old, path)  # put the earlier folder back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old:
