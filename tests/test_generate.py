@@ -282,7 +282,7 @@ def cli_frames(path, out, *flags, size=("--num-frames", "9", "--height", "32", "
     import numpy as np
     import generate as gen
     assert gen.main(["--model", path, "--prompt", PROMPT, *size, "--output", str(out), *flags]) == 0
-    return np.stack([iio.imread(out / f) for f in sorted(os.listdir(out))])
+    return np.stack([iio.imread(out / f) for f in sorted(os.listdir(out)) if f.endswith(".png")])
 
 
 def test_vae_tiling_through_generate_matches_peer_tiling(snapshots, tmp_path):
@@ -367,3 +367,71 @@ def test_num_videos_with_image_and_video_input(snapshots, mode):
                     **ours_in, **kw)
     check(ours, ref)
     assert ours.shape == (2, 9, 3, 32, 32) and (ours[0] - ours[1]).abs().max() > 0.01
+
+
+def _api_uint8(path, lora=None, lora_scale=1.0, dtype=None, steps=2, **kw):
+    import generate as gen
+    from lora import load_lora
+    pipe = load_pipeline(path, dtype=dtype)
+    if lora is not None:
+        load_lora(pipe.transformer, lora, lora_scale)
+    return gen.to_uint8(generate(pipe, PROMPT, num_frames=9, height=32, width=48, num_inference_steps=steps,
+                                 progress=False, **kw)[0])
+
+
+def test_cli_lora_scale(snapshots, tmp_path):
+    """--lora X --lora-scale 0.5 writes exactly the frames of load_lora(pipe.transformer, X, 0.5) then generate(),
+    and they differ from scale 1's (a dropped --lora-scale would give those)."""
+    import numpy as np
+    from lora import add_lora, lora_state_dict, save_lora
+    from model import load_transformer
+    path = snapshots("2b")
+    model = load_transformer(os.path.join(path, "transformer"))
+    torch.manual_seed(0)
+    add_lora(model, 2, 2.0)
+    for n, p in model.named_parameters():
+        if ".lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)  # B is zero at init: a zero LoRA would change nothing
+    lora = str(tmp_path / "lora.safetensors")
+    save_lora(lora, lora_state_dict(model), 2, 2.0)
+    png = cli_frames(path, tmp_path / "frames", "--steps", "2", "--lora", lora, "--lora-scale", "0.5")
+    want, full = _api_uint8(path, lora, 0.5), _api_uint8(path, lora, 1.0)
+    assert not np.array_equal(want, full), "scale 0.5 and 1 give the same frames here: the test cannot tell"
+    assert np.array_equal(png, want), np.abs(png.astype(int) - want).max()
+
+
+def test_cli_step_cache(snapshots, tmp_path, capsys):
+    """--step-cache 0.3 writes exactly generate(..., step_cache=0.3)'s frames, with fewer transformer evaluations than
+    steps (timings["evaluations"], and the CLI's own report), and the frames differ from the uncached ones."""
+    import numpy as np
+    path = snapshots("2b")
+    png = cli_frames(path, tmp_path / "frames", "--steps", "8", "--step-cache", "0.3")
+    timings = {}
+    want = _api_uint8(path, steps=8, step_cache=0.3, timings=timings)
+    assert 1 <= timings["evaluations"] < 8, timings
+    assert f"step cache: {timings['evaluations']} transformer evaluations for 8 steps" in capsys.readouterr().out
+    assert not np.array_equal(want, _api_uint8(path, steps=8)), "the cache changes nothing here: the test cannot tell"
+    assert np.array_equal(png, want), np.abs(png.astype(int) - want).max()
+
+
+def test_cli_dtype_bf16_on_cpu(snapshots, tmp_path):
+    """--dtype bf16 on the CPU writes exactly the frames of load_pipeline(dtype=torch.bfloat16) + generate(), which
+    differ from fp32's (the CPU default)."""
+    import numpy as np
+    path = snapshots("2b")
+    png = cli_frames(path, tmp_path / "frames", "--steps", "2", "--dtype", "bf16", "--device", "cpu")
+    want = _api_uint8(path, dtype=torch.bfloat16)
+    assert not np.array_equal(want, _api_uint8(path)), "bf16 gives fp32's frames here: the test cannot tell"
+    assert np.array_equal(png, want), np.abs(png.astype(int) - want).max()
+
+
+def test_cli_fps(snapshots, tmp_path):
+    """--fps 7.5 writes an mp4 whose container says 7.5 fps (read back with imageio's metadata); without --fps the
+    model's fps is used (8 for CogVideoX 1.0)."""
+    path = snapshots("2b")
+    size = ("--num-frames", "9", "--height", "32", "--width", "32", "--steps", "1")
+    import generate as gen
+    assert gen.main(["--model", path, "--prompt", PROMPT, *size, "--fps", "7.5", "--output", str(tmp_path / "a.mp4")]) == 0
+    assert gen.main(["--model", path, "--prompt", PROMPT, *size, "--output", str(tmp_path / "b.mp4")]) == 0
+    assert iio.immeta(tmp_path / "a.mp4")["fps"] == pytest.approx(7.5, abs=1e-6)
+    assert iio.immeta(tmp_path / "b.mp4")["fps"] == pytest.approx(8.0, abs=1e-6)
