@@ -628,7 +628,7 @@ def run_cli(args) -> int:
         quantize_int8(pipe.transformer)
     if args.compile:
         pipe.transformer.compile()
-    load_s = time.perf_counter() - t0
+    print(f"loaded in {time.perf_counter() - t0:.1f}s")
     for n, (index, (line, prompt)) in enumerate(mine):
         if line is not None:
             print(f"[{n + 1}/{len(mine)}] line {line}: {prompt}")
@@ -643,8 +643,8 @@ def run_cli(args) -> int:
         written = [w for f, (out, named) in zip(frames, outputs[line])
                    for w in save_video(f, out, args.fps or info.fps, named)]
         print(f"wrote {', '.join(written)}")
-        print(f"load {load_s:.1f}s, text {timings['text']:.1f}s, denoise {timings['denoise']:.1f}s, "
-              f"decode {timings['decode']:.1f}s, peak memory {peak_memory_gb(pipe.device):.2f} GB")
+        print(f"text {timings['text']:.1f}s, denoise {timings['denoise']:.1f}s, decode {timings['decode']:.1f}s, "
+              f"peak memory {peak_memory_gb(pipe.device):.2f} GB")
         if args.step_cache is not None:
             print(f"step cache: {timings['evaluations']} transformer evaluations for {args.steps} steps")
     return 0
