@@ -25,9 +25,9 @@ import torch
 
 import cli
 import model
-from generate import (Pipeline, check_request, check_video_output, decode_latents, encode_frames, encode_text,
-                      load_pipeline, on_device, pad_front, peak_memory_gb, prologue, read_video, resize, save_video,
-                      worth_tiling)
+from generate import (Pipeline, add_video_arguments, check_request, check_video_output, decode_latents,
+                      encode_frames, encode_text, load_pipeline, on_device, pad_front, peak_memory_gb, prologue,
+                      read_video, resize, save_video, worth_tiling)
 from sampler import denoise, invert, make_sampler
 
 METHODS = ("inject", "plain")
@@ -144,28 +144,11 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description="Edit a video with a new prompt (DDIM inversion, CogVideoX).")
     p.add_argument("--video", required=True, help="the video to edit")
     p.add_argument("--prompt", required=True, help="what the edited video shows")
-    p.add_argument("--model", default=None, help="a local CogVideoX snapshot folder (default: the bundled demo model)")
     p.add_argument("--method", choices=METHODS, default="inject",
                    help="inject: fresh noise + the inverted video's keys/values in attention (official); "
                         "plain: denoise from the inverted latent")
     p.add_argument("--source-prompt", default="", help="the prompt the inversion is conditioned on (official: empty)")
-    p.add_argument("--negative-prompt", default="", help="what the edited video should not show")
-    p.add_argument("--num-frames", type=cli.positive_int, default=None,
-                   help="8k+1 for CogVideoX 1.0, 16k+1 for 1.5 (default: as many as the video and model allow)")
-    p.add_argument("--height", type=cli.pixels, default=None, help="a multiple of 16 (default: the model's)")
-    p.add_argument("--width", type=cli.pixels, default=None, help="a multiple of 16 (default: the model's)")
-    p.add_argument("--steps", type=cli.positive_int, default=50, help="DDIM steps (inversion and editing)")
-    p.add_argument("--guidance", type=cli.nonnegative_float, default=6.0, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=cli.seed, default=42, help="the same seed gives the same edit")
-    p.add_argument("--fps", type=cli.positive_float, default=None, help="frames per second (default: the model's)")
-    p.add_argument("--dtype", choices=tuple(cli.DTYPES), default=None,
-                   help="default: fp32 on CPU; on GPU fp16 for 2b, bf16 otherwise")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
-    p.add_argument("--output", default="edited.mp4",
-                   help=".mp4, .gif, or a new folder name for PNG frames; a contact sheet <stem>.png is written beside")
-    p.add_argument("--offload", action="store_true", help="keep each stage on the CPU until it runs")
-    p.add_argument("--vae-tiling", action="store_true",
-                   help="decode in overlapping spatial tiles (less memory) when the frame spans two tiles")
+    add_video_arguments(p, output="edited.mp4")
     return p.parse_args(argv)
 
 

@@ -497,39 +497,44 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports KiB
 
 
+def add_video_arguments(p, output: str) -> None:
+    """The flags generate.py and edit.py share: the model, the video's size, the sampling run and the output."""
+    p.add_argument("--model", default=None, help="a local CogVideoX snapshot folder (default: the bundled demo model)")
+    p.add_argument("--negative-prompt", default="", help="what the video should not show")
+    p.add_argument("--num-frames", type=cli.positive_int, default=None,
+                   help="8k+1 for CogVideoX 1.0, 16k+1 for 1.5 (default: the model's, or fewer for a shorter video)")
+    p.add_argument("--height", type=cli.pixels, default=None, help="a multiple of 16 (default: the model's)")
+    p.add_argument("--width", type=cli.pixels, default=None, help="a multiple of 16 (default: the model's)")
+    p.add_argument("--steps", type=cli.positive_int, default=50, help="sampler steps")
+    p.add_argument("--guidance", type=cli.nonnegative_float, default=6.0,
+                   help="classifier-free guidance scale (<= 1: no guidance)")
+    p.add_argument("--seed", type=cli.seed, default=42, help="the same seed gives the same video")
+    p.add_argument("--fps", type=cli.positive_float, default=None, help="frames per second (default: the model's)")
+    p.add_argument("--dtype", choices=tuple(cli.DTYPES), default=None,
+                   help="default: fp32 on CPU; on GPU fp16 for 2b (trained in fp16), bf16 otherwise")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    p.add_argument("--output", default=output,
+                   help=".mp4, .gif, or a new folder name for PNG frames; a contact sheet <stem>.png is written beside")
+    p.add_argument("--offload", action="store_true", help="keep each stage on the CPU until it runs")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode in overlapping spatial tiles (less memory) when the frame spans two tiles")
+
+
 def parse_args(argv=None):
     p = cli.ArgumentParser(description="Generate videos with CogVideoX: text-, image- and video-to-video.")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="what the video shows")
     what.add_argument("--prompt-file", help="one prompt per line (blank lines and lines starting with # skipped); "
                                             "outputs are named <output stem>-<line number>")
-    p.add_argument("--model", default=None, help="a local CogVideoX snapshot folder (default: the bundled demo model)")
-    p.add_argument("--negative-prompt", default="", help="what the video should not show")
+    add_video_arguments(p, output="output.mp4")
     p.add_argument("--image", default=None, help="image-to-video: the first frame (I2V checkpoints)")
     p.add_argument("--video", default=None, help="video-to-video: the input video")
     p.add_argument("--strength", type=cli.strength, default=None,
                    help="video-to-video: how much of the schedule to re-run, in (0, 1] (default 0.8)")
-    p.add_argument("--num-frames", type=cli.positive_int, default=None,
-                   help="8k+1 for CogVideoX 1.0, 16k+1 for 1.5 (default: the model's)")
-    p.add_argument("--height", type=cli.pixels, default=None, help="a multiple of 16 (default: the model's)")
-    p.add_argument("--width", type=cli.pixels, default=None, help="a multiple of 16 (default: the model's)")
-    p.add_argument("--steps", type=cli.positive_int, default=50, help="sampler steps")
-    p.add_argument("--guidance", type=cli.nonnegative_float, default=6.0,
-                   help="classifier-free guidance scale (<= 1: no guidance)")
     p.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's cosine guidance schedule")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="the sampler")
     p.add_argument("--karras", action="store_true", help="Karras sigma spacing (samplers that support it)")
-    p.add_argument("--seed", type=cli.seed, default=42, help="the same seed gives the same video")
     p.add_argument("--num-videos", type=cli.positive_int, default=1, help="videos per prompt")
-    p.add_argument("--fps", type=cli.positive_float, default=None, help="frames per second (default: the model's)")
-    p.add_argument("--dtype", choices=tuple(cli.DTYPES), default=None,
-                   help="default: fp32 on CPU; on GPU fp16 for 2b (trained in fp16), bf16 otherwise")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
-    p.add_argument("--output", default="output.mp4",
-                   help=".mp4, .gif, or a new folder name for PNG frames; a contact sheet <stem>.png is written beside")
-    p.add_argument("--offload", action="store_true", help="keep each stage on the CPU until it runs")
-    p.add_argument("--vae-tiling", action="store_true",
-                   help="decode in overlapping spatial tiles (less memory) when the frame spans two tiles")
     p.add_argument("--quantize", choices=("int8",), default=None, help="weight-only int8 transformer")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer (slow first step)")
     p.add_argument("--step-cache", type=cli.positive_float, default=None, metavar="THRESH",
