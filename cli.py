@@ -285,7 +285,7 @@ def install_folder(tmp: str, path: str, tool: str, flag: str = "--output") -> No
         shutil.rmtree(old)
 
 
-def png_bytes(image: np.ndarray) -> bytes:
+def write_png(path: str, image: np.ndarray) -> None:
     """(H, W, 3) uint8 -> a PNG file, with MARK in a tEXt chunk. Each row uses the "Sub" filter (each byte minus the
     same channel of the pixel to its left), which is what makes flat regions compress."""
     h, w, _ = image.shape
@@ -295,11 +295,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"tEXt", b"Software\0" + MARK.encode()) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
-            + chunk(b"IEND", b""))
-
-
-def write_png(path: str, image: np.ndarray) -> None:
     with open(path, "wb") as f:
-        f.write(png_bytes(image))
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                + chunk(b"tEXt", b"Software\0" + MARK.encode()) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+                + chunk(b"IEND", b""))
