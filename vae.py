@@ -304,10 +304,13 @@ def frame_batches(num_frames: int, size: int) -> list[tuple[int, int]]:
 
 
 def run_in_frame_batches(net: nn.Module, x: torch.Tensor, size: int) -> torch.Tensor:
+    batches = frame_batches(x.shape[2], size)
+    if len(batches) == 1:  # no slicing: a training step through encode/decode is the plain net's, to the bit
+        return net(x, {})
     cache = {}
-    out = [net(x[:, :, s:e], cache) for s, e in frame_batches(x.shape[2], size)]
-    del cache
-    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
+    out = [net(x[:, :, s:e], cache) for s, e in batches]
+    del cache  # each conv caches its last frames: free them before the concatenation
+    return torch.cat(out, dim=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -384,12 +387,12 @@ class CogVideoXVAE(nn.Module):
                              f"{stride}, kept {keep}); use e.g. the default, or multiples of 48x40 px")
         return tile, stride, extent, keep
 
-    @torch.no_grad()
     def encode(self, video: torch.Tensor, tiled: bool = False, tile_size: tuple[int, int] | None = None,
                tile_overlap: tuple[float, float] = TILE_OVERLAP) -> tuple[torch.Tensor, torch.Tensor]:
         """video (B, 3, F, H, W) in [-1, 1], F = 1 or 8k(+1) -> posterior mean and log-variance (B, 16, T, h, w),
         T = 1 + (F-1)//4. tiled splits H, W into tiles of tile_size px (default sample_height/2 x sample_width/2)
-        overlapping by tile_overlap (fractions of a tile) when the video is larger than one tile."""
+        overlapping by tile_overlap (fractions of a tile) when the video is larger than one tile. Gradients flow
+        (train_tiny trains the VAE through encode/decode); inference runs it under torch.no_grad."""
         if video.ndim != 5 or video.shape[1] != self.config.in_channels:
             raise ValueError(f"encode expects video (B, {self.config.in_channels}, F, H, W), got {tuple(video.shape)}")
         run = lambda v: run_in_frame_batches(self.encoder, v, SAMPLE_FRAMES_PER_BATCH)
@@ -401,7 +404,6 @@ class CogVideoXVAE(nn.Module):
         mean, logvar = h.chunk(2, dim=1)  # (B, 16, T, h, w) each
         return mean, logvar.clamp(-30.0, 20.0)
 
-    @torch.no_grad()
     def decode(self, z: torch.Tensor, tiled: bool = False, tile_size: tuple[int, int] | None = None,
                tile_overlap: tuple[float, float] = TILE_OVERLAP) -> torch.Tensor:
         """z (B, 16, T, h, w), unscaled latents (divide by scaling_factor first) -> video (B, 3, F, 8h, 8w),
