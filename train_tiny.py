@@ -191,9 +191,9 @@ def reconstruction_loss(x, y, background=None):
 def train_vae(cfg, clips, logfile, gen):
     """clips (N, 3, F, H, W) in [-1, 1]. Two phases: single frames (F=1 is a valid input of the causal VAE and 9x
     cheaper per sample) learn colours and shapes, then whole clips teach the temporal layers. The encoder and
-    decoder run as one frame batch (9 frames fit in the first batch of both), which is exactly what
-    CogVideoXVAE.encode/decode do for these clips, minus torch.no_grad. The decoder is trained on the posterior
-    mean, as generation only decodes: sampling the posterior would make it learn through noise it never sees."""
+    decoder each see a clip in one frame batch (9 frames, 3 latent frames: the first batch of both). The decoder is
+    trained on the posterior mean, as generation only decodes: sampling the posterior would make it learn through
+    noise it never sees."""
     vae = CogVideoXVAE(vae_config(cfg)).to(clips.device)
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
     first = last = None
@@ -211,9 +211,8 @@ def train_vae(cfg, clips, logfile, gen):
         c, (H, W) = (cfg.vae_frame_crop if single else cfg.vae_crop), x.shape[-2:]
         i, j = (torch.randint(0, (n - c) // 8 + 1, (1,), generator=gen).item() * 8 for n in (H, W))
         x = x[..., i:i + c, j:j + c]  # a crop on the latent grid, (B, 3, F, c, c)
-        mean, logvar = vae.encoder(x, {}).chunk(2, dim=1)  # (B, C, T, h, w) each
-        logvar = logvar.clamp(-30.0, 20.0)
-        y = vae.decoder(mean, {})  # (B, 3, F, c, c)
+        mean, logvar = vae.encode(x)  # (B, C, T, h, w) each
+        y = vae.decode(mean)  # (B, 3, F, c, c)
         rec = reconstruction_loss(x, y, background)
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
         loss = rec + cfg.kl_weight * kl
@@ -241,8 +240,8 @@ def finetune_decoder(cfg, vae, clips, logfile, gen):
             group["lr"] = schedule_lr(step, cfg.decoder_steps, cfg.vae_lr / 2)
         x = clips[torch.randint(len(clips), (cfg.vae_batch,), generator=gen)]  # (B, 3, F, H, W)
         with torch.no_grad():
-            mean = vae.encoder(x, {})[:, :cfg.latent_channels]  # (B, C, T, h, w)
-        y = vae.decoder(mean, {})  # (B, 3, F, H, W)
+            mean = vae.encode(x)[0]  # (B, C, T, h, w)
+        y = vae.decode(mean)  # (B, 3, F, H, W)
         loss = reconstruction_loss(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
