@@ -9,7 +9,8 @@ Every stage uses the real architecture and objective, at toy width, and the snap
 Hugging Face layout, so diffusers' CogVideoXPipeline loads it unchanged. Stages, and the choices that matter:
 1. Tokenizer: a SentencePiece unigram model with T5's special ids (pad 0, eos 1, unk 2, no bos). It is trained on the
    caption words in shuffled order: fed the template captions themselves, the unigram trainer keeps only characters
-   (every sentence is nearly the same), so a caption would be ~30 pieces instead of 9 words.
+   (every sentence is nearly the same), so a caption would be ~30 pieces instead of 9 words. It folds case
+   (SentencePiece's nmt_nfkc_cf rule), so prompts are case-insensitive.
 2. Text encoder: a 2-layer T5 v1.1 encoder (gated GELU), randomly initialised as transformers does and kept frozen.
    Captions are a fixed template whose slots use disjoint words, so the conditioning only has to keep the words apart;
    a random embedding per token does that, and the relative-position bias mixes in enough context to tell "white"
@@ -122,14 +123,18 @@ def schedule_lr(step, total, peak):
 # ---------------------------------------------------------------------------------------------------------- 1. text
 
 def train_tokenizer(folder, captions, cfg, rng):
+    """Writes folder/spiece.model and tokenizer_config.json. The model case-folds (SentencePiece's nmt_nfkc_cf rule:
+    NFKC, then lowercase, stored in the model), so "A BLUE square" is "a blue square" in every reader of the file;
+    captions are lowercase, so the pieces and ids are those of the plain nmt_nfkc rule. Trained in memory, so that no
+    path is recorded in the model: the same seed gives the same bytes wherever it runs."""
     os.makedirs(folder, exist_ok=True)
     words = [w for c in captions for w in c.split()]
     lines = [" ".join(rng.sample(words, 12)) for _ in range(3000)]  # shuffled caption words (see the docstring)
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=os.path.join(folder, "spiece"),
-                                   vocab_size=64, hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1,
-                                   unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2, num_threads=1,
-                                   seed_sentencepiece_size=1000)
-    os.remove(os.path.join(folder, "spiece.vocab"))
+    with open(os.path.join(folder, "spiece.model"), "wb") as f:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=f, vocab_size=64,
+                                       hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
+                                       bos_id=-1, character_coverage=1.0, minloglevel=2, num_threads=1,
+                                       seed_sentencepiece_size=1000, normalization_rule_name="nmt_nfkc_cf")
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "T5Tokenizer", "extra_ids": 100, "model_max_length": cfg.max_text_seq_length,
                    "legacy": True, "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}, f, indent=2)

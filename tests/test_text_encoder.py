@@ -244,3 +244,84 @@ def test_tokenizer_json_only_folder_is_an_error(tokenizers, tmp_path):
     assert (tmp_path / "tokenizer.json").exists()
     with pytest.raises(CheckpointError, match="no spiece.model at .*only tokenizer.json"):
         Tokenizer(str(tmp_path))
+
+
+# ---------------------------------------------------------------- the demo's tokenizer: prompts are case-insensitive
+
+# Each caption word's id in the tokenizer the shipped demo transformer was trained with (before case folding was
+# added to it): the transformer depends on them, so they must never change.
+CAPTION_WORD_IDS = {"a": 3, "background": 4, "on": 5, "moving": 6, "white": 7, "black": 8, "gray": 9, "circle": 10,
+                    "triangle": 11, "square": 12, "down": 13, "up": 14, "right": 15, "left": 16, "blue": 17, "red": 18,
+                    "green": 19, "yellow": 44}
+CASED = "A BLUE Square Moving Left On A Black Background"
+
+
+def demo_captions():
+    import shapes
+    train, held_out = shapes.split()
+    return sorted({shapes.caption(a) for a in train + held_out})
+
+
+def case_variants(text, rng):
+    return [text.upper(), text.title(), "".join(c.upper() if rng.random() < 0.5 else c for c in text)]
+
+
+def test_demo_tokenizer_keeps_the_trained_ids_and_folds_case():
+    from generate import DEMO_MODEL
+    tok = Tokenizer(DEMO_MODEL)
+    assert {w: tok.encode(w) for w in CAPTION_WORD_IDS} == {w: [i] for w, i in CAPTION_WORD_IDS.items()}
+    assert tok.encode(CASED) == tok.encode(CASED.lower()) == [3, 17, 12, 6, 16, 5, 3, 8, 4]
+    assert tok.encode("a ÀÉÎ Ｂlue") == tok.encode("a àéî blue")  # NFKC, then lowercase: beyond ASCII too
+
+
+def test_demo_tokenizer_case_folding_matches_the_peers():
+    """Capitalised captions give the lowercase ids, in ours and in transformers' T5Tokenizer and T5TokenizerFast
+    loaded from the demo folder as CogVideoXPipeline loads it (the precompiled normalisation table in spiece.model
+    is applied by both: in transformers 5 the two names are one tokenizers-backed class)."""
+    from transformers import T5TokenizerFast
+    from generate import DEMO_MODEL
+    folder = os.path.join(DEMO_MODEL, "tokenizer")
+    L = json.load(open(os.path.join(folder, "tokenizer_config.json")))["model_max_length"]
+    tok, peers = Tokenizer(folder), [T5Tokenizer.from_pretrained(folder), T5TokenizerFast.from_pretrained(folder)]
+    rng = random.Random(0)
+    captions = demo_captions()
+    assert len(captions) == 168
+    for caption in captions:
+        want = tok(caption, max_length=L)[0].tolist()
+        for text in [caption] + case_variants(caption, rng):
+            assert tok(text, max_length=L)[0].tolist() == want, text
+            for peer in peers:
+                ids = peer(text, padding="max_length", max_length=L, truncation=True, add_special_tokens=True)
+                assert ids.input_ids == want, (type(peer).__name__, text)
+
+
+def test_demo_generates_the_same_video_whatever_the_case():
+    from generate import generate, load_pipeline
+    pipe = load_pipeline()
+    kw = dict(seed=5, num_inference_steps=2, progress=False)
+    cased, lower = generate(pipe, CASED, **kw), generate(pipe, CASED.lower(), **kw)
+    assert torch.equal(cased, lower)
+    assert (generate(pipe, "a red circle moving right on a black background", **kw) - lower).abs().max() > 0.1
+
+
+def test_train_tiny_tokenizer_is_the_shipped_one(tmp_path):
+    """train_tiny.py's tokenizer stage, at the default config, writes the shipped tokenizer: the same pieces in the
+    same order, the same (case-folding) normalisation, the same files. The bytes are the same too with the
+    sentencepiece it was made with (0.2.3), not asserted: another version may store the scores differently."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    import train_tiny
+    from generate import DEMO_MODEL
+    import shapes
+    cfg = train_tiny.PRESETS["default"]
+    train, _ = shapes.split()
+    train_tiny.train_tokenizer(str(tmp_path), [shapes.caption(a) for a in train], cfg, random.Random(cfg.seed))
+    shipped = os.path.join(DEMO_MODEL, "tokenizer")
+    assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(shipped)) == ["spiece.model", "tokenizer_config.json"]
+    assert open(tmp_path / "tokenizer_config.json").read() == open(os.path.join(shipped, "tokenizer_config.json")).read()
+    made, ours = pb.ModelProto(), pb.ModelProto()
+    made.ParseFromString(open(tmp_path / "spiece.model", "rb").read())
+    ours.ParseFromString(open(os.path.join(shipped, "spiece.model"), "rb").read())
+    assert [p.piece for p in made.pieces] == [p.piece for p in ours.pieces]
+    assert made.normalizer_spec == ours.normalizer_spec and ours.normalizer_spec.name == "nmt_nfkc_cf"
+    a, b = Tokenizer(str(tmp_path)), Tokenizer(shipped)
+    assert all(a.encode(c) == b.encode(c) for c in demo_captions())
