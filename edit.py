@@ -159,15 +159,15 @@ def main(argv=None) -> int:
 
 def run_cli(args) -> int:
     # Everything that can be checked is checked before any weights are read.
-    path, tcfg, info, device, dtype = prologue(args)
-    check_edit(info, tcfg, args.method)
+    info, device, dtype = prologue(args)
+    check_edit(info, info.transformer, args.method)
     video = read_video(cli.existing_path("--video", args.video, "file"))
     num_frames = edit_frames(info, len(video), args.num_frames)
     check_request(info, num_frames, args.height or info.height, args.width or info.width)
     check_video_output(args.output)
 
     t0 = time.perf_counter()
-    pipe = load_pipeline(path, dtype=dtype, device=device, offload=args.offload)
+    pipe = load_pipeline(info, dtype=dtype, device=device, offload=args.offload)
     t1 = time.perf_counter()
     frames = edit(pipe, video, args.prompt, method=args.method, source_prompt=args.source_prompt,
                   negative_prompt=args.negative_prompt, num_frames=num_frames, height=args.height,

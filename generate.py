@@ -52,6 +52,8 @@ class ModelInfo:
     spatial_compression: int
     max_text_seq_length: int
     gpu_dtype: torch.dtype  # the precision it was trained in: fp16 for 2b, bf16 for the RoPE models (5b, 1.5)
+    transformer: TransformerConfig  # the configs it was read from, so that a run reads each config.json once
+    vae: VAEConfig
 
 
 @dataclass
@@ -109,37 +111,38 @@ def model_info(path: str, transformer_config, vae_config) -> ModelInfo:
                      frame_multiple=16 if is_v15 else 8,
                      temporal_compression=vae_config.temporal_compression_ratio, spatial_compression=spatial,
                      max_text_seq_length=transformer_config.max_text_seq_length,
-                     gpu_dtype=torch.bfloat16 if rope or is_v15 else torch.float16)
+                     gpu_dtype=torch.bfloat16 if rope or is_v15 else torch.float16,
+                     transformer=transformer_config, vae=vae_config)
 
 
-def read_model_info(path: str) -> tuple[TransformerConfig, VAEConfig, ModelInfo]:
-    """The transformer config and ModelInfo of a snapshot from its config files alone (cheap: no weights read)."""
+def read_model_info(path: str) -> ModelInfo:
+    """What a snapshot is, from its config files alone (cheap: no weights read)."""
     for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not os.path.isdir(os.path.join(path, sub)):
             raise CheckpointError(f"{path} is not a CogVideoX snapshot: the folder {sub}/ is missing")
     tcfg = config_from_dict(TransformerConfig, read_json(os.path.join(path, "transformer", "config.json")))
     vcfg = config_from_dict(VAEConfig, read_json(os.path.join(path, "vae", "config.json")))
-    return tcfg, vcfg, model_info(path, tcfg, vcfg)
+    return model_info(path, tcfg, vcfg)
 
 
-def load_pipeline(path: str | None = None, dtype: torch.dtype | None = None, device=None,
+def load_pipeline(path: str | ModelInfo | None = None, dtype: torch.dtype | None = None, device=None,
                   offload: bool = False) -> Pipeline:
-    """Load every component of a CogVideoX snapshot folder (the official Hugging Face layout); None: the bundled demo
-    model. dtype and device default as on the command line: the GPU if there is one, in the checkpoint's precision
-    there (cli.pick_dtype), fp32 on the CPU. The tokenizer and configs are read first, so a broken snapshot fails
-    before any weight is read."""
-    path = resolve_model_path(path)
-    _, _, info = read_model_info(path)
+    """Load every component of a CogVideoX snapshot folder (the official Hugging Face layout), given as a path, as
+    the ModelInfo read_model_info returned for it, or None for the bundled demo model. dtype and device default as
+    on the command line: the GPU if there is one, in the checkpoint's precision there (cli.pick_dtype), fp32 on the
+    CPU. The tokenizer and configs are read first, so a broken snapshot fails before any weight is read."""
+    info = path if isinstance(path, ModelInfo) else read_model_info(resolve_model_path(path))
+    path = info.path
     device = cli.pick_device(None if device is None else str(device))
     dtype = dtype or cli.pick_dtype(None, device, info.gpu_dtype)
     tokenizer = Tokenizer(os.path.join(path, "tokenizer"))
     scheduler = load_scheduler_config(os.path.join(path, "scheduler"))
     where = torch.device("cpu") if offload else device
-    transformer = load_transformer(os.path.join(path, "transformer"), dtype=dtype, device=where)
-    vae = load_vae(os.path.join(path, "vae"), dtype=dtype, device=where)
+    transformer = load_transformer(os.path.join(path, "transformer"), dtype=dtype, device=where, config=info.transformer)
+    vae = load_vae(os.path.join(path, "vae"), dtype=dtype, device=where, config=info.vae)
     text_encoder = load_text_encoder(os.path.join(path, "text_encoder"), dtype=dtype, device=where)
     return Pipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
-                    scheduler=scheduler, info=model_info(path, transformer.config, vae.config), device=device,
+                    scheduler=scheduler, info=info, device=device,
                     dtype=dtype, offload=offload)
 
 
@@ -574,13 +577,12 @@ def shard() -> tuple[int, int, int]:
     return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
 
 
-def prologue(args) -> tuple[str, TransformerConfig, ModelInfo, torch.device, torch.dtype]:
-    """What every command starts with, from the config files alone: the snapshot, its configs, the device (checked
-    to exist) and the dtype policy (cli.pick_dtype with the model's training precision)."""
-    path = resolve_model_path(args.model)
-    tcfg, _, info = read_model_info(path)
+def prologue(args) -> tuple[ModelInfo, torch.device, torch.dtype]:
+    """What every command starts with, from the config files alone: the snapshot and its configs, the device
+    (checked to exist) and the dtype policy (cli.pick_dtype with the model's training precision)."""
+    info = read_model_info(resolve_model_path(args.model))
     device = cli.pick_device(args.device)
-    return path, tcfg, info, device, cli.pick_dtype(args.dtype, device, info.gpu_dtype)
+    return info, device, cli.pick_dtype(args.dtype, device, info.gpu_dtype)
 
 
 def main(argv=None) -> int:
@@ -600,7 +602,7 @@ def run_cli(args) -> int:
     rank, world, local = shard()
     if world > 1 and args.device is None and torch.cuda.is_available():
         args.device = f"cuda:{local}"  # torchrun: one GPU per process
-    path, tcfg, info, device, dtype = prologue(args)
+    info, device, dtype = prologue(args)
     image = read_image(cli.existing_path("--image", args.image, "file")) if args.image else None
     video = read_video(cli.existing_path("--video", args.video, "file")) if args.video else None
     if video is not None and args.num_frames:
@@ -610,12 +612,12 @@ def run_cli(args) -> int:
     num_frames = len(video) if video is not None else (args.num_frames or info.num_frames)
     check_request(info, num_frames, args.height or info.height, args.width or info.width, image, video)
     strength = 0.8 if args.strength is None else args.strength
-    make_sampler(args.sampler, load_scheduler_config(os.path.join(path, "scheduler")), args.steps,
+    make_sampler(args.sampler, load_scheduler_config(os.path.join(info.path, "scheduler")), args.steps,
                  strength if video is not None else 1.0, karras=args.karras)  # refuses e.g. a strength that keeps no step
     if args.lora:
         from lora import check_lora
         with torch.device("meta"):
-            check_lora(CogVideoXTransformer(tcfg), args.lora)
+            check_lora(CogVideoXTransformer(info.transformer), args.lora)
     outputs = {line: output_paths(args.output, args.num_videos, line) for line, _ in jobs}
     for out, named in (o for paths in outputs.values() for o in paths):
         check_video_output(out, named)
@@ -625,7 +627,7 @@ def run_cli(args) -> int:
         print(f"process {rank} of {world}: no prompt left for it")
         return 0
     t0 = time.perf_counter()
-    pipe = load_pipeline(path, dtype=dtype, device=device, offload=args.offload)
+    pipe = load_pipeline(info, dtype=dtype, device=device, offload=args.offload)
     if args.lora:
         from lora import load_lora
         print(load_lora(pipe.transformer, args.lora, 1.0 if args.lora_scale is None else args.lora_scale))

@@ -467,11 +467,12 @@ class CogVideoXTransformer(nn.Module):
         return unpatchify(x, F_, H, W, p, pt)  # (B, F, C_out, H, W)
 
 
-def load_transformer(path: str, dtype=torch.float32, device="cpu") -> CogVideoXTransformer:
-    """Build from `<path>/config.json` on the meta device and assign the (sharded) safetensors weights.
-    `path` is the `transformer/` folder or the snapshot root that contains it."""
+def load_transformer(path: str, dtype=torch.float32, device="cpu",
+                     config: TransformerConfig | None = None) -> CogVideoXTransformer:
+    """Build from `<path>/config.json` (or `config`, that file already read) on the meta device and assign the
+    (sharded) safetensors weights. `path` is the `transformer/` folder or the snapshot root that contains it."""
     folder = component_folder(path, "transformer")
-    cfg = config_from_dict(TransformerConfig, read_json(os.path.join(folder, "config.json")))
+    cfg = config or config_from_dict(TransformerConfig, read_json(os.path.join(folder, "config.json")))
     with torch.device("meta"):
         model = CogVideoXTransformer(cfg)
     return load_weights(model, folder, "diffusion_pytorch_model", dtype=dtype, device=device)

@@ -464,10 +464,10 @@ def main(argv=None) -> int:
 def train(args, world: int, rank: int, local: int, device) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     say = print if rank == 0 else (lambda *a, **k: None)
-    tcfg, vcfg, info = read_model_info(resolve_model_path(args.model))
+    info = read_model_info(resolve_model_path(args.model))
     args.num_frames, args.height, args.width = args.num_frames or info.num_frames, args.height or info.height, \
         args.width or info.width
-    args.max_text_len = tcfg.max_text_seq_length
+    args.max_text_len = info.max_text_seq_length
     check_args(args, info, world)
     cache = args.cache_dir or os.path.join(args.output, "cache")
     settings = cache_settings(args.model, args.num_frames, args.height, args.width, args.max_text_len, dtype)
@@ -493,7 +493,7 @@ def train(args, world: int, rank: int, local: int, device) -> int:
     say(f"{len(good)} samples, cache {cache}")
 
     # 2. The transformer with LoRA on its attention projections; only A and B train (fp32 master weights).
-    model = load_transformer(os.path.join(args.model, "transformer"), dtype=dtype, device=device)
+    model = load_transformer(os.path.join(args.model, "transformer"), dtype=dtype, device=device, config=info.transformer)
     torch.manual_seed(args.seed)
     params = add_lora(model, args.rank, args.alpha)
     model.gradient_checkpointing = args.gradient_checkpointing
@@ -534,7 +534,7 @@ def train(args, world: int, rank: int, local: int, device) -> int:
             positions = [(args.seed, p) for p in range(first, first + per_rank)]
             items = [good[dataset_index(args.seed, p, len(good))] for _, p in positions]
             x0, text, t, noise = (x.to(device) for x in make_batch(
-                items, positions, cache, vcfg.scaling_factor, scheduler.num_train_timesteps, tcfg.patch_size_t))
+                items, positions, cache, info.vae.scaling_factor, scheduler.num_train_timesteps, info.transformer.patch_size_t))
             sync = world == 1 or micro == args.grad_accum - 1
             with (contextlib.nullcontext() if sync else net.no_sync()):
                 with autocast:

@@ -426,10 +426,10 @@ def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.
     return mean + torch.exp(0.5 * logvar) * noise.to(mean.device)
 
 
-def load_vae(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> CogVideoXVAE:
-    """The VAE of a snapshot: `path` is the `vae/` folder or the snapshot root."""
+def load_vae(path: str, dtype: torch.dtype = torch.float32, device="cpu", config: VAEConfig | None = None) -> CogVideoXVAE:
+    """The VAE of a snapshot: `path` is the `vae/` folder or the snapshot root; `config` its config.json if read."""
     folder = component_folder(path, "vae")
-    cfg = config_from_dict(VAEConfig, read_json(os.path.join(folder, "config.json")))
+    cfg = config or config_from_dict(VAEConfig, read_json(os.path.join(folder, "config.json")))
     with torch.device("meta"):
         model = CogVideoXVAE(cfg)
     return load_weights(model, folder, "diffusion_pytorch_model", dtype=dtype, device=device)

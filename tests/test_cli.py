@@ -371,3 +371,14 @@ def test_generate_defaults_come_from_the_model():
     with pytest.raises(ValueError, match="one negative prompt per prompt"):
         generate.generate(pipe, [PROMPT, PROMPT], negative_prompt=["x"], **kw)
     assert not generate.worth_tiling(pipe.vae, 64, 64) and generate.worth_tiling(pipe.vae, 96, 80)
+
+
+def test_a_run_reads_each_model_config_once(tmp_path, monkeypatch, capsys):
+    """The checks before the weights and the loading share one read of each component's config.json (ModelInfo
+    carries the configs), so a file changed mid-run cannot give the checks and the model different shapes."""
+    import builtins
+    reads, real_open = [], builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: reads.append(str(f)) or real_open(f, *a, **k))
+    assert generate.main(["--prompt", PROMPT, *FAST, "--output", str(tmp_path / "v.gif")]) == 0
+    for component in ("transformer", "vae", "text_encoder"):
+        assert reads.count(os.path.join(DEMO_MODEL, component, "config.json")) == 1, component

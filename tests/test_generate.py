@@ -343,7 +343,7 @@ def test_defaults_are_read_from_the_config(snapshots, tmp_path, family, sample, 
             cfg.update(sample)
         with open(tmp_path / sub / "config.json", "w") as f:
             json.dump(cfg, f)
-    _, _, info = read_model_info(str(tmp_path))
+    info = read_model_info(str(tmp_path))
     assert (info.height, info.width, info.num_frames, info.fps) == want
     assert info.frame_multiple == (16 if family == "1.5" else 8)
 

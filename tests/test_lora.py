@@ -179,7 +179,7 @@ def eval_loss(snap, data, lora_folder=None):
     assert not problems and len(good) == 4
     scheduler = train_lora.load_scheduler_config(snap)
     positions = [(12345, p) for p in range(16)]  # another seed than training's
-    _, vae, _ = read_model_info(snap)
+    vae = read_model_info(snap).vae
     x0, text, t, noise = train_lora.make_batch(good * 4, positions, cache, vae.scaling_factor, 1000, None)
     with torch.no_grad():
         return train_lora.diffusion_loss(model, scheduler, x0, text, t, noise, torch.float32).item()
