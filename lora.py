@@ -9,7 +9,9 @@ attention projections to_q, to_k, to_v and to_out.0 of every block (what all off
 The file is the one diffusers' CogVideoX pipelines read with `pipe.load_lora_weights(folder)`:
 `pytorch_lora_weights.safetensors`, keys `transformer.<module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r),
 and the safetensors header entry `lora_adapter_metadata`: a JSON LoraConfig with `transformer.`-prefixed keys. With
-that entry diffusers scales by lora_alpha/r; WITHOUT it, it takes alpha = rank, scale 1. Who writes what:
+that entry diffusers scales by lora_alpha/r; WITHOUT it, it takes alpha = rank, scale 1. Files in diffusers' older key
+layout (`.lora.down.weight` / `.lora.up.weight`) are read too, renamed as diffusers renames them (peft_key). Who writes
+what:
   - this project: metadata with the alpha it trained at, so loading anywhere gives the training scale;
   - diffusers `examples/cogvideo/train_cogvideox_lora.py`: no metadata, trained at alpha = rank (128/128): scale 1,
     which is what a missing alpha gives, so nothing to do;
@@ -124,6 +126,22 @@ def lora_file(path: str) -> str:
     return path
 
 
+def peft_key(key: str) -> str:
+    """The PEFT name (`<module>.lora_A.weight` / `.lora_B.weight`) of a key in diffusers' older LoRA layouts, renamed
+    as diffusers' own `load_lora_weights` renames them for CogVideoX (`loaders/peft.py: load_lora_adapter` calls
+    `utils/state_dict_utils.py: convert_unet_state_dict_to_peft` on files without lora_A keys), so such files keep
+    loading here as they do there:
+      - `<module>.lora.down.weight` / `.lora.up.weight`: what `convert_state_dict_to_diffusers` writes, which diffusers'
+        training scripts ran before saving, so many LoRAs on the Hub have these keys;
+      - `<attn>.processor.to_q_lora.down.weight` (to_k, to_v; `to_out_lora` is to_out.0): the attention-processor
+        layout from before diffusers used PEFT.
+    A PEFT key, or any other, comes back unchanged (and is refused by read_lora if it is no LoRA weight)."""
+    key = key.replace(".processor.", ".")
+    for proj, module in (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out", "to_out.0")):
+        key = key.replace(f".{proj}_lora.", f".{module}.lora.")
+    return key.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
+
+
 def read_lora(path: str) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict | None]:
     """-> ({module path: (A (r, in), B (out, r))}, LoraConfig metadata with the prefix removed, or None)."""
     path = lora_file(path)
@@ -140,10 +158,11 @@ def read_lora(path: str) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], 
     for key, t in tensors.items():
         if "dora_scale" in key:  # DoRA magnitudes: dropped, as diffusers drops them
             continue
-        name, _, kind = key.removeprefix(PREFIX).rpartition(".lora_")
+        name, _, kind = peft_key(key.removeprefix(PREFIX)).rpartition(".lora_")
         if kind not in ("A.weight", "B.weight") or t.ndim != 2:
-            raise CheckpointError(f"{path}: key {key!r} is not a PEFT-format LoRA weight (<module>.lora_A.weight / "
-                                  f".lora_B.weight); convert the file to that format first")
+            raise CheckpointError(f"{path}: key {key!r} is not a LoRA weight in a layout diffusers reads "
+                                  f"(<module>.lora_A.weight / .lora_B.weight, or the older .lora.down.weight / "
+                                  f".lora.up.weight); convert the file to one of those first")
         pairs.setdefault(name, {})[kind[0]] = t
     for name, ab in pairs.items():
         if set(ab) != {"A", "B"} or ab["A"].shape[0] != ab["B"].shape[1]:

@@ -160,9 +160,76 @@ def test_lora_for_another_model_is_refused(snap, tmp_path):
                "transformer.transformer_blocks.7.attn1.to_q.lora_B.weight": torch.zeros(32, 2)}, path)
     with pytest.raises(ValueError, match="transformer_blocks.7.attn1.to_q"):
         load_lora(load_transformer(snap), path)
-    save_file({"transformer.transformer_blocks.0.attn1.to_q.lora.down.weight": torch.zeros(2, 32)}, path)
-    with pytest.raises(ValueError, match="not a PEFT-format"):
+    save_file({"transformer.transformer_blocks.0.attn1.to_q.lora_down.weight": torch.zeros(2, 32)}, path)  # kohya
+    with pytest.raises(ValueError, match="not a LoRA weight in a layout diffusers reads"):
         load_lora(load_transformer(snap), path)
+    save_file({"transformer.transformer_blocks.0.attn1.to_q.lora.down.weight": torch.zeros(2, 32)}, path)  # no up
+    with pytest.raises(ValueError, match="needs lora_A"):
+        load_lora(load_transformer(snap), path)
+
+
+def test_older_layout_keys_are_renamed_as_diffusers_renames_them():
+    """peft_key against the function diffusers' load_lora_adapter applies to files without lora_A keys."""
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+    from lora import peft_key
+    keys = [f"transformer_blocks.{i}.attn1.{m}.{ab}.weight" for i in (0, 11) for m in ("to_q", "to_k", "to_v", "to_out.0")
+            for ab in ("lora.down", "lora.up")]
+    keys += [f"transformer_blocks.3.attn1.processor.{p}_lora.{d}.weight" for p in ("to_q", "to_k", "to_v", "to_out")
+             for d in ("down", "up")]
+    theirs = list(convert_unet_state_dict_to_peft(dict.fromkeys(keys)))
+    assert [peft_key(k) for k in keys] == theirs
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in theirs)
+    peft = "transformer_blocks.0.attn1.to_out.0.lora_B.weight"
+    assert peft_key(peft) == peft
+
+
+def frames_with_lora(snap, lora_folder):
+    """9 frames of 32x32, 4 DDIM steps, seed 7: (the peer pipeline with load_lora_weights(lora_folder), ours without
+    the LoRA, ours with load_lora, load_lora's summary)."""
+    from diffusers import CogVideoXPipeline
+    kw = dict(num_frames=9, height=32, width=32, num_inference_steps=4, guidance_scale=6.0)
+    pipe = CogVideoXPipeline.from_pretrained(snap)
+    pipe.load_lora_weights(lora_folder)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt=PROMPT, negative_prompt="", generator=torch.Generator().manual_seed(7), output_type="pt",
+               max_sequence_length=MAX_TEXT, **kw).frames
+    ours = gen.load_pipeline(snap)
+    plain = gen.generate(ours, PROMPT, seed=7, max_sequence_length=MAX_TEXT, progress=False, **kw)
+    summary = load_lora(ours.transformer, lora_folder)
+    with_lora = gen.generate(ours, PROMPT, seed=7, max_sequence_length=MAX_TEXT, progress=False, **kw)
+    return ref, plain, with_lora, summary
+
+
+def test_older_layout_file_gives_the_peers_frames(snap, tmp_path):
+    """A LoRA in diffusers' older key layout, made by the peers: a random peft adapter on diffusers' transformer,
+    get_peft_model_state_dict -> convert_state_dict_to_diffusers (keys .lora.down/.lora.up.weight) ->
+    CogVideoXPipeline.save_lora_weights (no alpha metadata), as diffusers' older training scripts saved LoRAs. Loaded
+    by the peer's load_lora_weights and by ours: the same frames (fp32 CPU, within 1e-5 of the frames' range)."""
+    from diffusers import CogVideoXPipeline
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors import safe_open
+    maker = CogVideoXPipeline.from_pretrained(snap)
+    maker.transformer.add_adapter(LoraConfig(r=3, lora_alpha=3, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in maker.transformer.named_parameters():
+            if ".lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(maker.transformer))
+    folder = str(tmp_path / "old")
+    CogVideoXPipeline.save_lora_weights(folder, transformer_lora_layers=layers)
+    with safe_open(os.path.join(folder, "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert len(keys) == 2 * 4 * 2 and all(k.endswith((".lora.down.weight", ".lora.up.weight")) for k in keys), keys
+
+    ref, plain, with_lora, summary = frames_with_lora(snap, folder)
+    err, change = (with_lora - ref).abs().max().item(), (with_lora - plain).abs().max().item()
+    span = (ref.max() - ref.min()).item()
+    print(f"older layout, ours vs peer: max abs {err:.2e} ({err / span:.2e} of the frames' range {span:.3f}); "
+          f"the LoRA changes frames by up to {change:.3f}")
+    assert err <= 1e-5 * span and change > 0.02
+    assert "8 layers, rank 3, no alpha recorded" in summary, summary
 
 
 # ---------------------------------------------------------------- train_lora.py
@@ -199,17 +266,7 @@ def test_training_lowers_the_loss_and_writes_its_files(snap, data, trained):
 
 
 def test_trained_lora_changes_generate_and_matches_peer(snap, trained, tmp_path):
-    from diffusers import CogVideoXPipeline
-    kw = dict(num_frames=9, height=32, width=32, num_inference_steps=4, guidance_scale=6.0)
-    pipe = CogVideoXPipeline.from_pretrained(snap)
-    pipe.load_lora_weights(trained)
-    pipe.set_progress_bar_config(disable=True)
-    ref = pipe(prompt=PROMPT, negative_prompt="", generator=torch.Generator().manual_seed(7), output_type="pt",
-               max_sequence_length=MAX_TEXT, **kw).frames
-    ours = gen.load_pipeline(snap)
-    plain = gen.generate(ours, PROMPT, seed=7, max_sequence_length=MAX_TEXT, progress=False, **kw)
-    load_lora(ours.transformer, trained)
-    with_lora = gen.generate(ours, PROMPT, seed=7, max_sequence_length=MAX_TEXT, progress=False, **kw)
+    ref, plain, with_lora, _ = frames_with_lora(snap, trained)
     err, change = (with_lora - ref).abs().max().item(), (with_lora - plain).abs().max().item()
     print(f"ours vs peer with LoRA: max abs {err:.2e}; LoRA changes frames by up to {change:.3f}")
     assert err <= 1e-4 and change > 0.02
