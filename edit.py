@@ -33,14 +33,14 @@ from sampler import denoise, invert, make_sampler
 METHODS = ("inject", "plain")
 
 
-def check_edit(info, transformer_config, method: str) -> None:
+def check_edit(info, method: str) -> None:
     """Refuse what the method cannot do, before any weights are read."""
     if method not in METHODS:
         raise ValueError(f"method {method!r} is unknown, use one of {METHODS}")
     if info.is_i2v:
         raise ValueError(f"{info.path} is an image-to-video model; editing needs a text-to-video one "
                          f"(CogVideoX-5b, CogVideoX1.5-5B)")
-    if method == "inject" and not transformer_config.use_rotary_positional_embeddings:
+    if method == "inject" and not info.transformer.use_rotary_positional_embeddings:
         raise ValueError(f"{info.path} has no RoPE (CogVideoX-2b); the official inject method supports CogVideoX-5b "
                          f"and CogVideoX1.5-5B only: use --method plain")
 
@@ -75,7 +75,7 @@ def edit_latents(pipe: Pipeline, z: torch.Tensor, prompt: str, *, method: str = 
     The inversion runs without guidance: the official tool passes its guidance scale but gives both branches the empty
     prompt, where guidance changes nothing. `source_prompt` (default "", the official choice) conditions the
     inversion; `generator` draws the fresh noise of `inject`."""
-    check_edit(pipe.info, pipe.transformer.config, method)
+    check_edit(pipe.info, method)
     L = pipe.info.max_text_seq_length if max_sequence_length is None else max_sequence_length
     B = z.shape[0]
     schedule = make_sampler("ddim", pipe.scheduler, num_inference_steps)
@@ -110,7 +110,7 @@ def edit(pipe: Pipeline, video, prompt: str, *, method: str = "inject", source_p
     """Edit one video: a path or an (F, 3, H, W) tensor in [0, 1]. Returns frames (1, F, 3, H, W) in [0, 1].
     Without num_frames, the first min(len(video), the model's default) frames, trimmed to a valid count."""
     info = pipe.info
-    check_edit(info, pipe.transformer.config, method)
+    check_edit(info, method)
     video = read_video(video) if isinstance(video, (str, os.PathLike)) else torch.as_tensor(video).float()
     if video.ndim != 4 or video.shape[1] != 3:
         raise ValueError(f"video must be a path or an (F, 3, H, W) tensor, got shape {tuple(video.shape)}")
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
 def run_cli(args) -> int:
     # Everything that can be checked is checked before any weights are read.
     info, device, dtype = prologue(args)
-    check_edit(info, info.transformer, args.method)
+    check_edit(info, args.method)
     video = read_video(cli.existing_path("--video", args.video, "file"))
     num_frames = edit_frames(info, len(video), args.num_frames)
     check_request(info, num_frames, args.height or info.height, args.width or info.width)

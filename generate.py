@@ -10,6 +10,7 @@ video here and there) -> the sampler loop with classifier-free guidance -> VAE d
 
 Legend: B batch, F latent frames, C channels, H/W height/width (latent unless said "pixel"), L text tokens.
 """
+import contextlib
 import math
 import os
 import sys
@@ -146,21 +147,17 @@ def load_pipeline(path: str | ModelInfo | None = None, dtype: torch.dtype | None
                     dtype=dtype, offload=offload)
 
 
-class on_device:
+@contextlib.contextmanager
+def on_device(pipe: Pipeline, module: nn.Module):
     """With offload, move a stage to the compute device for the duration of a `with` block, then back to the CPU."""
-
-    def __init__(self, pipe: Pipeline, module: nn.Module):
-        self.pipe, self.module = pipe, module
-
-    def __enter__(self):
-        if self.pipe.offload:
-            self.module.to(self.pipe.device)
-        return self.module
-
-    def __exit__(self, *exc):
-        if self.pipe.offload:
-            self.module.to("cpu")
-            if self.pipe.device.type == "cuda":
+    if pipe.offload:
+        module.to(pipe.device)
+    try:
+        yield module
+    finally:
+        if pipe.offload:
+            module.to("cpu")
+            if pipe.device.type == "cuda":
                 torch.cuda.empty_cache()
 
 

@@ -201,18 +201,18 @@ def test_edit_latents_matches_official_flow(snapshots, family, method, guidance)
 
 def test_check_edit_names_unsupported_variants(tmp_path):
     def info(preset):
-        return model_info(str(tmp_path), M.PRESETS[preset], VAEConfig()), M.PRESETS[preset]
+        return model_info(str(tmp_path), M.PRESETS[preset], VAEConfig())
     for preset in ("cogvideox-5b", "cogvideox1.5-5b"):
         for method in E.METHODS:
-            E.check_edit(*info(preset), method)
-    E.check_edit(*info("cogvideox-2b"), "plain")
+            E.check_edit(info(preset), method)
+    E.check_edit(info("cogvideox-2b"), "plain")
     with pytest.raises(ValueError, match="no RoPE.*--method plain"):
-        E.check_edit(*info("cogvideox-2b"), "inject")
+        E.check_edit(info("cogvideox-2b"), "inject")
     for preset in ("cogvideox-5b-i2v", "cogvideox1.5-5b-i2v"):
         with pytest.raises(ValueError, match="image-to-video"):
-            E.check_edit(*info(preset), "plain")
+            E.check_edit(info(preset), "plain")
     with pytest.raises(ValueError, match="'p2p' is unknown"):
-        E.check_edit(*info("cogvideox-5b"), "p2p")
+        E.check_edit(info("cogvideox-5b"), "p2p")
 
 
 def clip(num_frames):
