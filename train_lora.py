@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 import cli
 from cli import atomic_write
-from generate import (Pipeline, generate, pad_front, read_model_info, read_video, resize, resolve_model_path,
-                      save_video)
+from generate import (Pipeline, check_request, generate, pad_front, read_model_info, read_video, resize,
+                      resolve_model_path, save_video, shard)
 from lora import WEIGHT_NAME, add_lora, lora_state_dict, save_lora, set_lora_state
 from model import load_transformer
 from sampler import add_noise, load_scheduler_config, v_target
@@ -406,7 +406,7 @@ def parse_args(argv=None):
 
 def setup_distributed(device_arg):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: then one process per GPU (nccl), or per CPU worker (gloo)."""
-    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    rank, world, local = shard()
     device = cli.pick_device(device_arg)
     cuda = device.type == "cuda"
     device = torch.device("cuda", local) if cuda and device.index is None else device
@@ -429,12 +429,7 @@ def all_ok(ok: bool, world: int, device) -> bool:
 def check_args(args, info, world: int) -> None:
     if info.is_i2v:
         raise ValueError(f"{args.model} is an image-to-video model; train_lora.py trains text-to-video checkpoints")
-    m = info.frame_multiple
-    if args.num_frames < 1 or (args.num_frames - 1) % m:
-        raise ValueError(f"--num-frames {args.num_frames} is not valid for this model: use {m}k+1 frames")
-    for k in ("height", "width"):
-        if getattr(args, k) % 16:
-            raise ValueError(f"--{k} {getattr(args, k)} is not a multiple of 16")
+    check_request(info, args.num_frames, args.height, args.width)
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the process count {world}")
     if args.validate_every and not args.validation_prompt:
@@ -475,16 +470,16 @@ def train(args, world: int, rank: int, local: int, device) -> int:
     # 1. Validate every sample, then fill the cache; one process per machine does it, the others wait.
     ok, good = True, []
     if local == 0:
-        cli.claim_folder(args.output, "train_lora.py", "--output")
-        if args.cache_dir:
-            cli.claim_folder(args.cache_dir, "train_lora.py", "--cache-dir")
         samples, problems = find_samples(args.data)
         good, problems = validate(samples, problems, cache, settings, args.num_frames)
         if problems:
-            print(f"error: {len(problems)} problem(s) in the dataset {args.data}; nothing was trained. Fix or remove:\n  "
+            print(f"error: {len(problems)} problem(s) in the dataset {args.data}; nothing was written. Fix or remove:\n  "
                   + "\n  ".join(problems), file=sys.stderr)
             ok = False
         else:
+            cli.claim_folder(args.output, "train_lora.py", "--output")
+            if args.cache_dir:
+                cli.claim_folder(args.cache_dir, "train_lora.py", "--cache-dir")
             build_cache(args, good, cache, device, dtype)
     if not all_ok(ok, world, device):
         return 2

@@ -356,7 +356,7 @@ def test_bad_dataset_lists_every_problem(snap, data, tmp_path, capsys):
                       ("videos/quiet.mp4 (line 4)", "empty caption"), ("videos/short.mp4 (line 5)", "too short: 5")]:
         assert any(name in line and why in line for line in err.splitlines()), (name, err)
     assert "good.mp4" not in err
-    assert not os.path.exists(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert not os.path.exists(tmp_path / "out")  # nothing written: no output folder, no cache
 
 
 def test_bad_pairs_dataset_lists_every_problem(snap, data, tmp_path, capsys):
