@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Mutation testing of one module with mutmut (pip install -r requirements-dev.txt), in a throwaway clone of this
-# checkout's HEAD, so nothing here is touched:
+# checkout's HEAD (commit new tests first), so nothing here is touched:
 #
 #   bash bench/mutants.sh convert.py tests/test_convert.py      # -> killed / no tests / survived counts
+#   bash bench/mutants.sh generate.py "tests/test_generate.py tests/test_cli.py" "generate.x_on_device*"
 #   (cd /tmp/mutants-convert.py && mutmut results)               # the survivors; `mutmut show NAME` for one of them
 #
+# TESTS: one or more pytest arguments (files or file::test), space-separated. GLOB (optional): mutate only the
+# mutants whose names match, e.g. "generate.x_main*". MUTMUT_CHILDREN: parallel test runs (default: the CPU count).
 # mutmut rewrites FILE into many mutants (a changed operator, constant, argument...) and runs the tests that reach
 # each one; a mutant no test kills marks code that a bug could change unseen. Not run in CI: a module takes minutes
-# (convert.py with its tests: about 5 on 2 cores), one whose tests load models much longer.
+# (convert.py with its tests: about 10 on 2 cores), one whose tests load models much longer. Results: bench/MUTANTS.md.
 set -euo pipefail
 FILE=$1
 TESTS=$2
+GLOB=${3:-}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${TMPDIR:-/tmp}/mutants-$FILE
 rm -rf "$WORK"
@@ -18,9 +22,15 @@ git clone -q "$ROOT" "$WORK"
 cd "$WORK"
 {
   echo "[mutmut]"
-  echo "paths_to_mutate = $FILE"
-  echo "tests_dir = $TESTS"
+  echo "source_paths = $FILE"
+  echo "pytest_add_cli_args_test_selection ="
+  for t in $TESTS; do echo "    $t"; done
   echo "also_copy ="
   for f in *.py demo/ tests/; do [ "$f" != "$FILE" ] && echo "    $f"; done
 } > setup.cfg
-mutmut run | tr '\r' '\n' | tail -n 2
+ARGS=()
+[ -n "${MUTMUT_CHILDREN:-}" ] && ARGS+=(--max-children "$MUTMUT_CHILDREN")
+[ -n "$GLOB" ] && ARGS+=("$GLOB")
+START=$SECONDS
+mutmut run "${ARGS[@]}" | tr '\r' '\n' | tail -n 2
+echo "$((SECONDS - START)) s"

@@ -53,6 +53,16 @@ def official_vae(folder=None):
     return dict(net.config), {k: t.clone() for k, t in net.state_dict().items()}
 
 
+@pytest.fixture(autouse=True)
+def empty_cwd(tmp_path_factory, monkeypatch):
+    """Every test runs in an empty folder that must stay empty: a conversion that writes beside the current folder
+    (a path joined wrongly) fails here instead of leaving files that a later test could read."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(cwd)
+    yield
+    assert os.listdir(cwd) == []
+
+
 @pytest.fixture
 def tiny_presets(monkeypatch):
     """Make the CLI's --variant presets tiny, so whole conversions run in milliseconds."""
@@ -427,3 +437,212 @@ def test_sat_adaln_semantics_in_diffusers_layernorm_zero():
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(gate, s[f"gate_{stage}"], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(enc_gate, s[f"text_gate_{stage}"], rtol=1e-6, atol=1e-6)
+
+
+# ---- found by mutation testing (bench/MUTANTS.md): paths and flags no test above reached ----------------------------
+
+def test_max_shard_size_as_transformers_reads_it():
+    """--max-shard-size means what Hugging Face's max_shard_size means (decimal units), checked against transformers'
+    own parser; both refuse binary units and other text."""
+    from transformers.utils.hub import convert_file_size_to_int
+    for text in ("5GB", "500MB", "20KB", "7KB", "3MB", "1GB"):
+        assert convert.parse_size(text) == convert_file_size_to_int(text), text
+    assert convert.parse_size("1.5gb") == 1.5e9 and convert.parse_size("100B") == 100
+    with pytest.raises(convert.ConvertError, match="--max-shard-size '5GiB'"):
+        convert.parse_size("5GiB")
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "required: command"),
+    (["sat2hf", "--transformer", "t.pt", "--out", "o"], "required: --variant"),
+    (["sat2hf", "--transformer", "t.pt", "--variant", "cogvideox-7b", "--out", "o"], "invalid choice: 'cogvideox-7b'"),
+    (["sat2hf", "--variant", "cogvideox-2b", "--out", "o"], "sat2hf needs --transformer and/or --vae"),
+    (["sat2hf", "--vae", "v.pt", "--variant", "cogvideox-2b"], "required: --out"),
+    (["hf2sat", "--out", "o"], "required: --snapshot"),
+    (["lora", "--out", "o"], "required: --lora"),
+    (["lora", "--lora", "l.pt", "--out", "o", "--dtype", "fp8"], "invalid choice: 'fp8'"),
+])
+def test_command_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        convert.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--transformer", "--vae", "--snapshot", "--lora"])
+def test_missing_input_is_refused_before_anything_is_written(flag, tmp_path, fails):
+    command = {"--snapshot": ["hf2sat"], "--lora": ["lora"]}.get(flag, ["sat2hf", "--variant", "cogvideox-2b"])
+    msg = fails(command + [flag, str(tmp_path / "nothing.pt"), "--out", str(tmp_path / "o")])
+    assert f"{flag} {tmp_path / 'nothing.pt'}: file or folder not found" in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_sat_save_folder_naming_a_missing_iteration(tmp_path, fails):
+    (tmp_path / "save").mkdir()
+    (tmp_path / "save/latest").write_text("1000\n")
+    msg = fails(["lora", "--lora", str(tmp_path / "save"), "--out", str(tmp_path / "o")])
+    assert f"checkpoint file not found: {tmp_path / 'save/1000/mp_rank_00_model_states.pt'}" in msg
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")  # the weights-only loader's note on this file
+def test_unreadable_pickle_and_empty_state_dict(tmp_path, fails):
+    import pickle
+    with open(tmp_path / "set.pt", "wb") as f:  # protocol 4 with a set: the weights-only loader has no opcode for it
+        pickle.dump({"module": {"x": torch.zeros(1)}, "seen": {1, 2}}, f, protocol=4)
+    msg = fails(["lora", "--lora", str(tmp_path / "set.pt"), "--out", str(tmp_path / "o")])
+    assert "needs code execution to unpickle (a non-tensor object)" in msg
+    torch.save({"module": {}}, tmp_path / "empty.pt")
+    assert "holds no state dict" in fails(["lora", "--lora", str(tmp_path / "empty.pt"), "--out", str(tmp_path / "o")])
+
+
+def sat_lora_file(path, layers=2, rank=4, D=32, drop=(), ranks=None):
+    """A SAT LoRA save (lora2.LoraMixin keys of spec 2) with the listed factors left out."""
+    sd = {}
+    for i in range(layers):
+        for name, parts in (("query_key_value", 3), ("dense", 1)):
+            for k in range(parts):
+                r = (ranks or {}).get((i, name, k), rank)
+                for m, shape in (("A", (r, D)), ("B", (D, r))):
+                    key = f"{SAT}transformer.layers.{i}.attention.{name}.matrix_{m}.{k}"
+                    if key not in drop:
+                        sd[key] = torch.randn(shape)
+    torch.save({"module": sd}, path)
+    return sd
+
+
+def test_sat_lora_export_defaults_and_dtype(tmp_path):
+    """Without --alpha the export records SAT's lora_alpha 1 (spec 2: every official SAT LoRA config), so diffusers
+    applies alpha/r = 1/r; --dtype casts the factors, which are kept otherwise."""
+    sd = sat_lora_file(tmp_path / "lora.pt", rank=4)
+    assert convert.main(["lora", "--lora", str(tmp_path / "lora.pt"), "--out", str(tmp_path / "a")]) == 0
+    lora, meta = CogVideoXPipeline.lora_state_dict(str(tmp_path / "a"), return_lora_metadata=True)
+    assert meta["transformer.lora_alpha"] / meta["transformer.r"] == 1 / 4
+    key = SAT + "transformer.layers.1.attention.query_key_value.matrix_B.2"
+    assert lora["transformer.transformer_blocks.1.attn1.to_v.lora_B.weight"].dtype == torch.float32
+    assert torch.equal(lora["transformer.transformer_blocks.1.attn1.to_v.lora_B.weight"], sd[key])
+    assert convert.main(["lora", "--lora", str(tmp_path / "lora.pt"), "--out", str(tmp_path / "b"),
+                         "--dtype", "bf16"]) == 0
+    lora = CogVideoXPipeline.lora_state_dict(str(tmp_path / "b"))
+    assert all(t.dtype == torch.bfloat16 for t in lora.values())
+    assert torch.equal(lora["transformer.transformer_blocks.1.attn1.to_v.lora_B.weight"], sd[key].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing B", "LoRA factor 'transformer.transformer_blocks.1.attn1.to_k.lora_B.weight' is missing"),
+    ("missing A", "LoRA factor 'transformer.transformer_blocks.0.attn1.to_out.0.lora_A.weight' is missing"),
+    ("two ranks", "LoRA factors have several ranks [4, 8]; expected one"),
+    ("no factors", "no SAT LoRA factors"),
+    ("fourth part", "unexpected LoRA factor"),
+])
+def test_broken_sat_lora_is_refused(case, message, tmp_path, fails):
+    pre = SAT + "transformer.layers."
+    if case == "missing B":
+        sat_lora_file(tmp_path / "l.pt", drop={pre + "1.attention.query_key_value.matrix_B.1"})
+    elif case == "missing A":
+        sat_lora_file(tmp_path / "l.pt", drop={pre + "0.attention.dense.matrix_A.0"})
+    elif case == "two ranks":
+        sat_lora_file(tmp_path / "l.pt", ranks={(1, "dense", 0): 8})
+    elif case == "no factors":
+        torch.save({"module": {pre + "0.attention.dense.weight": torch.zeros(2, 2)}}, tmp_path / "l.pt")
+    else:
+        sd = sat_lora_file(tmp_path / "l.pt")
+        sd[pre + "0.attention.dense.matrix_A.1"] = torch.zeros(4, 32)  # dense has one part only
+        torch.save({"module": sd}, tmp_path / "l.pt")
+    assert message in fails(["lora", "--lora", str(tmp_path / "l.pt"), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_key_order_and_containers_do_not_matter(tmp_path, tiny_presets):
+    """Keys SAT saves that are skipped (the T5 and VAE copies, the recomputed position table, VAE loss weights) may
+    come first in the file; a checkpoint under 'model' (as some trainers save) reads like one under 'module'."""
+    config, sd = official_transformer("cogvideox-2b", tmp_path / "orig" / "transformer")
+    sat = convert.hf_to_sat(sd)
+    first = {"conditioner.embedders.0.transformer.shared.weight": torch.randn(4, 4),
+             SAT + "mixins.pos_embed.pos_embedding": torch.randn(1, 6 + 48, 32)}
+    torch.save({"model": {**first, **sat}}, tmp_path / "sat.pt")
+    _, vsd = official_vae()
+    torch.save({"state_dict": {"loss.logvar": torch.zeros(()), **convert.vae_to_hf(vsd, reverse=True)}},
+               tmp_path / "vae.pt")
+    assert convert.main(["sat2hf", "--transformer", str(tmp_path / "sat.pt"), "--vae", str(tmp_path / "vae.pt"),
+                         "--variant", "cogvideox-2b", "--out", str(tmp_path / "conv")]) == 0
+    assert_identical(dict(model.load_transformer(str(tmp_path / "conv")).state_dict()), sd)
+    assert_identical(vae.load_vae(str(tmp_path / "conv")).state_dict(), vsd)
+
+
+def test_written_configs_and_shards_are_what_diffusers_writes(tmp_path, tiny_presets):
+    """config.json as save_pretrained writes it (_class_name, _diffusers_version) for both components; the VAE is
+    sharded by --max-shard-size too, and diffusers loads it back; the old output is replaced without a trace."""
+    config, sd = official_transformer("cogvideox-5b", tmp_path / "orig" / "transformer")
+    _, vsd = official_vae(tmp_path / "orig" / "vae")
+    sat_file(sd, tmp_path / "sat.pt", "cogvideox-5b")
+    torch.save({"state_dict": convert.vae_to_hf(vsd, reverse=True)}, tmp_path / "vae.pt")
+    argv = ["sat2hf", "--transformer", str(tmp_path / "sat.pt"), "--vae", str(tmp_path / "vae.pt"), "--variant",
+            "cogvideox-5b", "--out", str(tmp_path / "conv"), "--max-shard-size", "50KB"]
+    for _ in range(2):  # the second run replaces the first output (and leaves nothing in the current folder)
+        assert convert.main(argv) == 0
+    assert sorted(os.listdir(tmp_path / "conv")) == [".cogvideox-mini.json", "transformer", "vae"]
+    for name, cls in (("transformer", CogVideoXTransformer3DModel), ("vae", AutoencoderKLCogVideoX)):
+        ours = json.loads((tmp_path / "conv" / name / "config.json").read_text())
+        theirs = json.loads((tmp_path / "orig" / name / "config.json").read_text())
+        assert ours["_class_name"] == theirs["_class_name"] == cls.__name__
+        assert "_diffusers_version" in ours
+        assert (tmp_path / "conv" / name / "diffusion_pytorch_model.safetensors.index.json").exists(), name
+    back = AutoencoderKLCogVideoX.from_pretrained(str(tmp_path / "conv" / "vae"))
+    assert_identical(dict(back.state_dict()), vsd)
+
+
+def test_hf2sat_dtype_and_partial_snapshots(tmp_path, fails):
+    _, sd = official_transformer("cogvideox-2b", tmp_path / "t_only" / "transformer")
+    _, vsd = official_vae(tmp_path / "v_only" / "vae")
+    assert convert.main(["hf2sat", "--snapshot", str(tmp_path / "t_only"), "--out", str(tmp_path / "a"),
+                         "--dtype", "fp16"]) == 0
+    raw = torch.load(tmp_path / "a/transformer/1/mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert_identical(raw, {k: t.half() for k, t in convert.hf_to_sat(sd).items()})
+    assert not (tmp_path / "a" / "vae").exists()
+    assert convert.main(["hf2sat", "--snapshot", str(tmp_path / "v_only"), "--out", str(tmp_path / "b")]) == 0
+    assert_identical(torch.load(tmp_path / "b/vae/3d-vae.pt", weights_only=True)["state_dict"],
+                     convert.vae_to_hf(vsd, reverse=True))
+    assert not (tmp_path / "b" / "transformer").exists()
+    (tmp_path / "empty").mkdir()
+    assert "has neither transformer/ nor vae/" in fails(["hf2sat", "--snapshot", str(tmp_path / "empty"),
+                                                        "--out", str(tmp_path / "c")])
+
+
+def test_errors_name_the_input(tmp_path, tiny_presets, fails, capsys):
+    """A bad component is named in the message: the SAT file, the SAT VAE file, the official folder; --allow-missing
+    also covers the VAE."""
+    _, sd = official_transformer("cogvideox-5b")
+    sat = convert.hf_to_sat(sd)
+    del sat[SAT + "time_embed.2.bias"]
+    torch.save({"module": sat}, tmp_path / "t.pt")
+    msg = fails(["sat2hf", "--transformer", str(tmp_path / "t.pt"), "--variant", "cogvideox-5b",
+                 "--out", str(tmp_path / "o")])
+    assert msg.startswith(f"error: {tmp_path / 't.pt'}: 1 missing keys ['time_embedding.linear_2.bias']")
+    _, vsd = official_vae(tmp_path / "snap" / "vae")
+    vs = convert.vae_to_hf(vsd, reverse=True)
+    del vs["encoder.conv_in.conv.bias"]
+    torch.save({"state_dict": vs}, tmp_path / "v.pt")
+    argv = ["sat2hf", "--vae", str(tmp_path / "v.pt"), "--variant", "cogvideox-5b", "--out", str(tmp_path / "o")]
+    msg = fails(argv)
+    assert msg.startswith(f"error: {tmp_path / 'v.pt'}: 1 missing keys ['encoder.conv_in.conv.bias']")
+    assert convert.main(argv + ["--allow-missing"]) == 0
+    assert capsys.readouterr().err.startswith(f"warning: {tmp_path / 'v.pt'}: 1 missing keys")
+    assert len(convert.read_tensors(convert.weight_files(str(tmp_path / "o/vae"), "diffusion_pytorch_model"))) \
+        == len(vsd) - 1
+    from safetensors.torch import save_file
+    folder = tmp_path / "snap" / "vae"
+    save_file({k: v for k, v in vsd.items() if k != "decoder.conv_out.conv.bias"},
+              folder / "diffusion_pytorch_model.safetensors")
+    msg = fails(["hf2sat", "--snapshot", str(tmp_path / "snap"), "--out", str(tmp_path / "s")])
+    assert msg.startswith(f"error: {folder}: 1 missing keys ['decoder.conv_out.conv.bias']")
+
+
+def test_variant_signature_tells_the_variants_apart():
+    """The facts of spec 1.3/1.5 that --variant is checked on: layers, learned positions (5b-I2V only), ofs (1.5-I2V
+    only), read from each tiny stand-in."""
+    sig = {v: convert.signature(convert.expected_shapes("transformer", {**TINY, **extra}))
+           for v, extra in FAMILIES.items()}
+    assert all(s["layers"] == TINY["num_layers"] and s["hidden size"] == 32 for s in sig.values())
+    assert [v for v, s in sig.items() if s["learned positions"]] == ["cogvideox-5b-i2v"]
+    assert [v for v, s in sig.items() if s["ofs embedding"]] == ["cogvideox1.5-5b-i2v"]
+    deeper = convert.signature(convert.expected_shapes("transformer", {**TINY, "num_layers": 3}))
+    assert deeper["layers"] == 3 and deeper != sig["cogvideox-2b"]
