@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import cli
 from checkpoint import CheckpointError, config_from_dict, read_json
-from model import CogVideoXTransformer, StepCache, TransformerConfig, load_transformer
+from model import BlockStream, CogVideoXTransformer, StepCache, TransformerConfig, load_transformer
 from sampler import SAMPLERS, SchedulerConfig, add_noise, denoise, load_scheduler_config, make_sampler
 from text_encoder import T5Encoder, Tokenizer, load_text_encoder
 from vae import CogVideoXVAE, VAEConfig, load_vae, sample_posterior
@@ -67,9 +67,10 @@ class Pipeline:
     info: ModelInfo
     device: torch.device
     dtype: torch.dtype
-    offload: bool = False   # keep each stage on the CPU until it runs (T5, then transformer, then VAE)
+    offload: str | None = None  # "model": each stage on the CPU until it runs; "blocks": the blocks stream too
 
 
+OFFLOAD = ("model", "blocks")  # load_pipeline(offload=...) and --offload
 OFFICIAL_REPOS = ("CogVideoX-2b", "CogVideoX-5b", "CogVideoX-5b-I2V", "CogVideoX1.5-5B", "CogVideoX1.5-5B-I2V")
 
 
@@ -127,11 +128,19 @@ def read_model_info(path: str) -> ModelInfo:
 
 
 def load_pipeline(path: str | ModelInfo | None = None, dtype: torch.dtype | None = None, device=None,
-                  offload: bool = False) -> Pipeline:
+                  offload: bool | str | None = None) -> Pipeline:
     """Load every component of a CogVideoX snapshot folder (the official Hugging Face layout), given as a path, as
     the ModelInfo read_model_info returned for it, or None for the bundled demo model. dtype and device default as
     on the command line: the GPU if there is one, in the checkpoint's precision there (cli.pick_dtype), fp32 on the
-    CPU. The tokenizer and configs are read first, so a broken snapshot fails before any weight is read."""
+    CPU. The tokenizer and configs are read first, so a broken snapshot fails before any weight is read.
+    offload: "model" (or True) keeps every stage on the CPU and moves each to the device only while it runs (T5,
+    then the transformer, then the VAE); "blocks" does the same, except that the transformer's blocks never move as
+    a whole: they are streamed to the device one block ahead of the compute (model.BlockStream)."""
+    if offload is True:
+        offload = "model"
+    if offload not in (None, False, *OFFLOAD):
+        raise ValueError(f"offload={offload!r} is unknown, use one of {OFFLOAD} (or True for 'model')")
+    offload = offload or None
     info = path if isinstance(path, ModelInfo) else read_model_info(resolve_model_path(path))
     path = info.path
     device = cli.pick_device(None if device is None else str(device))
@@ -149,14 +158,21 @@ def load_pipeline(path: str | ModelInfo | None = None, dtype: torch.dtype | None
 
 @contextlib.contextmanager
 def on_device(pipe: Pipeline, module: nn.Module):
-    """With offload, move a stage to the compute device for the duration of a `with` block, then back to the CPU."""
-    if pipe.offload:
+    """With offload, move a stage to the compute device for the duration of a `with` block, then back to the CPU.
+    With offload="blocks" the transformer's blocks stay on the CPU and stream in one at a time (model.BlockStream)."""
+    streamed = pipe.offload == "blocks" and module is pipe.transformer
+    if pipe.offload and not streamed:
         module.to(pipe.device)
     try:
-        yield module
+        if streamed:
+            with BlockStream(module, pipe.device):
+                yield module
+        else:
+            yield module
     finally:
         if pipe.offload:
-            module.to("cpu")
+            if not streamed:
+                module.to("cpu")
             if pipe.device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -515,7 +531,9 @@ def add_video_arguments(p, output: str) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
     p.add_argument("--output", default=output,
                    help=".mp4, .gif, or a new folder name for PNG frames; a contact sheet <stem>.png is written beside")
-    p.add_argument("--offload", action="store_true", help="keep each stage on the CPU until it runs")
+    p.add_argument("--offload", nargs="?", const="model", choices=OFFLOAD, default=None,
+                   help="keep each stage (T5, transformer, VAE) on the CPU until it runs; '--offload blocks' also "
+                        "streams the transformer one block at a time (least GPU memory)")
     p.add_argument("--vae-tiling", action="store_true",
                    help="decode in overlapping spatial tiles (less memory) when the frame spans two tiles")
 
@@ -536,7 +554,8 @@ def parse_args(argv=None):
     p.add_argument("--karras", action="store_true", help="Karras sigma spacing (samplers that support it)")
     p.add_argument("--num-videos", type=cli.positive_int, default=1, help="videos per prompt")
     p.add_argument("--quantize", choices=("int8",), default=None, help="weight-only int8 transformer")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (slow first step)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer block, one graph for all blocks (slow first step)")
     p.add_argument("--step-cache", type=cli.positive_float, default=None, metavar="THRESH",
                    help="skip the transformer on steps whose input changed less than THRESH in total (TeaCache; "
                         "e.g. 0.1-0.3: faster, slightly different)")

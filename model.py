@@ -100,9 +100,26 @@ PRESETS = {
 # Small pure functions for the math
 
 
+# The SDPA kernels tried on CUDA, fastest first. Attention is about half of a 5b step at 480x720 (S = 17,776 tokens,
+# head_dim 64), and PyTorch's own order puts cuDNN after math, so it would never be picked, while on Hopper cuDNN's
+# fused attention is the fastest kernel for head_dim 64 (bench/gpu.py times each). A kernel that cannot take the
+# inputs (cuDNN or flash on fp32, flash before Ampere, a build without cuDNN) is skipped for the next; math takes
+# anything. sdpa_kernel's priority order needs torch 2.6 (and 2.7 under torch.compile); older: PyTorch's choice.
+if torch.__version__ >= "2.6":
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    CUDA_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                       SDPBackend.MATH]
+else:
+    CUDA_SDPA_ORDER = None
+
+
 def attention(q, k, v):
     """Full (non-causal, unmasked) attention; q, k, v (B, h, S, d). Replace this one function (e.g.
-    `model.attention = sageattn`) to try another kernel."""
+    `model.attention = sageattn`) to try another kernel. On CUDA the kernel is the first of CUDA_SDPA_ORDER that
+    takes these inputs; elsewhere PyTorch's choice (all compute the same result up to rounding)."""
+    if q.is_cuda and CUDA_SDPA_ORDER:
+        with sdpa_kernel(CUDA_SDPA_ORDER, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -352,6 +369,96 @@ class StepCache:
         return True
 
 
+def run_block(block, x, c, emb, rope):
+    """One block, as a plain function: the unit CogVideoXTransformer.compile hands to torch.compile."""
+    return block(x, c, emb, rope)
+
+
+class BlockStream:
+    """Run a transformer whose blocks stay in host memory, each copied to `device` just before it runs.
+
+        with BlockStream(model, "cuda"):   # all but the blocks move to the device until the with-block ends
+            out = model(x, text, t)
+
+    Why: the 42 blocks of a 5b model are 11 GB in bf16, 99% of its weights, but a forward needs one at a time. So
+    the blocks stay in (pinned) CPU memory and model.forward iterates over this object instead of its block list:
+    while block i runs on the compute stream, block i + 1 is copied on a side CUDA stream (an event makes the
+    compute stream wait for it; record_stream keeps the caching allocator from reusing a copy's memory before the
+    kernels that read it have run). After block i has run, its parameters point at the host tensors again and the
+    copies are dropped, so at most two blocks' weights (about 0.5 GB for 5b) are on the device at any time. A 5b
+    block at 480x720 with guidance is 16 TFLOP, about 30 ms on an H100, and its 264 MB cross PCIe in 5-10 ms, so
+    one block ahead is enough for the copies to hide behind the compute (bench/gpu.py measures the whole).
+    On the CPU the same code runs with plain copies, no streams, events or pinning, so the CPU tests check the logic
+    (the output is bit-identical: the same kernels on the same values)."""
+
+    def __init__(self, model: "CogVideoXTransformer", device):
+        self.model, self.device = model, torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.side = torch.cuda.Stream(self.device) if self.cuda else None
+
+    def __enter__(self):
+        for name, child in self.model.named_children():
+            if name != "transformer_blocks":
+                child.to(self.device)
+        if self.cuda:  # once per pipeline: later enters find them pinned (new LoRA or int8 tensors get pinned then)
+            self._pack([t for t in self._tensors(self.model.transformer_blocks) if not t.is_pinned()])
+        self.model.streaming = self
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.streaming = None
+        for name, child in self.model.named_children():
+            if name != "transformer_blocks":
+                child.to("cpu")
+
+    @staticmethod
+    def _tensors(module):
+        return list(module.parameters()) + list(module.buffers())
+
+    def _pack(self, tensors, chunk: int = 2**30):
+        """Move tensors into shared host buffers of at most `chunk` bytes (pinned on CUDA), each tensor a view at a
+        512-byte aligned offset. Why not t.pin_memory() per tensor: PyTorch's pinned allocator rounds every request
+        up to a power of two, which costs 1.7x for the 5b blocks' 19-75 MB tensors (19 GB of pinned RAM for 11 GB
+        of weights); a full 1 GiB buffer is a power of two, and only the last, smaller one is rounded up."""
+        sizes = [-(-t.numel() * t.element_size() // 512) * 512 for t in tensors]
+        left, buffer, used = sum(sizes), None, 0
+        for t, size in zip(tensors, sizes):
+            if buffer is None or used + size > len(buffer):
+                buffer, used = torch.empty(max(min(chunk, left), size), dtype=torch.uint8, pin_memory=self.cuda), 0
+            nbytes = t.numel() * t.element_size()
+            t.data = buffer[used:used + nbytes].view(t.dtype).view(t.shape).copy_(t.data)
+            used, left = used + size, left - size
+
+    def _fetch(self, block):
+        """Start copying a block's tensors to the device: (copies, event that marks their arrival)."""
+        with torch.cuda.stream(self.side):  # no-op for None (CPU)
+            copies = [t.to(self.device, copy=True, non_blocking=True) for t in self._tensors(block)]
+        return copies, self.side.record_event() if self.cuda else None
+
+    def __iter__(self):
+        """Yield each block with its weights on the device; the next block's copy is under way meanwhile."""
+        blocks = self.model.transformer_blocks
+        pending = self._fetch(blocks[0])
+        for i, block in enumerate(blocks):
+            copies, arrived = pending
+            if self.cuda:
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_event(arrived)
+                for t in copies:
+                    t.record_stream(compute)
+            pending = self._fetch(blocks[i + 1]) if i + 1 < len(blocks) else None  # overlaps block i's compute
+            tensors = self._tensors(block)
+            host = [t.data for t in tensors]
+            for t, copy in zip(tensors, copies):
+                t.data = copy
+            try:
+                yield block
+            finally:
+                for t, h in zip(tensors, host):
+                    t.data = h
+            del copies  # block i's copies go now, before block i + 2's are fetched
+
+
 class CogVideoXTransformer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -366,6 +473,15 @@ class CogVideoXTransformer(nn.Module):
         self.proj_out = nn.Linear(D, (cfg.patch_size_t or 1) * p * p * cfg.out_channels)
         self.gradient_checkpointing = False  # recompute each block in backward (for training)
         self._tables = {}  # position tables per (shape, device, dtype); plain dict, never in the state dict
+        self.run_block = run_block  # torch.compile'd by compile()
+        self.streaming = None  # a BlockStream while one is active: the blocks come from it
+
+    def compile(self, *args, **kwargs):
+        """torch.compile one block and run every block through it, instead of the whole model: all blocks share
+        their code, and since torch 2.5 (inline_inbuilt_nn_modules) their weights are inputs of the graph, so the one
+        graph serves all 42 blocks. Compile time is that of one block, not of 42 unrolled; the parts around the
+        blocks (embeddings, the step cache's decision, block streaming) stay eager. Arguments go to torch.compile."""
+        self.run_block = torch.compile(run_block, *args, **kwargs)
 
     def absolute_positions(self, F_: int, H: int, W: int, dtype, device):
         """Additive (text, video) position embeddings, or None for pure-RoPE variants. Mirrors the original:
@@ -450,15 +566,16 @@ class CogVideoXTransformer(nn.Module):
             c = c + pos_c
         rope = self.rope(F_, H, W, L, x.device)
 
-        if cache is not None and cache.skip(self.transformer_blocks[0].norm1(x, c, emb)[0]):
-            x = x + cache.residual  # the blocks' effect at the last full evaluation
+        x_in = x
+        for i, block in enumerate(self.transformer_blocks if self.streaming is None else self.streaming):
+            if i == 0 and cache is not None and cache.skip(block.norm1(x, c, emb)[0]):
+                x = x + cache.residual  # the blocks' effect at the last full evaluation
+                break
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x, c = checkpoint(block, x, c, emb, rope, use_reentrant=False)
+            else:
+                x, c = self.run_block(block, x, c, emb, rope)
         else:
-            x_in = x
-            for block in self.transformer_blocks:
-                if self.gradient_checkpointing and torch.is_grad_enabled():
-                    x, c = checkpoint(block, x, c, emb, rope, use_reentrant=False)
-                else:
-                    x, c = block(x, c, emb, rope)
             if cache is not None:
                 cache.residual = x - x_in  # (B, N, D)
 

@@ -236,6 +236,45 @@ def test_offload_moves_each_stage_in_just_for_its_use(snapshots, monkeypatch):
         assert all(p.device.type == "cpu" for p in module.parameters()), name
 
 
+def test_offload_blocks_gives_identical_frames_and_ends_on_the_cpu(snapshots, monkeypatch):
+    """offload="blocks": the transformer's blocks are streamed (model.BlockStream, checked block by block in
+    tests/test_perf.py), T5 and the VAE move as stages. Same frames bit for bit, also when the step cache skips (the
+    stream is left after block 0), and everything ends on the CPU."""
+    import model as M
+    path = snapshots("5b")
+    kw = dict(num_frames=9, height=32, width=32, num_inference_steps=3, max_sequence_length=MAX_TEXT, progress=False)
+    plain = load_pipeline(path)
+    pipe = load_pipeline(path, offload="blocks")
+    assert pipe.offload == "blocks" and load_pipeline(path, offload=True).offload == "model"
+    streams = []
+    real_enter = M.BlockStream.__enter__
+    monkeypatch.setattr(M.BlockStream, "__enter__", lambda self: streams.append(self) or real_enter(self))
+    assert torch.equal(generate(plain, PROMPT, **kw), generate(pipe, PROMPT, **kw))
+    a, b = ({} for _ in range(2))
+    assert torch.equal(generate(plain, PROMPT, step_cache=100.0, timings=a, **kw),
+                       generate(pipe, PROMPT, step_cache=100.0, timings=b, **kw))
+    assert a["evaluations"] == b["evaluations"] == 2  # first and last steps only
+    assert len(streams) == 2 and pipe.transformer.streaming is None
+    for module in (pipe.text_encoder, pipe.transformer, pipe.vae):
+        assert all(t.device.type == "cpu" for t in list(module.parameters()) + list(module.buffers()))
+    with pytest.raises(ValueError, match="offload='block' is unknown"):
+        load_pipeline(path, offload="block")
+
+
+def test_offload_flag(snapshots, tmp_path):
+    """--offload alone means "model" (as before), --offload blocks streams the blocks, in generate.py and edit.py;
+    generate.py --offload blocks writes the frames of a run without offload."""
+    import numpy as np
+    import edit
+    import generate as gen
+    for parse, required in ((gen.parse_args, ["--prompt", "p"]), (edit.parse_args, ["--video", "v", "--prompt", "p"])):
+        got = [parse(required + flags).offload for flags in ([], ["--offload"], ["--offload", "blocks"])]
+        assert got == [None, "model", "blocks"]
+    path = snapshots("2b")
+    frames = cli_frames(path, tmp_path / "frames", "--steps", "2", "--offload", "blocks")
+    assert np.array_equal(frames, api_frames(path))
+
+
 # ---------------------------------------------------------------- each flag reaches generate()
 
 _CLI_FRAMES = {}  # API frames, computed once per (snapshot, argument)

@@ -1,7 +1,11 @@
 """Performance features keep outputs equal: fused vs per-projection QKV (both against the peer), the opt-in step
-cache (off or never skipping = identical, skipping = exact residual reuse and close outputs), torch.compile, and the
-memory-mapped checkpoint reader (one copy when casting, none otherwise)."""
+cache (off or never skipping = identical, skipping = exact residual reuse and close outputs), torch.compile (one
+graph for all blocks), block streaming (bit-identical, two blocks at a time), the memory-mapped checkpoint reader
+(one copy when casting, none otherwise), and bench/gpu.py's smoke mode."""
 import os
+import subprocess
+import sys
+import weakref
 
 import pytest
 import torch
@@ -149,6 +153,101 @@ def test_compiled_matches_eager(pair):
     with torch.no_grad():
         ref, out = ours(x, text, t), compiled(x, text, t)
     assert rel_err(out, ref) < 1e-6
+
+
+def test_compile_makes_one_graph_for_all_blocks():
+    """CogVideoXTransformer.compile compiles the block function once: every block runs through the same graph
+    (their weights are its inputs), also with the blocks streamed, the output equals eager, and the step cache's
+    Python decision stays eager."""
+    from torch._dynamo.testing import CompileCounter
+    model = M.CogVideoXTransformer(M.TransformerConfig(**dict(CFG, num_layers=3))).eval()
+    x, text, t, _ = inputs(CFG, SHAPE, L)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    with torch.no_grad():
+        ref = model(x, text, t)
+        model.compile(backend=counter)
+        out = model(x, text, t)
+        cache = M.StepCache(threshold=10.0)
+        model(x, text, t, cache=cache), model(x, text, t, cache=cache)
+        with M.BlockStream(model, "cpu"):
+            streamed = model(x, text, t)
+    assert counter.frame_count == 1 and torch.equal(out, ref) and torch.equal(streamed, ref)
+    assert cache.calls == 2 and cache.evaluations == 1
+    torch._dynamo.reset()
+
+
+def stream_spy(model, monkeypatch):
+    """Spy on BlockStream: every copy it makes is tracked by weakref, and before each block runs the test records
+    (block index, indices of the blocks whose copies are alive) and checks that this block computes with its copies
+    and every other block's parameters are their own host tensors again."""
+    blocks = list(model.transformer_blocks)
+    host = [[t.data_ptr() for t in M.BlockStream._tensors(b)] for b in blocks]
+    live, seen = {}, []
+    real_fetch = M.BlockStream._fetch
+
+    def fetch(self, block):
+        copies, event = real_fetch(self, block)
+        live[blocks.index(block)] = [weakref.ref(c) for c in copies]
+        return copies, event
+
+    def before(block, args):
+        i = blocks.index(block)
+        seen.append((i, [j for j, refs in sorted(live.items()) if any(r() is not None for r in refs)]))
+        assert [t.data_ptr() for t in M.BlockStream._tensors(block)] == [r().data_ptr() for r in live[i]]
+        assert all([t.data_ptr() for t in M.BlockStream._tensors(b)] == host[j] for j, b in enumerate(blocks) if j != i)
+
+    monkeypatch.setattr(M.BlockStream, "_fetch", fetch)
+    for b in blocks:
+        b.register_forward_pre_hook(before)
+    return seen, lambda: all([t.data_ptr() for t in M.BlockStream._tensors(b)] == host[j] for j, b in enumerate(blocks))
+
+
+def test_block_stream_is_bit_identical_with_two_blocks_on_the_device(monkeypatch):
+    """BlockStream on the CPU runs the CUDA code path with plain copies: the same output bit for bit, each block
+    computes with a fresh copy of its weights, the next block's copy exists before it runs (one ahead), at most two
+    blocks' copies are alive at any time, and afterwards every parameter is its own host tensor again; a step cache
+    skip (which leaves the loop after block 0) also restores everything."""
+    model = M.CogVideoXTransformer(M.TransformerConfig(**dict(CFG, num_layers=5))).eval()
+    x, text, t, _ = inputs(CFG, SHAPE, L)
+    with torch.no_grad():
+        ref = model(x, text, t)
+        seen, restored = stream_spy(model, monkeypatch)
+        with M.BlockStream(model, "cpu"):
+            out = model(x, text, t)
+        assert torch.equal(out, ref)
+        assert seen == [(0, [0, 1]), (1, [1, 2]), (2, [2, 3]), (3, [3, 4]), (4, [4])], seen
+        assert restored() and model.streaming is None
+        cache = M.StepCache(threshold=10.0)
+        with M.BlockStream(model, "cpu"):
+            assert torch.equal(model(x, text, t, cache=cache), ref)
+            model(x, text, t, cache=cache)
+        assert cache.evaluations == 1 and cache.calls == 2 and restored()
+
+
+def test_block_stream_packs_host_tensors_into_shared_buffers():
+    """BlockStream._pack (what pins the blocks on CUDA; here unpinned): every tensor keeps its value and shape and
+    becomes a view at a 512-byte aligned offset of a buffer of at most `chunk` bytes (unless it is larger itself),
+    buffers filled in order; the model computes the same output from the packed weights."""
+    model = M.CogVideoXTransformer(M.TransformerConfig(**dict(CFG, num_layers=2))).eval()
+    x, text, t, _ = inputs(CFG, SHAPE, L)
+    tensors = M.BlockStream._tensors(model.transformer_blocks)
+    before = [t.clone() for t in tensors]
+    with torch.no_grad():
+        ref = model(x, text, t)
+        chunk = 8192
+        M.BlockStream(model, "cpu")._pack(tensors, chunk=chunk)
+        assert torch.equal(model(x, text, t), ref)
+    storages = set()
+    for w, b in zip(tensors, before):
+        assert torch.equal(w, b) and w.shape == b.shape and w.dtype == b.dtype
+        s = w.untyped_storage()
+        storages.add(s.data_ptr())
+        assert (w.data_ptr() - s.data_ptr()) % 512 == 0
+        assert s.nbytes() <= max(chunk, -(-w.nbytes // 512) * 512)
+    assert 1 < len(storages) < len(tensors)  # shared, and more than one buffer
+    big = [w for w in tensors if w.nbytes > chunk]
+    assert big and all(w.untyped_storage().nbytes() < 2 * w.nbytes for w in big)
 
 
 def write_file(path, n=8, numel=9_000_000):
