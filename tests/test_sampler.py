@@ -124,6 +124,7 @@ CASES = [  # (preset, overrides, N, strength)
     ("cogvideox-5b", {"prediction_type": "epsilon", "rescale_betas_zero_snr": False}, 50, 1.0),
     ("cogvideox-2b", {"prediction_type": "epsilon", "rescale_betas_zero_snr": False,
                       "set_alpha_to_one": False, "timestep_spacing": "leading", "steps_offset": 1}, 30, 1.0),
+    ("cogvideox-5b", {"timestep_spacing": "leading"}, 20, 1.0),  # the step before the last lands on prev = 0
 ]
 
 
@@ -494,3 +495,103 @@ def test_karras_peer_pipeline_fails_on_5b(tiny_transformer):
                   torch.randn(1, 3, 4, 4, 4), S.make_sampler("dpm++2m", S.PRESETS["cogvideox-5b"], 21, karras=True),
                   progress=False)
     assert torch.isfinite(x).all()
+
+
+# ---- found by mutation testing (bench/MUTANTS.md) ----------------------------------------------------------------
+
+def test_trained_betas_are_refused(tmp_path):
+    """A schedule given as trained_betas is not one this module can build: refused, not silently replaced by the
+    beta_start/beta_end schedule."""
+    sched = CogVideoXDDIMScheduler(trained_betas=cogvideox_betas(S.PRESETS["cogvideox-2b"]).tolist())
+    sched.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="trained_betas is not supported"):
+        S.load_scheduler_config(str(tmp_path))
+
+
+def pipeline_and_ours(tiny_transformer, name, scale, n, num_videos=1, **ours_kwargs):
+    """CogVideoXPipeline's latents with the pipeline's own defaults (no use_dynamic_cfg), and ours from denoise with
+    its defaults (no dynamic_cfg argument), for num_videos videos of one prompt (its embeddings repeated, as
+    encode_prompt repeats them)."""
+    config = S.PRESETS["cogvideox-2b"]
+    pos, neg = torch.randn(1, 6, 12).repeat(num_videos, 1, 1), torch.randn(1, 6, 12).repeat(num_videos, 1, 1)
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tiny_transformer,
+                             scheduler=peer(name, config))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, height=32, width=32, num_frames=9,
+               num_inference_steps=n, guidance_scale=scale, output_type="latent",
+               generator=torch.Generator().manual_seed(3)).frames
+    text = torch.cat([neg, pos]) if scale > 1 else pos
+
+    def call(x, t):
+        return tiny_transformer(hidden_states=x, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(num_videos, 3, 4, 4, 4, generator=g)
+    with torch.no_grad():
+        ours = S.denoise(call, x, S.make_sampler(name, config, n), scale, generator=g, **ours_kwargs)
+    return ours, ref
+
+
+def test_denoise_defaults_and_small_guidance(tiny_transformer):
+    """Guidance 1.5 still guides (the pipelines guide whenever the scale is above 1), and without dynamic_cfg the
+    scale is constant, the pipelines' default (edit.py relies on this default)."""
+    ours, ref = pipeline_and_ours(tiny_transformer, "ddim", 1.5, 4, progress=False)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    ours, ref = pipeline_and_ours(tiny_transformer, "dpm", 6.0, 4, progress=False)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_denoise_three_videos(tiny_transformer):
+    """Three videos at once (B = 3, six network rows under guidance) split back into their unconditional and
+    conditional halves as the pipeline splits them."""
+    ours, ref = pipeline_and_ours(tiny_transformer, "ddim", 6.0, 3, num_videos=3, progress=False)
+    assert ours.shape[0] == 3
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(GENERIC))
+def test_generic_samplers_step_in_fp32_for_bf16_latents(name):
+    """The generic samplers compute in fp32 at least whatever the latent dtype (as diffusers' Euler and DPM-Solver
+    schedulers upcast): a step on bf16 latents is the step on the same values in fp32, bit for bit."""
+    config, n = S.PRESETS["cogvideox-5b"], 6
+    outs, x = torch.randn(n, *SHAPE), torch.randn(SHAPE).to(torch.bfloat16)
+    results = []
+    for dtype in (torch.bfloat16, torch.float32):  # the same bf16 values each step, held as bf16 or as fp32
+        sampler, g, y, ys = S.make_sampler(name, config, n), torch.Generator().manual_seed(0), x, []
+        for i in range(n):
+            ys.append(sampler.step(outs[i], i, y.to(dtype), g))
+            y = ys[-1].to(torch.bfloat16)  # as denoise keeps bf16 latents between steps
+        results.append(ys)
+    for i, (a, b) in enumerate(zip(*results)):
+        assert a.dtype == b.dtype == torch.float32, i
+        assert torch.equal(a, b), i
+
+
+def test_schedule_bounds():
+    """N = T steps is allowed (diffusers allows it), N = 0 or N > T is refused; so is a strength that keeps no step."""
+    config = S.PRESETS["cogvideox-2b"]
+    sched = peer("ddim", config)
+    sched.set_timesteps(1000)
+    assert S.timesteps(config, 1000) == sched.timesteps.tolist()
+    for n in (0, 1001):
+        with pytest.raises(ValueError, match=f"num_steps={n} must be between 1 and num_train_timesteps=1000"):
+            S.timesteps(config, n)
+    with pytest.raises(ValueError, match=r"strength=0.05 keeps no step of 10; use a strength in \(1/10, 1\]"):
+        S.make_sampler("ddim", config, 10, strength=0.05)
+
+
+@pytest.mark.parametrize("name", S.SAMPLERS)
+def test_a_sampler_can_be_run_twice(name):
+    """A Sampler keeps the last x0 estimate for the multistep solvers; a second run with the same object starts
+    afresh (first order on its first step), exactly as a new sampler does."""
+    config, n = S.PRESETS["cogvideox-5b"], 5
+    outs, x = torch.randn(n, *SHAPE), torch.randn(SHAPE)
+
+    def run(sampler):
+        g, y = torch.Generator().manual_seed(0), x
+        for i in range(n):
+            y = sampler.step(outs[i], i, y, g)
+        return y
+    sampler = S.make_sampler(name, config, n)
+    first = run(sampler)
+    assert torch.equal(run(sampler), first) and torch.equal(run(S.make_sampler(name, config, n)), first)
