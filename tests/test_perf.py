@@ -250,6 +250,31 @@ def test_block_stream_packs_host_tensors_into_shared_buffers():
     assert big and all(w.untyped_storage().nbytes() < 2 * w.nbytes for w in big)
 
 
+def test_gpu_benchmark_smoke_run(monkeypatch, capsys):
+    """bench/gpu.py --smoke: the GPU benchmark's code at toy sizes on the CPU (in this process, to skip the imports),
+    so that it does not rot between GPU runs. Every part runs (no 'Not measured'), every case and stage has its
+    row, ours agrees with the fp32 reference as closely as fp32 allows, and the projection is printed."""
+    import re
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import gpu
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--smoke"])
+    try:
+        assert gpu.main() == 0
+    finally:
+        torch._dynamo.reset()
+    report = capsys.readouterr().out
+    assert "Not measured" not in report, report
+    for name in ("5b", "2b"):
+        for case in ("peer eager", "ours eager", "peer compiled", "ours compiled", "ours streamed eager",
+                     "ours streamed compiled"):
+            row = re.search(rf"^\| {name} \| {case} \| .*\| ([0-9.e+-]+) \| [0-9.]+ \|$", report, re.M)
+            assert row, (name, case, report)
+            assert float(row.group(1)) < 1e-5  # rel err vs the fp32 reference (ours: the same function)
+    for stage in ("T5 ours", "T5 ours, as an offload stage", "VAE decode ours tiled", "VAE decode peer tiled"):
+        assert f"| {stage} |" in report
+    assert "ours compiled, --offload blocks, tiled VAE:" in report and "| model.attention |" in report
+
+
 def write_file(path, n=8, numel=9_000_000):
     """Tensors large enough (36 MB in fp32) that every allocation is fresh memory, not reused heap."""
     sd = {f"w{i}": torch.randn(numel).to(torch.bfloat16) for i in range(n)}
