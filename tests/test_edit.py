@@ -234,6 +234,16 @@ def test_edit_video_pads_v15_and_is_deterministic(snapshots):
         E.edit(pipe, video, PROMPT, num_frames=33)
 
 
+def test_offload_blocks_edits_the_same(snapshots):
+    """edit.py streams the blocks through the same on_device as generate.py: with offload="blocks" the inject method
+    (reference attention swapped in around the streamed blocks) gives the frames of a run without offload, bit for
+    bit."""
+    path, video = snapshots("5b"), clip(9)
+    kw = dict(num_inference_steps=3, guidance_scale=2.0, max_sequence_length=MAX_TEXT, progress=False)
+    assert torch.equal(E.edit(load_pipeline(path), video, PROMPT, **kw),
+                       E.edit(load_pipeline(path, offload="blocks"), video, PROMPT, **kw))
+
+
 def test_cli(snapshots, tmp_path, capsys):
     import imageio
     src = tmp_path / "in.mp4"
