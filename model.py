@@ -385,11 +385,12 @@ class BlockStream:
     while block i runs on the compute stream, block i + 1 is copied on a side CUDA stream (an event makes the
     compute stream wait for it; record_stream keeps the caching allocator from reusing a copy's memory before the
     kernels that read it have run). After block i has run, its parameters point at the host tensors again and the
-    copies are dropped, so at most two blocks' weights (about 0.5 GB for 5b) are on the device at any time. A 5b
-    block at 480x720 with guidance is 16 TFLOP, about 30 ms on an H100, and its 264 MB cross PCIe in 5-10 ms, so
-    one block ahead is enough for the copies to hide behind the compute (bench/gpu.py measures the whole).
-    On the CPU the same code runs with plain copies, no streams, events or pinning, so the CPU tests check the logic
-    (the output is bit-identical: the same kernels on the same values)."""
+    copies are dropped, so at most two blocks' copies exist at any time (about 0.5 GB for 5b; a dropped copy's memory
+    goes back to the allocator once the kernels that read it have run). A 5b block at 480x720 with guidance is 16
+    TFLOP, about 30 ms on an H100, and its 264 MB cross PCIe in 5-10 ms, so one block ahead is enough for the copies
+    to hide behind the compute (estimates; bench/gpu.py measures the whole). On the CPU the same code runs with plain
+    copies, no streams, events or pinning, so the CPU tests check the logic (the output is bit-identical: the same
+    kernels on the same values)."""
 
     def __init__(self, model: "CogVideoXTransformer", device):
         self.model, self.device = model, torch.device(device)
