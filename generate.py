@@ -134,8 +134,8 @@ def load_pipeline(path: str | ModelInfo | None = None, dtype: torch.dtype | None
     on the command line: the GPU if there is one, in the checkpoint's precision there (cli.pick_dtype), fp32 on the
     CPU. The tokenizer and configs are read first, so a broken snapshot fails before any weight is read.
     offload: "model" (or True) keeps every stage on the CPU and moves each to the device only while it runs (T5,
-    then the transformer, then the VAE); "blocks" does the same, except that the transformer's blocks never move as
-    a whole: they are streamed to the device one block ahead of the compute (model.BlockStream)."""
+    then the transformer, then the VAE); "blocks" does the same, except that the blocks of T5 and the transformer
+    never move as a whole: they are streamed to the device one block ahead of the compute (model.BlockStream)."""
     if offload is True:
         offload = "model"
     if offload not in (None, False, *OFFLOAD):
@@ -159,13 +159,14 @@ def load_pipeline(path: str | ModelInfo | None = None, dtype: torch.dtype | None
 @contextlib.contextmanager
 def on_device(pipe: Pipeline, module: nn.Module):
     """With offload, move a stage to the compute device for the duration of a `with` block, then back to the CPU.
-    With offload="blocks" the transformer's blocks stay on the CPU and stream in one at a time (model.BlockStream)."""
-    streamed = pipe.offload == "blocks" and module is pipe.transformer
+    With offload="blocks" the blocks of T5 and the transformer stay on the CPU and stream in one at a time
+    (model.BlockStream)."""
+    streamed = pipe.offload == "blocks" and module in (pipe.transformer, pipe.text_encoder)
     if pipe.offload and not streamed:
         module.to(pipe.device)
     try:
         if streamed:
-            with BlockStream(module, pipe.device):
+            with BlockStream(module, pipe.device, None if module is pipe.transformer else module.encoder.block):
                 yield module
         else:
             yield module
@@ -533,7 +534,7 @@ def add_video_arguments(p, output: str) -> None:
                    help=".mp4, .gif, or a new folder name for PNG frames; a contact sheet <stem>.png is written beside")
     p.add_argument("--offload", nargs="?", const="model", choices=OFFLOAD, default=None,
                    help="keep each stage (T5, transformer, VAE) on the CPU until it runs; '--offload blocks' also "
-                        "streams the transformer one block at a time (least GPU memory)")
+                        "streams T5 and the transformer one block at a time (least GPU memory)")
     p.add_argument("--vae-tiling", action="store_true",
                    help="decode in overlapping spatial tiles (less memory) when the frame spans two tiles")
 

@@ -380,6 +380,10 @@ class BlockStream:
         with BlockStream(model, "cuda"):   # all but the blocks move to the device until the with-block ends
             out = model(x, text, t)
 
+    `blocks` is the list streamed: `model.transformer_blocks` by default; T5's is `encoder.block` (generate.py
+    streams both: T5-XXL is 9.5 GB in bf16, more than the rest of a 5b run needs at a time). The model's forward
+    iterates over `model.streaming` instead of its list while one is active.
+
     Why: the 42 blocks of a 5b model are 11 GB in bf16, 99% of its weights, but a forward needs one at a time. So
     the blocks stay in (pinned) CPU memory and model.forward iterates over this object instead of its block list:
     while block i runs on the compute stream, block i + 1 is copied on a side CUDA stream (an event makes the
@@ -392,25 +396,29 @@ class BlockStream:
     copies, no streams, events or pinning, so the CPU tests check the logic (the output is bit-identical: the same
     kernels on the same values)."""
 
-    def __init__(self, model: "CogVideoXTransformer", device):
+    def __init__(self, model: nn.Module, device, blocks: nn.ModuleList | None = None):
         self.model, self.device = model, torch.device(device)
+        self.blocks = model.transformer_blocks if blocks is None else blocks
         self.cuda = self.device.type == "cuda"
         self.side = torch.cuda.Stream(self.device) if self.cuda else None
 
     def __enter__(self):
-        for name, child in self.model.named_children():
-            if name != "transformer_blocks":
-                child.to(self.device)
+        self._move_the_rest(self.device)
         if self.cuda:  # once per pipeline: later enters find them pinned (new LoRA or int8 tensors get pinned then)
-            self._pack([t for t in self._tensors(self.model.transformer_blocks) if not t.is_pinned()])
+            self._pack([t for t in self._tensors(self.blocks) if not t.is_pinned()])
         self.model.streaming = self
         return self.model
 
     def __exit__(self, *exc):
         self.model.streaming = None
-        for name, child in self.model.named_children():
-            if name != "transformer_blocks":
-                child.to("cpu")
+        self._move_the_rest("cpu")
+
+    def _move_the_rest(self, device):
+        """Everything outside the blocks (embeddings, norms, projections: small) moves as a whole."""
+        streamed = {id(t) for t in self._tensors(self.blocks)}
+        for t in self._tensors(self.model):
+            if id(t) not in streamed:
+                t.data = t.data.to(device)
 
     @staticmethod
     def _tensors(module):
@@ -438,7 +446,7 @@ class BlockStream:
 
     def __iter__(self):
         """Yield each block with its weights on the device; the next block's copy is under way meanwhile."""
-        blocks = self.model.transformer_blocks
+        blocks = self.blocks
         pending = self._fetch(blocks[0])
         for i, block in enumerate(blocks):
             copies, arrived = pending

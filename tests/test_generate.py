@@ -237,8 +237,8 @@ def test_offload_moves_each_stage_in_just_for_its_use(snapshots, monkeypatch):
 
 
 def test_offload_blocks_gives_identical_frames_and_ends_on_the_cpu(snapshots, monkeypatch):
-    """offload="blocks": the transformer's blocks are streamed (model.BlockStream, checked block by block in
-    tests/test_perf.py), T5 and the VAE move as stages. Same frames bit for bit, also when the step cache skips (the
+    """offload="blocks": the blocks of T5 and the transformer are streamed (model.BlockStream, checked block by
+    block in tests/test_perf.py), the VAE moves as a stage. Same frames bit for bit, also when the step cache skips (the
     stream is left after block 0), and everything ends on the CPU."""
     import model as M
     path = snapshots("5b")
@@ -254,7 +254,8 @@ def test_offload_blocks_gives_identical_frames_and_ends_on_the_cpu(snapshots, mo
     assert torch.equal(generate(plain, PROMPT, step_cache=100.0, timings=a, **kw),
                        generate(pipe, PROMPT, step_cache=100.0, timings=b, **kw))
     assert a["evaluations"] == b["evaluations"] == 2  # first and last steps only
-    assert len(streams) == 2 and pipe.transformer.streaming is None
+    assert [s.model for s in streams] == [pipe.text_encoder, pipe.transformer] * 2  # T5 streams too
+    assert pipe.transformer.streaming is None and pipe.text_encoder.streaming is None
     for module in (pipe.text_encoder, pipe.transformer, pipe.vae):
         assert all(t.device.type == "cpu" for t in list(module.parameters()) + list(module.buffers()))
     with pytest.raises(ValueError, match="offload='block' is unknown"):
