@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 import generate as gen
 import train_lora
 from generate import read_model_info
-from lora import LoRALinear, add_lora, load_lora, lora_state_dict, read_lora, save_lora
+from lora import TARGETS, LoRALinear, add_lora, load_lora, lora_state_dict, read_lora, save_lora
 from model import load_transformer
 from tiny import MAX_TEXT, make_snapshot
 
@@ -230,6 +230,116 @@ def test_older_layout_file_gives_the_peers_frames(snap, tmp_path):
           f"the LoRA changes frames by up to {change:.3f}")
     assert err <= 1e-5 * span and change > 0.02
     assert "8 layers, rank 3, no alpha recorded" in summary, summary
+
+
+# lora.py, found by mutation testing (bench/MUTANTS.md)
+
+
+class Attn(torch.nn.Module):
+    """The smallest module with LoRA targets: one attention's four projections, named as in the transformer."""
+    def __init__(self, d=8):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = (torch.nn.Linear(d, d) for _ in range(3))
+        self.to_out = torch.nn.ModuleList([torch.nn.Linear(d, d)])
+
+
+def test_add_lora_checks_and_freezes():
+    """rank >= 1 and alpha > 0 (peft's LoraConfig accepts rank 1 and any positive alpha); afterwards only A and B
+    train, as after peft's add_adapter."""
+    from peft import LoraConfig, inject_adapter_in_model
+    for rank, alpha in ((0, 1.0), (2, 0.0), (2, -1.0)):
+        with pytest.raises(ValueError, match=f"rank={rank}, alpha={alpha}"):
+            add_lora(Attn(), rank, alpha)
+    with pytest.raises(ValueError, match="no to_q/to_k/to_v/to_out.0 Linear layers"):
+        add_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), 2, 2.0)
+    ours, peer = Attn(), Attn()
+    trainable = add_lora(ours, 1, 0.5)
+    inject_adapter_in_model(LoraConfig(r=1, lora_alpha=0.5, target_modules=list(TARGETS)), peer)
+    peer.requires_grad_(False)  # as diffusers' training script freezes the transformer, then adds the adapter
+    for n, p in peer.named_parameters():
+        p.requires_grad_(".lora_" in n)
+    assert {id(p) for p in trainable} == {id(p) for p in ours.parameters() if p.requires_grad}
+    assert sorted(n.replace(".default", "").replace(".base_layer", ".base") for n, p in peer.named_parameters()
+                  if p.requires_grad) == sorted(n for n, p in ours.named_parameters() if p.requires_grad)
+    assert all(m.scale == 0.5 for m in ours.modules() if isinstance(m, LoRALinear))
+
+
+def test_bf16_base_keeps_its_dtype_and_fp32_factors():
+    """A bf16 base Linear with fp32 A and B (training a LoRA on a bf16 model): the input goes to A and B in fp32 and the
+    update comes back in bf16, as peft's lora.Linear does (its output has the base layer's dtype)."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig, inject_adapter_in_model
+    base = torch.nn.Linear(8, 6).to(torch.bfloat16)
+    layer = LoRALinear(base, 2, scale=0.5)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 8).to(torch.bfloat16)
+    y = layer(x)
+    peer = torch.nn.Module()
+    peer.to_q = copy_linear = torch.nn.Linear(8, 6).to(torch.bfloat16)
+    copy_linear.load_state_dict(base.state_dict())
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=1, target_modules=["to_q"]), peer)
+    cast_training_params(peer, dtype=torch.float32)  # as diffusers' LoRA training scripts keep the adapter
+    with torch.no_grad():
+        peer.to_q.lora_A["default"].weight.copy_(layer.lora_A.weight)
+        peer.to_q.lora_B["default"].weight.copy_(layer.lora_B.weight)
+    ref = peer.to_q(x)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)  # peft adds in fp32 before its cast, we after: bf16 ulps
+
+
+def test_training_scale_is_the_scale_diffusers_loads(snap, tmp_path):
+    """The model as add_lora trains it (scale alpha/r, LoRALinear wrappers), saved with save_lora, then loaded by
+    diffusers from the file alone: the same transformer output. The metadata must say plain alpha/r (not rsLoRA)."""
+    model = load_transformer(snap)
+    torch.manual_seed(5)
+    add_lora(model, 4, 3.0)
+    for n, p in model.named_parameters():
+        if ".lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    folder = str(tmp_path / "lora")
+    os.makedirs(folder)
+    save_lora(os.path.join(folder, "pytorch_lora_weights.safetensors"), lora_state_dict(model), 4, 3.0)
+    g = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(1, 3, 4, 4, 4, generator=g), torch.randn(1, MAX_TEXT, 32, generator=g), torch.tensor([400]))
+    with torch.no_grad():
+        ours = model(*inputs)
+    torch.testing.assert_close(ours, peer_transformer_output(snap, folder, 1.0, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_metadata_scales_as_peft_builds_them(tmp_path):
+    """alpha/r from the metadata as peft's LoraConfig turns it into a layer scale: rsLoRA alpha/sqrt(r), a missing
+    lora_alpha peft's default; DoRA and per-module patterns are refused, and so is an r the factors contradict."""
+    import json as _json
+    from peft import LoraConfig, inject_adapter_in_model
+    from lora import lora_scales
+    pairs = {"blocks.0.to_q": (torch.zeros(4, 8), torch.zeros(8, 4))}
+    for meta in ({"r": 4, "lora_alpha": 2.0, "use_rslora": True}, {"r": 4}, {"r": 4, "lora_alpha": 6}):
+        peer = torch.nn.Module()
+        peer.to_q = torch.nn.Linear(8, 8)
+        inject_adapter_in_model(LoraConfig(target_modules=["to_q"], **meta), peer)
+        assert lora_scales(pairs, meta, "f") == {"blocks.0.to_q": peer.to_q.scaling["default"]}, meta
+    for meta, message in (({"r": 4, "use_dora": True}, "DoRA"), ({"r": 4, "rank_pattern": {"to_q": 8}}, "rank_pattern"),
+                          ({"r": 4, "alpha_pattern": {"to_q": 8}}, "alpha_pattern"), ({"r": 8}, "has rank 4 but")):
+        with pytest.raises(ValueError, match=message):
+            lora_scales(pairs, meta, "f")
+    path = str(tmp_path / "l.safetensors")  # keys of other components in the metadata are not ours
+    save_file({"transformer.blocks.0.to_q.lora_A.weight": torch.zeros(4, 8),
+               "transformer.blocks.0.to_q.lora_B.weight": torch.zeros(8, 4)}, path,
+              metadata={"lora_adapter_metadata": _json.dumps({"text_encoder.r": 16})})
+    assert read_lora(path)[1] is None
+
+
+def test_resume_with_other_lora_keys_names_one_that_differs():
+    from lora import set_lora_state
+    model = Attn()
+    add_lora(model, 2, 2.0)
+    state = lora_state_dict(model)
+    state["transformer.to_x.lora_A.weight"] = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="LoRA key 'to_x.lora_A.weight' is in one of the checkpoint and the model"):
+        set_lora_state(model, state)
+    del state["transformer.to_x.lora_A.weight"], state["transformer.to_v.lora_B.weight"]
+    with pytest.raises(ValueError, match="LoRA key 'to_v.lora_B.weight'"):
+        set_lora_state(model, state)
 
 
 # ---------------------------------------------------------------- train_lora.py
