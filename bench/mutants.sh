@@ -7,7 +7,7 @@
 #   (cd /tmp/mutants-convert.py && mutmut results)               # the survivors; `mutmut show NAME` for one of them
 #
 # TESTS: one or more pytest arguments (files or file::test), space-separated. GLOB (optional): mutate only the
-# mutants whose names match, e.g. "generate.x_main*". MUTMUT_CHILDREN: parallel test runs (default: the CPU count).
+# mutants whose names match one of these space-separated globs, e.g. "generate.x_main* generate.x_on_device*". MUTMUT_CHILDREN: parallel test runs (default: the CPU count).
 # mutmut rewrites FILE into many mutants (a changed operator, constant, argument...) and runs the tests that reach
 # each one; a mutant no test kills marks code that a bug could change unseen. Not run in CI: a module takes minutes
 # (convert.py with its tests: about 10 on 2 cores), one whose tests load models much longer. Results: bench/MUTANTS.md.
@@ -30,7 +30,7 @@ cd "$WORK"
 } > setup.cfg
 ARGS=()
 [ -n "${MUTMUT_CHILDREN:-}" ] && ARGS+=(--max-children "$MUTMUT_CHILDREN")
-[ -n "$GLOB" ] && ARGS+=("$GLOB")
+[ -n "$GLOB" ] && { read -ra G <<< "$GLOB"; ARGS+=("${G[@]}"); }  # several globs, space-separated
 START=$SECONDS
 mutmut run "${ARGS[@]}" | tr '\r' '\n' | tail -n 2
 echo "$((SECONDS - START)) s"
