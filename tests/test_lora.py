@@ -329,6 +329,21 @@ def test_metadata_scales_as_peft_builds_them(tmp_path):
     assert read_lora(path)[1] is None
 
 
+def test_dora_magnitudes_are_dropped_as_diffusers_drops_them(tmp_path):
+    """A file with DoRA's `dora_scale` tensors but no metadata: diffusers' lora_state_dict drops them and keeps the
+    pairs; so does read_lora (the magnitude key sorts before the pairs it belongs to)."""
+    from diffusers import CogVideoXPipeline
+    path = str(tmp_path / "pytorch_lora_weights.safetensors")
+    pre = "transformer.transformer_blocks.0.attn1."
+    save_file({pre + "to_q.dora_scale": torch.ones(1, 32), pre + "to_q.lora_A.weight": torch.randn(2, 32),
+               pre + "to_q.lora_B.weight": torch.randn(32, 2), pre + "to_k.lora_A.weight": torch.randn(2, 32),
+               pre + "to_k.lora_B.weight": torch.randn(32, 2)}, path)
+    theirs = CogVideoXPipeline.lora_state_dict(str(tmp_path))
+    pairs, meta = read_lora(path)
+    assert meta is None
+    assert sorted(f"transformer.{m}.lora_{ab}.weight" for m in pairs for ab in "AB") == sorted(theirs)
+
+
 def test_resume_with_other_lora_keys_names_one_that_differs():
     from lora import set_lora_state
     model = Attn()
