@@ -595,3 +595,57 @@ def test_a_sampler_can_be_run_twice(name):
     sampler = S.make_sampler(name, config, n)
     first = run(sampler)
     assert torch.equal(run(sampler), first) and torch.equal(run(S.make_sampler(name, config, n)), first)
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_ddpm_draws_noise_on_every_step_with_t_above_zero(offset):
+    """DDPM adds noise on every step whose t > 0 (DDPMScheduler's rule): with "leading" spacing the run ends at t = 0
+    (no draw) or, with steps_offset 1, at t = 1 (a draw). Same latents and the same generator state as the peer."""
+    config = dataclasses.replace(S.PRESETS["cogvideox-5b"], timestep_spacing="leading", steps_offset=offset)
+    n = 5
+    sched = DDPMScheduler(trained_betas=cogvideox_betas(config), prediction_type="v_prediction",
+                          timestep_spacing="leading", steps_offset=offset, rescale_betas_zero_snr=True, clip_sample=False)
+    sched.set_timesteps(n)
+    sampler = S.make_sampler("ddpm", config, n)
+    assert sampler.timesteps == sched.timesteps.tolist() and sampler.timesteps[-1] == offset
+    outs, x = torch.randn(n, *SHAPE), torch.randn(SHAPE)
+    g_ref, g_ours, ref, ours = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1), x, x
+    for i, t in enumerate(sched.timesteps):
+        ref = sched.step(outs[i], t, ref, generator=g_ref, return_dict=False)[0]
+        ours = sampler.step(outs[i], i, ours, g_ours)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)  # the peer's float32 trained_betas (comment above)
+    assert torch.equal(torch.randn(3, generator=g_ref), torch.randn(3, generator=g_ours))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5, 6.0])
+def test_invert_with_guidance_matches_ddim_inverse_scheduler(scale):
+    """invert's guidance branch: above 1 the model sees [x; x] and the two halves are combined as the pipelines
+    combine them (uncond + scale (cond - uncond)), at 1 a single branch; each step is DDIMInverseScheduler's.
+    The latents keep their dtype."""
+    from diffusers import DDIMInverseScheduler
+    config = dataclasses.replace(S.PRESETS["cogvideox-5b"], rescale_betas_zero_snr=False)
+    w = 0.9 + 0.1 * torch.randn(2, *SHAPE[1:]).double()  # the "network": a different linear map per branch
+
+    def branch(x, j, t):
+        return x.double() * w[j] + t / 1000
+
+    def model(x, t):
+        assert len(x) == (2 * SHAPE[0] if scale > 1 else SHAPE[0]) and (t == t[0]).all()
+        halves = x.chunk(2) if scale > 1 else [x]
+        return torch.cat([branch(h, j if scale > 1 else 1, int(t[0])) for j, h in enumerate(halves)]).to(x.dtype)
+    sampler = S.make_sampler("ddim", config, 6)
+    x0 = torch.randn(SHAPE).double()
+    kw = {} if scale == 1 else {"guidance_scale": scale}  # the default is 1 (edit.py relies on it)
+    ours = S.invert(model, x0, sampler, progress=False, **kw)
+    assert all(x.dtype == torch.float64 for x in ours)
+    assert all(x.dtype == torch.bfloat16 for x in S.invert(model, x0.bfloat16(), sampler, scale, progress=False))
+    peer = DDIMInverseScheduler(**{k: v for k, v in dataclasses.asdict(config).items() if k != "snr_shift_scale"})
+    peer.alphas_cumprod = S.alphas_cumprod(config)
+    peer.initial_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+    peer.set_timesteps(6)
+    x = x0
+    for i, t in enumerate(peer.timesteps):
+        uncond, cond = branch(x, 0, int(t)), branch(x, 1, int(t))
+        out = cond if scale <= 1 else uncond + scale * (cond - uncond)
+        x = peer.step(out, int(t), x, return_dict=False)[0]
+        torch.testing.assert_close(ours[len(ours) - 1 - i], x, rtol=1e-6, atol=1e-6)
