@@ -104,3 +104,100 @@ def test_missing_config_field_and_files(tmp_path, state):
     os.remove(tmp_path / "c" / "model.safetensors")
     assert "no weights in" in load_error(tmp_path / "c")
 
+
+
+# ---- found by mutation testing (bench/MUTANTS.md): the safetensors reader against the safetensors library --------
+
+def every_dtype():
+    g = torch.Generator().manual_seed(0)
+    sd = {f"f.{d}": (torch.randn(3, 5, generator=g) * 100).to(d) for d in
+          (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)}
+    sd.update({f"i.{d}": torch.randint(-100, 100, (7,), generator=g).to(d) for d in
+               (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)})
+    sd.update({"b": torch.rand(4, generator=g) > 0.5, "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
+               "odd": torch.arange(3, dtype=torch.int8)})  # 3 bytes: later tensors start unaligned
+    return sd
+
+
+def test_read_tensors_equals_the_safetensors_library(tmp_path):
+    """Every dtype the format has, a 0-d and an empty tensor, unaligned offsets, two files and a rename: the same keys,
+    dtypes, shapes and values as safetensors.torch.load_file; with dtype=, only the floating tensors are cast."""
+    from safetensors.torch import load_file
+    from checkpoint import read_tensors
+    sd = every_dtype()
+    save_file(dict(list(sd.items())[:7]), tmp_path / "a.safetensors")
+    save_file(dict(list(sd.items())[7:]), tmp_path / "b.safetensors")
+    ref = {**load_file(tmp_path / "a.safetensors"), **load_file(tmp_path / "b.safetensors")}
+    files = [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]
+    for dtype in (None, torch.bfloat16):
+        ours = read_tensors(files, dtype=dtype, rename=lambda k: "x." + k)
+        assert sorted(ours) == sorted("x." + k for k in ref)
+        for k, want in ref.items():
+            if dtype is not None and want.is_floating_point():
+                want = want.to(dtype)
+            got = ours["x." + k]
+            assert got.dtype == want.dtype and got.shape == want.shape, k
+            assert torch.equal(got.view(torch.uint8) if got.ndim else got, want.view(torch.uint8) if want.ndim else want), k
+    save_file({"b": torch.zeros(1)}, tmp_path / "c.safetensors")
+    with pytest.raises(CheckpointError, match="key 'b' appears in both .*b.safetensors and .*c.safetensors"):
+        read_tensors([str(tmp_path / "b.safetensors"), str(tmp_path / "c.safetensors")])
+
+
+def raw_safetensors(path, header: dict, data: bytes, length=None):
+    blob = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write((len(blob) if length is None else length).to_bytes(8, "little") + blob + data)
+
+
+@pytest.mark.parametrize("case", ["offsets short", "offsets past the end", "begin after end", "unknown dtype",
+                                  "header too long", "header too short"])
+def test_corrupt_header_is_refused_like_the_library_refuses_it(tmp_path, case):
+    from safetensors import safe_open
+    from checkpoint import read_tensors
+    header = {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    length = None
+    if case == "offsets short":
+        header["t"]["data_offsets"] = [0, 4]
+    elif case == "offsets past the end":
+        header["t"] = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+    elif case == "begin after end":
+        header["t"]["data_offsets"] = [8, 0]
+    elif case == "unknown dtype":
+        header["t"]["dtype"] = "C64"
+    elif case == "header too long":
+        length = 10 ** 6
+    else:
+        length = 1
+    path = tmp_path / "x.safetensors"
+    raw_safetensors(path, header, bytes(8), length)
+    with pytest.raises(Exception):
+        with safe_open(str(path), framework="pt") as f:
+            [f.get_tensor(k) for k in f.keys()]
+    with pytest.raises(CheckpointError, match=f"cannot read {path}"):
+        read_tensors([str(path)])
+
+
+def test_save_component_shards_load_back_and_diffusers_reads_them(tmp_path):
+    """save_component writes what load_weights and diffusers read: one file under the limit, numbered shards and an
+    index over it (total_size = the bytes of all tensors, every key mapped to its shard)."""
+    from diffusers import AutoencoderKLCogVideoX
+    from checkpoint import read_json, read_tensors, save_component, weight_files
+    net = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 2, up_block_types=("CogVideoXUpBlock3D",) * 2,
+                                 block_out_channels=(8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=4)
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    config = {"_class_name": "AutoencoderKLCogVideoX", **net.config}
+    total = sum(t.nbytes for t in sd.values())
+    for limit, shards in ((float("inf"), 1), (total // 3, 4)):
+        folder = str(tmp_path / f"vae-{shards}")
+        save_component(sd, json.loads(json.dumps(config, default=list)), folder, max_shard_bytes=limit)
+        files = weight_files(folder, "diffusion_pytorch_model")
+        assert len(files) == shards
+        if shards > 1:
+            assert os.path.basename(files[0]) == f"diffusion_pytorch_model-00001-of-{shards:05d}.safetensors"
+            index = read_json(os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json"))
+            assert index["metadata"]["total_size"] == total and sorted(index["weight_map"]) == sorted(sd)
+            assert all(os.path.getsize(f) < limit + 20000 for f in files)  # no shard far over the limit
+        back = read_tensors(files)
+        assert sorted(back) == sorted(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+        theirs = AutoencoderKLCogVideoX.from_pretrained(folder).state_dict()
+        assert all(torch.equal(theirs[k], sd[k]) for k in sd)
