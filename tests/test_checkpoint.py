@@ -201,3 +201,55 @@ def test_save_component_shards_load_back_and_diffusers_reads_them(tmp_path):
         assert sorted(back) == sorted(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
         theirs = AutoencoderKLCogVideoX.from_pretrained(folder).state_dict()
         assert all(torch.equal(theirs[k], sd[k]) for k in sd)
+
+
+def test_load_weights_casts_renames_and_freezes(tmp_path, state):
+    """load_weights as the loaders call it: dtype casts every weight (the file is fp32), rename maps file keys to
+    model keys, and the model comes back in eval mode with no parameter asking for gradients (inference loaders)."""
+    from checkpoint import load_weights
+    model, sd = state
+    save_file({"prefix." + k: v for k, v in sd.items()}, tmp_path / "model.safetensors")
+    with torch.device("meta"):
+        net = T5Encoder(T5Config(**CONFIG)).train()
+    load_weights(net, str(tmp_path), "model", dtype=torch.bfloat16, rename=lambda k: k.removeprefix("prefix."))
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    got = net.state_dict()
+    assert sorted(got) == sorted(sd) and all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], sd[k].bfloat16())
+                                            for k in sd)
+    with torch.device("meta"):
+        net = T5Encoder(T5Config(**CONFIG))
+    load_weights(net, str(tmp_path), "model", rename=lambda k: k.removeprefix("prefix."))  # defaults: fp32, CPU
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in net.parameters())
+
+
+def test_messages_name_the_file_and_count_the_rest(tmp_path, state):
+    sd = dict(state[1])
+    for k in ("encoder.final_layer_norm.weight", "shared.weight"):
+        del sd[k]
+    write_checkpoint(tmp_path / "a", sd)
+    assert load_error(tmp_path / "a").endswith(f"(and 1 more) missing from {tmp_path / 'a' / 'model.safetensors'}")
+    write_checkpoint(tmp_path / "b", {**state[1], "extra.weight": torch.ones(1)}, shards=2)
+    msg = load_error(tmp_path / "b")
+    assert f"unexpected key 'extra.weight' in {tmp_path / 'b' / 'model.safetensors.index.json'}:" in msg
+    assert "more" not in msg
+    write_checkpoint(tmp_path / "c", state[1])
+    (tmp_path / "c" / "config.json").write_text("{not json")
+    assert "config.json is not valid JSON" in load_error(tmp_path / "c")
+    write_checkpoint(tmp_path / "d", state[1], shards=2)
+    (tmp_path / "d" / "model.safetensors.index.json").write_text("{}")
+    assert "model.safetensors.index.json has no 'weight_map'" in load_error(tmp_path / "d")
+    from checkpoint import weight_files
+    with pytest.raises(CheckpointError, match="checkpoint folder not found: .*nowhere"):
+        weight_files(str(tmp_path / "nowhere"), "model")
+
+
+def test_config_lists_become_tuples():
+    """JSON has no tuples: config.json lists become the tuples the dataclass defaults are, so a loaded config
+    compares equal to a preset (here diffusers' own VAE config file as written by save_pretrained)."""
+    import dataclasses
+    from checkpoint import config_from_dict
+    from vae import VAEConfig
+    d = json.loads(json.dumps(dataclasses.asdict(VAEConfig()), default=list))
+    assert isinstance(d["block_out_channels"], list)
+    cfg = config_from_dict(VAEConfig, {**d, "_class_name": "AutoencoderKLCogVideoX", "unknown_key": 1})
+    assert cfg == VAEConfig() and isinstance(cfg.block_out_channels, tuple)
