@@ -282,3 +282,13 @@ def test_edit_encodes_like_the_peer_vae(snapshots, monkeypatch):
     assert z.shape == ref.shape == (1, 3, 4, 4, 4), (z.shape, ref.shape)
     err = rel(z, ref)
     assert err < 1e-5, f"edit's latent vs the peer's encode * scaling_factor ({sf}): relative error {err:.3g}"
+
+
+def test_edit_frames_takes_the_longest_valid_prefix(tmp_path):
+    """Found by mutation testing (bench/MUTANTS.md): without --num-frames an edit takes the longest frame count the
+    model accepts (1 + a multiple of frame_multiple) that the video has and that is not above the model's default."""
+    for preset in ("cogvideox-5b", "cogvideox1.5-5b"):
+        info = model_info(str(tmp_path), M.PRESETS[preset], VAEConfig())
+        for available in range(info.frame_multiple + 1, info.num_frames + 3 * info.frame_multiple):
+            want = max(n for n in range(1, min(available, info.num_frames) + 1) if (n - 1) % info.frame_multiple == 0)
+            assert E.edit_frames(info, available, None) == want, (preset, available)
