@@ -596,3 +596,16 @@ def test_training_steps_match_the_official_recipe(snap, data, tmp_path):
     for k, w in weights.items():
         torch.testing.assert_close(ours[k], w, rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     assert max(w.abs().max().item() for k, w in weights.items() if "lora_B" in k) > 1e-2  # B moved: a real step
+
+
+@pytest.mark.parametrize("warmup,total", [(3, 10), (5, 30), (3, 4), (1, 7)])
+def test_learning_rate_is_diffusers_cosine_with_warmup(warmup, total):
+    """Found by mutation testing (bench/MUTANTS.md): the schedule of diffusers' get_cosine_schedule_with_warmup (what
+    the official LoRA trainers use), except that the warm-up is taken one step ahead so that the first step does not
+    run at lr 0 (diffusers' LambdaLR gives step 0 the factor 0): step s < warmup gets diffusers' factor of s + 1."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    factor = get_cosine_schedule_with_warmup(opt, warmup, total).lr_lambdas[0]
+    for step in range(total + 1):
+        want = 2e-4 * factor(step + 1 if step < warmup else step)
+        assert train_lora.learning_rate(step, 2e-4, warmup, total) == pytest.approx(want, rel=1e-12, abs=1e-20), step
