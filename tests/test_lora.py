@@ -609,3 +609,33 @@ def test_learning_rate_is_diffusers_cosine_with_warmup(warmup, total):
     for step in range(total + 1):
         want = 2e-4 * factor(step + 1 if step < warmup else step)
         assert train_lora.learning_rate(step, 2e-4, warmup, total) == pytest.approx(want, rel=1e-12, abs=1e-20), step
+
+
+def test_make_batch_pads_odd_latent_counts_for_v15(tmp_path):
+    """Found by mutation testing: with patch_size_t = 2 (CogVideoX 1.5) a clip of 3 latent frames trains on 4, the
+    first repeated in front, as generation pads them (generate.pad_front, whose frames test_generate checks against
+    the 1.5 pipeline); the sampled x0 is the posterior draw times the scaling factor, from the sample's own generator."""
+    from vae import sample_posterior
+    for sub in ("latents", "text"):
+        (tmp_path / sub).mkdir()
+    mean, logvar = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2) * 0.1 - 2
+    save_file({"mean": mean, "logvar": logvar}, tmp_path / "latents" / "z.safetensors")
+    save_file({"embedding": torch.randn(5, 8)}, tmp_path / "text" / "c.safetensors")
+    for patch_size_t, frames in ((None, 3), (2, 4)):
+        x0, text, t, noise = train_lora.make_batch([(None, "z", "c")], [(7, 11)], str(tmp_path), 0.7, 1000,
+                                                   patch_size_t)
+        want = sample_posterior(mean, logvar, train_lora.sample_generator(7, 11)) * 0.7
+        assert x0.shape == (1, frames, 4, 2, 2)
+        assert torch.equal(x0[0, frames - 3:], want) and torch.equal(x0[0, 0], want[0])
+
+
+@pytest.mark.xfail(strict=True, reason="train_lora.make_batch draws the noise at the unpadded latent shape, so a 1.5 "
+                                       "clip with an odd latent count (81 frames: 21) fails in diffusion_loss; "
+                                       "bench/MUTANTS.md, 'bugs found'")
+def test_v15_batch_noise_has_the_shape_of_x0(tmp_path):
+    for sub in ("latents", "text"):
+        (tmp_path / sub).mkdir()
+    save_file({"mean": torch.zeros(3, 4, 2, 2), "logvar": torch.zeros(3, 4, 2, 2)}, tmp_path / "latents/z.safetensors")
+    save_file({"embedding": torch.zeros(5, 8)}, tmp_path / "text" / "c.safetensors")
+    x0, text, t, noise = train_lora.make_batch([(None, "z", "c")], [(7, 11)], str(tmp_path), 0.7, 1000, 2)
+    assert noise.shape == x0.shape
