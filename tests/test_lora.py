@@ -639,3 +639,22 @@ def test_v15_batch_noise_has_the_shape_of_x0(tmp_path):
     save_file({"embedding": torch.zeros(5, 8)}, tmp_path / "text" / "c.safetensors")
     x0, text, t, noise = train_lora.make_batch([(None, "z", "c")], [(7, 11)], str(tmp_path), 0.7, 1000, 2)
     assert noise.shape == x0.shape
+
+
+def test_diffusion_loss_feeds_the_model_in_the_training_dtype():
+    """The network gets x_t and the text embeddings in the training dtype (the official trainer casts latents and
+    prompt embeddings to weight_dtype); the loss is still taken in fp32 against v."""
+    from sampler import PRESETS, add_noise, v_target
+    config, g = PRESETS["cogvideox-5b"], torch.Generator().manual_seed(0)
+    x0, noise, text = torch.randn(2, 3, 4, 2, 2, generator=g), torch.randn(2, 3, 4, 2, 2, generator=g), torch.randn(2, 5, 8)
+    t = torch.tensor([10, 900])
+    seen = {}
+
+    def model(x, text, t):
+        seen.update(x=x.dtype, text=text.dtype)
+        return (x * 0.5).to(torch.bfloat16)
+    loss = train_lora.diffusion_loss(model, config, x0, text, t, noise, torch.bfloat16)
+    assert seen == {"x": torch.bfloat16, "text": torch.bfloat16} and loss.dtype == torch.float32
+    x_t = add_noise(config, x0, noise, t)
+    want = ((x_t.to(torch.bfloat16) * 0.5).float() - v_target(config, x0, noise, t)).pow(2).mean()
+    assert torch.equal(loss, want)
