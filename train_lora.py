@@ -247,7 +247,7 @@ def make_batch(items, positions: list[tuple[int, int]], cache: str, scaling_fact
         x0.append(pad_front(z[None], patch_size_t)[0][0])                             # 1.5: an even latent count
         text.append(load_file(os.path.join(cache, "text", txt_key + ".safetensors"))["embedding"])
         t.append(torch.randint(0, timesteps, (1,), generator=g))
-        noise.append(torch.randn(z.shape, generator=g))
+        noise.append(torch.randn(x0[-1].shape, generator=g))                          # x0's shape, padding included
     return torch.stack(x0), torch.stack(text), torch.cat(t), torch.stack(noise)
 
 

@@ -629,10 +629,9 @@ def test_make_batch_pads_odd_latent_counts_for_v15(tmp_path):
         assert torch.equal(x0[0, frames - 3:], want) and torch.equal(x0[0, 0], want[0])
 
 
-@pytest.mark.xfail(strict=True, reason="train_lora.make_batch draws the noise at the unpadded latent shape, so a 1.5 "
-                                       "clip with an odd latent count (81 frames: 21) fails in diffusion_loss; "
-                                       "bench/MUTANTS.md, 'bugs found'")
 def test_v15_batch_noise_has_the_shape_of_x0(tmp_path):
+    """Found by mutation testing: make_batch drew the noise at the unpadded latent shape, so a 1.5 clip with an odd
+    latent count (81 frames: 21) failed in diffusion_loss."""
     for sub in ("latents", "text"):
         (tmp_path / sub).mkdir()
     save_file({"mean": torch.zeros(3, 4, 2, 2), "logvar": torch.zeros(3, 4, 2, 2)}, tmp_path / "latents/z.safetensors")
@@ -658,3 +657,11 @@ def test_diffusion_loss_feeds_the_model_in_the_training_dtype():
     x_t = add_noise(config, x0, noise, t)
     want = ((x_t.to(torch.bfloat16) * 0.5).float() - v_target(config, x0, noise, t)).pow(2).mean()
     assert torch.equal(loss, want)
+
+
+def test_v15_trains_end_to_end(snapshots, data, tmp_path):
+    """A CogVideoX 1.5 snapshot (patch_size_t 2: 17 frames are 5 latent frames, trained as 6) runs two steps and
+    writes its LoRA; before the noise took x0's padded shape, the first step failed."""
+    out = tmp_path / "out"
+    assert train_lora.main(train_args(snapshots("1.5"), data, out, "--steps", "2", "--num-frames", "17")) == 0
+    assert os.path.isfile(out / "pytorch_lora_weights.safetensors")
