@@ -114,7 +114,7 @@ def every_dtype():
           (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)}
     sd.update({f"i.{d}": torch.randint(-100, 100, (7,), generator=g).to(d) for d in
                (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)})
-    sd.update({"b": torch.rand(4, generator=g) > 0.5, "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
+    sd.update({"b": torch.rand(4, generator=g) > 0.5, "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3, dtype=torch.int16),
                "odd": torch.arange(3, dtype=torch.int8)})  # 3 bytes: later tensors start unaligned
     return sd
 
@@ -192,7 +192,9 @@ def test_save_component_shards_load_back_and_diffusers_reads_them(tmp_path):
         save_component(sd, json.loads(json.dumps(config, default=list)), folder, max_shard_bytes=limit)
         files = weight_files(folder, "diffusion_pytorch_model")
         assert len(files) == shards
-        if shards > 1:
+        if shards == 1:
+            assert sorted(os.listdir(folder)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+        else:
             assert os.path.basename(files[0]) == f"diffusion_pytorch_model-00001-of-{shards:05d}.safetensors"
             index = read_json(os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json"))
             assert index["metadata"]["total_size"] == total and sorted(index["weight_map"]) == sorted(sd)
@@ -232,6 +234,12 @@ def test_messages_name_the_file_and_count_the_rest(tmp_path, state):
     msg = load_error(tmp_path / "b")
     assert f"unexpected key 'extra.weight' in {tmp_path / 'b' / 'model.safetensors.index.json'}:" in msg
     assert "more" not in msg
+    write_checkpoint(tmp_path / "b2", {**state[1], "extra.a": torch.ones(1), "extra.b": torch.ones(1)})
+    assert "unexpected key 'extra.a' (and 1 more) in" in load_error(tmp_path / "b2")
+    sd = dict(state[1])
+    del sd["shared.weight"]
+    write_checkpoint(tmp_path / "a1", sd)
+    assert load_error(tmp_path / "a1") == f"key 'shared.weight' missing from {tmp_path / 'a1' / 'model.safetensors'}"
     write_checkpoint(tmp_path / "c", state[1])
     (tmp_path / "c" / "config.json").write_text("{not json")
     assert "config.json is not valid JSON" in load_error(tmp_path / "c")
