@@ -475,3 +475,27 @@ def test_cli_fps(snapshots, tmp_path):
     assert gen.main(["--model", path, "--prompt", PROMPT, *size, "--output", str(tmp_path / "b.mp4")]) == 0
     assert iio.immeta(tmp_path / "a.mp4")["fps"] == pytest.approx(7.5, abs=1e-6)
     assert iio.immeta(tmp_path / "b.mp4")["fps"] == pytest.approx(8.0, abs=1e-6)
+
+
+# ---- found by mutation testing (bench/MUTANTS.md) ----------------------------------------------------------------
+
+def test_output_paths_follow_the_documented_names():
+    """The names the docstring and README promise: the output itself for one video of one prompt (the only one the
+    user named), clip-0007.mp4 for line 7 of a prompt file, clip_0.mp4 ... for several videos, and a folder output
+    (trailing slash, PNG frames) gets the same suffixes on the folder name."""
+    from generate import output_paths
+    assert output_paths("out/clip.mp4", 1) == [("out/clip.mp4", True)]
+    assert output_paths("out/clip.mp4", 1, line=7) == [("out/clip-0007.mp4", False)]
+    assert output_paths("out/clip.mp4", 2) == [("out/clip_0.mp4", False), ("out/clip_1.mp4", False)]
+    assert output_paths("clip.gif", 2, line=12) == [("clip-0012_0.gif", False), ("clip-0012_1.gif", False)]
+    assert output_paths("frames_X/", 2) == [("frames_X_0", False), ("frames_X_1", False)]
+    assert output_paths("frames/", 1, line=3) == [("frames-0003", False)]
+
+
+def test_vae_tiling_pays_off_from_the_sample_size_on():
+    """--vae-tiling tiles a frame once either side reaches the VAE's sample size (two tiles of half that size)."""
+    from types import SimpleNamespace
+    from generate import worth_tiling
+    vae = SimpleNamespace(config=SimpleNamespace(sample_height=480, sample_width=720))
+    assert worth_tiling(vae, 480, 64) and worth_tiling(vae, 64, 720) and worth_tiling(vae, 480, 720)
+    assert not worth_tiling(vae, 479, 719)
