@@ -261,8 +261,7 @@ def write_atomically(out, writers):
     tmp = tempfile.mkdtemp(prefix=".convert-", dir=out)
     try:
         for name, write in writers.items():
-            write(os.path.join(tmp, name))
-            cli.ordinary_permissions(os.path.join(tmp, name))
+            write(os.path.join(tmp, name))  # makedirs/open inside: ordinary permissions already
         for name in writers:
             if os.path.exists(final := os.path.join(out, name)):
                 os.rename(final, os.path.join(tmp, name + ".old"))

@@ -41,14 +41,15 @@ METADATA_KEY = "lora_adapter_metadata"
 
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update. A starts as nn.Linear's default (Kaiming-uniform) and B as
-    zero, as peft's `init_lora_weights=True`, so training starts from the base model exactly. A and B stay in their
-    own dtype (fp32 for training) whatever the base dtype; the input is cast to theirs and the update back, as peft."""
+    zero, as peft's `init_lora_weights=True`, so training starts from the base model exactly. A and B are fp32
+    whatever the base dtype (the master weights of training); the input is cast to fp32 and the update back, as peft."""
 
-    def __init__(self, base: nn.Linear, rank: int, scale: float, dtype=torch.float32):
+    def __init__(self, base: nn.Linear, rank: int, scale: float):
         super().__init__()
         self.base, self.scale = base, scale
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=dtype)  # (r, in)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=dtype)  # (out, r)
+        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Linear(base.in_features, rank, **kw)  # (r, in)
+        self.lora_B = nn.Linear(rank, base.out_features, **kw)  # (out, r)
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x):
