@@ -17,6 +17,7 @@ Errors: every check raises ValueError (or argparse's error) with one line that n
 turns them into that line on stderr and exit status 2, and Ctrl-C into one line and 130.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -283,6 +284,19 @@ def install_folder(tmp: str, path: str, tool: str, flag: str = "--output") -> No
         raise
     if old:
         shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def output_folder(path: str, tool: str):
+    """`with output_folder(path, tool) as tmp:` fill tmp, a new hidden folder beside `path`; when the block ends it is
+    installed at `path` (install_folder), and on any failure (Ctrl-C included) removed, leaving `path` as it was."""
+    tmp = new_folder(path)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    install_folder(tmp, path, tool)
 
 
 def write_png(path: str, image: np.ndarray) -> None:

@@ -14,7 +14,6 @@ import contextlib
 import math
 import os
 import sys
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -306,14 +305,9 @@ def save_video(frames: torch.Tensor, path: str, fps: float, named: bool = True) 
     elif ext == ".gif":
         cli.atomic_write(path, lambda p: iio.imwrite(p, arr, duration=1000 / fps, loop=0, comment=cli.MARK.encode()))
     else:
-        tmp = cli.new_folder(path)
-        try:
+        with cli.output_folder(path, "generate.py") as tmp:
             for i, f in enumerate(arr):
                 cli.write_png(os.path.join(tmp, f"{i:04d}.png"), f)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        cli.install_folder(tmp, path, "generate.py")
     sheet = sheet_path(path)
     cli.atomic_write(sheet, lambda p: cli.write_png(p, contact_sheet(arr)))
     return [path, sheet]

@@ -36,7 +36,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -272,15 +271,10 @@ def save_checkpoint(output: str, step: int, model, optimizer, args) -> str:
     """checkpoint-<step>/ with the LoRA file (usable as is by --lora) and the optimizer state; written to a temporary
     folder and renamed, so a crash never leaves a half checkpoint."""
     final = checkpoint_dir(output, step)
-    tmp = cli.new_folder(final)
-    try:
+    with cli.output_folder(final, "train_lora.py") as tmp:
         save_lora(os.path.join(tmp, WEIGHT_NAME), lora_state_dict(model), args.rank, args.alpha)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args)},
                    os.path.join(tmp, "training_state.pt"))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    cli.install_folder(tmp, final, "train_lora.py")
     return final
 
 

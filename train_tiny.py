@@ -41,7 +41,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -377,9 +376,8 @@ def train(cfg: TrainConfig, out: str, evaluate_after: bool = True, vae_from: str
     gen = torch.Generator().manual_seed(cfg.seed)
     out = os.path.abspath(out)
     cli.check_folder(out, "--output")  # new, or a snapshot this script wrote with nothing added: checked now and at the end
-    tmp = cli.new_folder(out)
     summary = {}
-    try:
+    with cli.output_folder(out, "train_tiny.py") as tmp:
         logfile = open(os.path.join(tmp, "train_log.jsonl"), "w")
         log(logfile, stage="config", **{f.name: getattr(cfg, f.name) for f in fields(cfg)})
         train_attrs, _ = shapes.split()
@@ -425,10 +423,6 @@ def train(cfg: TrainConfig, out: str, evaluate_after: bool = True, vae_from: str
         log(logfile, stage="done", wall_s=round(wall, 1), cpu_s=round(cpu, 1), scaling_factor=vae.config.scaling_factor,
             vae_from=vae_from, **{f"{k}_first_last": v for k, v in summary.items()})
         logfile.close()
-        cli.install_folder(tmp, out, "train_tiny.py")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"wrote {out} in {wall / 60:.1f} min ({cpu / 60:.1f} CPU-min); " + ", ".join(
         f"{k} {first:.4f} -> {last:.4f}" for k, (first, last) in summary.items()))
     if evaluate_after and cfg.eval_per_combo > 0:
