@@ -12,7 +12,8 @@ Choices, and why:
   3 latent frames. The whole path stays inside the frame, so the evaluator always sees the whole shape.
 - Colours are the saturated corners of the RGB cube (all pairwise distances >= 1), backgrounds are black, gray and
   white; every object/background pair differs by >= 0.86 in RGB, so colours stay distinguishable after a lossy VAE.
-  White objects are never drawn on a white background.
+  White objects are never drawn on a white background. Cyan, the last corner, is kept out of the training data
+  (NEW_COLOURS) for the LoRA lesson; it is >= 0.86 from every background too.
 - Triangles point up; shapes are drawn with a 1-px anti-aliased edge from a signed distance, which keeps sub-pixel
   motion smooth.
 - Held out: 10 of the 60 colour/shape/motion combinations (17%), on every background. Every colour, shape and motion,
@@ -39,6 +40,10 @@ import numpy as np
 import torch
 
 COLOURS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0), "white": (1, 1, 1)}
+# A colour no training clip has, for the LoRA lesson (bench/lora_lesson.py): split() never draws it, but captions,
+# render and the evaluator know it, so a video asked to be cyan and drawn blue or green scores wrong, and vice versa.
+NEW_COLOURS = {"cyan": (0, 1, 1)}
+ALL_COLOURS = {**COLOURS, **NEW_COLOURS}
 SHAPES = ("circle", "square", "triangle")
 MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), image y points down
 BACKGROUNDS = {"black": (0, 0, 0), "gray": (0.5, 0.5, 0.5), "white": (1, 1, 1)}
@@ -90,7 +95,7 @@ def parse_caption(text):
         raise ValueError(f"caption {text!r} is not of the form 'a <colour> <shape> moving <direction> on a "
                          f"<background> background'")
     attrs = Attrs(*m.groups())
-    for value, known in zip(attrs, (COLOURS, SHAPES, MOTIONS, BACKGROUNDS)):
+    for value, known in zip(attrs, (ALL_COLOURS, SHAPES, MOTIONS, BACKGROUNDS)):
         if value not in known:
             raise ValueError(f"caption {text!r}: unknown word {value!r}; expected one of {list(known)}")
     return attrs
@@ -129,7 +134,7 @@ def render(attrs, rng, cfg=ClipConfig()):
     cx, cy = (x0 + dx * speed * t).astype(np.float32), (y0 + dy * speed * t).astype(np.float32)  # (F, 1, 1)
     py, px = np.mgrid[0:H, 0:W].astype(np.float32) + 0.5  # pixel centres, (H, W)
     cover = np.clip(0.5 - signed_distance(attrs.shape, px - cx, py - cy, s), 0, 1)  # (F, H, W)
-    bg, fg = np.array(BACKGROUNDS[attrs.background]), np.array(COLOURS[attrs.colour])
+    bg, fg = np.array(BACKGROUNDS[attrs.background]), np.array(ALL_COLOURS[attrs.colour])
     palette = np.round(255 * (bg + np.linspace(0, 1, 256)[:, None] * (fg - bg))).astype(np.uint8)  # (256, 3)
     return palette[np.round(255 * cover).astype(np.uint8)]  # (F, H, W, 3)
 
@@ -205,7 +210,7 @@ def classify(frames, cfg=ClipConfig()):
     found = (area >= area_lo) & (area <= area_hi) & (iou.max(1) >= 0.6)  # (F,) frames that hold one shape
     if found.sum() < max(2, len(x) / 2):
         return Attrs(None, None, None, background)
-    colour = _nearest(fg, COLOURS, exclude=[background])
+    colour = _nearest(fg, ALL_COLOURS, exclude=[background])
     shape = SHAPES[int(np.argmax(iou[found].sum(0)))]
     t = np.nonzero(found)[0]
     vx, vy = np.polyfit(t, cx[found], 1)[0], np.polyfit(t, cy[found], 1)[0]  # pixels per frame

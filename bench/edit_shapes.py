@@ -96,7 +96,7 @@ def main(argv=None) -> int:
 
     for method in args.methods:
         try:
-            check_edit(pipe.info, pipe.transformer.config, method)
+            check_edit(pipe.info, method)
         except ValueError as e:
             print(f"skipping {method}: {e}")
             continue

@@ -20,6 +20,7 @@ WORK=${TMPDIR:-/tmp}/mutants-$FILE
 rm -rf "$WORK"
 git clone -q "$ROOT" "$WORK"
 cd "$WORK"
+python bench/undecorate.py "$FILE" > /dev/null  # mutmut skips decorated functions: f = d(f) after the def instead
 {
   echo "[mutmut]"
   echo "source_paths = $FILE"

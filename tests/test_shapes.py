@@ -95,6 +95,22 @@ def test_evaluator_reads_clean_clips(which):
         assert table[k] >= 0.98, (k, table)
 
 
+def test_new_colour_is_known_to_captions_and_evaluator_but_never_trained():
+    # the LoRA lesson's colour: no training or held-out clip has it, every clip asked for it is read as it, and the
+    # colours next to it in RGB (blue, green, white) are not read as it
+    train, held = shapes.split()
+    assert not {a.colour for a in train + held} & set(shapes.NEW_COLOURS)
+    lesson = [shapes.Attrs("cyan", s, m, b) for s in shapes.SHAPES for m in shapes.MOTIONS for b in shapes.BACKGROUNDS]
+    assert shapes.parse_caption("a cyan square moving up on a white background") == ("cyan", "square", "up", "white")
+    videos, captions = shapes.make_clips(72, seed=3, attrs_list=lesson)
+    assert np.abs(videos.astype(int) - [0, 255, 255]).sum(-1).min() == 0  # pure cyan pixels are drawn
+    table = shapes.evaluate(videos, captions)
+    assert table["colour"] == 1.0 and table["all"] >= 0.98, table
+    near = [a._replace(colour=c) for a in lesson for c in ("blue", "green", "white") if c != a.background]
+    videos, captions = shapes.make_clips(72, seed=4, attrs_list=near)
+    assert shapes.evaluate(videos, captions)["colour"] == 1.0
+
+
 def test_evaluator_reads_softened_clips():
     # a VAE and a sampler blur edges and add speckle; the evaluator must not call that a different shape
     train, _ = shapes.split()
