@@ -232,13 +232,17 @@ def evaluate(videos, captions, cfg=ClipConfig()):
     table = {k: float(np.mean([r[k] for r in rows])) for k in Attrs._fields}
     table["all"] = float(np.mean([all(r.values()) for r in rows]))
     table["n"] = len(rows)
+    asked = [parse_caption(c).shape for c in captions]
+    table["shape_of"] = {s: float(np.mean([r["shape"] for r, a in zip(rows, asked) if a == s]))
+                         for s in SHAPES if s in asked}  # shape accuracy per asked shape: which one is weak
     return table
 
 
 def print_table(results):
     """Print {name: evaluate(...)} as a markdown table, one row per name."""
     cols = list(Attrs._fields) + ["all"]
-    print("| set | n | " + " | ".join(cols) + " |")
-    print("|---|---:|" + "---:|" * len(cols))
+    print("| set | n | " + " | ".join(cols) + " | shape: " + " / ".join(SHAPES) + " |")
+    print("|---|---:|" + "---:|" * (len(cols) + 1))
     for name, r in results.items():
-        print(f"| {name} | {r['n']} | " + " | ".join(f"{100 * r[c]:.1f}%" for c in cols) + " |")
+        by_shape = " / ".join(f"{100 * r['shape_of'][s]:.0f}" if s in r["shape_of"] else "-" for s in SHAPES)
+        print(f"| {name} | {r['n']} | " + " | ".join(f"{100 * r[c]:.1f}%" for c in cols) + f" | {by_shape} |")

@@ -173,5 +173,11 @@ def test_print_table(capsys):
                (("train", train), ("held-out", held))}
     shapes.print_table(results)
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("| set | n | colour | shape | motion | background | all |")
+    assert out[0] == "| set | n | colour | shape | motion | background | all | shape: circle / square / triangle |"
     assert out[2].startswith("| train | 10 | 100.0%") and out[3].startswith("| held-out | 10 | 100.0%")
+    assert out[2].endswith(" | 100 / 100 / 100 |") and out[1].count("|") == out[2].count("|")
+    # per asked shape: a video asked for a square but drawn as a circle counts against squares only
+    video = shapes.render(shapes.Attrs("red", "circle", "up", "black"), np.random.default_rng(0))
+    r = shapes.evaluate(np.stack([video, video]), ["a red circle moving up on a black background",
+                                                   "a red square moving up on a black background"])
+    assert r["shape_of"] == {"circle": 1.0, "square": 0.0} and r["shape"] == 0.5
