@@ -27,7 +27,7 @@ python bench/undecorate.py "$FILE" > /dev/null  # mutmut skips decorated functio
   echo "pytest_add_cli_args_test_selection ="
   for t in $TESTS; do echo "    $t"; done
   echo "also_copy ="
-  for f in *.py demo/ tests/; do [ "$f" != "$FILE" ] && echo "    $f"; done
+  for f in *.py demo/ tests/ bench/ README.md; do [ "$f" != "$FILE" ] && echo "    $f"; done
 } > setup.cfg
 ARGS=()
 [ -n "${MUTMUT_CHILDREN:-}" ] && ARGS+=(--max-children "$MUTMUT_CHILDREN")
