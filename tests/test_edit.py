@@ -5,8 +5,8 @@ for the inversion step; for the whole edit, the official flow re-run here with t
 (CFG-doubled inversion with the empty prompt, then fresh noise + reference keys/values), with an attention processor
 written in this file from the spec (official-repo-and-sat.md section 3)."""
 import dataclasses
+import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -216,7 +216,7 @@ def test_check_edit_names_unsupported_variants(tmp_path):
 
 
 def clip(num_frames):
-    from shapes import ClipConfig, caption, make_clips, parse_caption
+    from shapes import ClipConfig, make_clips, parse_caption
     videos, _ = make_clips(1, 0, [parse_caption(SOURCE)], ClipConfig(num_frames=num_frames, height=32, width=32,
                                                                       size=(6.0, 7.0), speed=(1.0, 1.0)))
     return torch.from_numpy(videos[0]).permute(0, 3, 1, 2).float() / 255  # (F, 3, H, W) in [0, 1]
@@ -253,7 +253,64 @@ def test_cli(snapshots, tmp_path, capsys):
                    "--output", str(out)]) == 0
     assert out.exists() and (tmp_path / "out.png").exists()
     assert E.main(["--model", snapshots("5b"), "--video", str(tmp_path / "missing.mp4"), "--prompt", PROMPT]) == 2
-    assert "missing.mp4: file not found" in capsys.readouterr().err
+    assert f"--video {tmp_path / 'missing.mp4'}: file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        E.main(["--model", snapshots("5b"), "--video", str(src)])
+    assert e.value.code == 2 and "the following arguments are required: --prompt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        E.main(["--model", snapshots("5b"), "--prompt", PROMPT])
+    assert e.value.code == 2 and "the following arguments are required: --video" in capsys.readouterr().err
+
+
+def test_each_flag_gives_the_api_frames(snapshots, tmp_path, monkeypatch, capsys):
+    """Found by mutation testing (bench/MUTANTS.md): edit.py's command line passes each flag on. With save_video
+    spied on, the frames `edit.py <flag>` would write equal edit() called with that argument (and the pipeline loaded
+    as the flag says), and differ from the frames without the flag. The default output is edited.mp4 at the model's
+    fps. The snapshot's VAE is given a 96x80 sample size (tiles of 48x40 px, as test_generate tiles)."""
+    import json
+    import shutil
+    import imageio
+    path = str(tmp_path / "snap")
+    shutil.copytree(snapshots("5b"), path)
+    with open(os.path.join(path, "vae", "config.json")) as f:
+        cfg = json.load(f)
+    cfg["sample_height"], cfg["sample_width"] = 96, 80
+    with open(os.path.join(path, "vae", "config.json"), "w") as f:
+        json.dump(cfg, f)
+    src = str(tmp_path / "in.gif")
+    imageio.mimwrite(src, list((clip(9).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()), duration=125)
+    monkeypatch.chdir(tmp_path)
+    saved = []
+    monkeypatch.setattr(E, "save_video", lambda frames, out, fps: saved.append((frames, out, fps)) or [out])
+    from generate import read_video
+    video = read_video(src)
+    common = ["--model", path, "--video", src, "--prompt", PROMPT, "--steps", "2", "--guidance", "2"]
+    api = dict(num_inference_steps=2, guidance_scale=2.0, max_sequence_length=MAX_TEXT, progress=False)
+
+    def cli_frames(*flags):
+        assert E.main(common + list(flags)) == 0
+        return saved[-1]
+
+    def api_frames(dtype=None, **kw):
+        return E.edit(load_pipeline(path, dtype=dtype), video, PROMPT, **{**api, **kw})[0]
+
+    default, out, fps = cli_frames()
+    assert (out, fps) == ("edited.mp4", 8) and torch.equal(default, api_frames())
+    assert "wrote edited.mp4" in capsys.readouterr().out
+    for flags, kw in [(["--method", "plain"], dict(method="plain")),
+                      (["--source-prompt", SOURCE], dict(source_prompt=SOURCE)),
+                      (["--negative-prompt", "blurry"], dict(negative_prompt="blurry")),
+                      (["--num-frames", "1"], dict(num_frames=1)),
+                      (["--height", "48"], dict(height=48)), (["--width", "48"], dict(width=48)),
+                      (["--steps", "3"], dict(num_inference_steps=3)), (["--guidance", "4"], dict(guidance_scale=4.0)),
+                      (["--seed", "7"], dict(seed=7)), (["--dtype", "bf16"], dict(dtype=torch.bfloat16)),
+                      (["--height", "96", "--width", "80", "--vae-tiling"], dict(height=96, width=80, vae_tiling=True))]:
+        frames = cli_frames(*flags)[0]
+        assert torch.equal(frames, api_frames(**kw)), flags
+        without = api_frames(**{k: v for k, v in kw.items() if k == "height" and "--vae-tiling" in flags or
+                                 k == "width" and "--vae-tiling" in flags})
+        assert frames.shape != without.shape or (frames.float() - without.float()).abs().max() > 1e-4, flags
+    assert cli_frames("--fps", "12.5", "--output", "x.gif")[1:] == ("x.gif", 12.5)
 
 
 def test_edit_encodes_like_the_peer_vae(snapshots, monkeypatch):
@@ -292,3 +349,74 @@ def test_edit_frames_takes_the_longest_valid_prefix(tmp_path):
         for available in range(info.frame_multiple + 1, info.num_frames + 3 * info.frame_multiple):
             want = max(n for n in range(1, min(available, info.num_frames) + 1) if (n - 1) % info.frame_multiple == 0)
             assert E.edit_frames(info, available, None) == want, (preset, available)
+
+
+def test_every_argument_of_edit_reaches_the_edit(snapshots, tmp_path, capfd):
+    """Found by mutation testing (bench/MUTANTS.md): edit() is encode_frames -> edit_latents -> decode_latents, and
+    each of its arguments must reach that chain. Oracle: the chain composed here from those public functions with
+    the same arguments. Each argument, changed alone, gives the composed frames and not the defaults' frames."""
+    import imageio
+    from generate import decode_latents, encode_frames, resize
+    pipe, video = load_pipeline(snapshots("5b")), clip(9)
+    pipe.vae.config.sample_height, pipe.vae.config.sample_width = 96, 80  # tiles of 48x40 px, as test_generate tiles
+    capfd.readouterr()  # making the snapshot printed a bar
+    base = dict(method="inject", source_prompt="", negative_prompt="", num_frames=9, height=32, width=32,
+                num_inference_steps=3, guidance_scale=2.0, seed=42, max_sequence_length=MAX_TEXT, vae_tiling=False)
+
+    def by_hand(a):
+        g = torch.Generator().manual_seed(a["seed"])
+        z = encode_frames(pipe, resize(video[:a["num_frames"]], a["height"], a["width"])[None], g, a["vae_tiling"])
+        z = E.edit_latents(pipe, z, PROMPT, method=a["method"], source_prompt=a["source_prompt"],
+                           negative_prompt=a["negative_prompt"], num_inference_steps=a["num_inference_steps"],
+                           guidance_scale=a["guidance_scale"], generator=g,
+                           max_sequence_length=a["max_sequence_length"], progress=False)
+        return decode_latents(pipe, z, a["vae_tiling"])  # 96x80 px reaches the sample size: tiled if asked
+
+    default = E.edit(pipe, video, PROMPT, progress=False, **base)
+    assert torch.equal(default, by_hand(base))
+    for key, value in dict(method="plain", source_prompt=SOURCE, negative_prompt="blurry", num_frames=1, height=48,
+                           width=48, num_inference_steps=4, guidance_scale=4.0, seed=7,
+                           max_sequence_length=MAX_TEXT + 4, vae_tiling=True).items():
+        args = {**base, key: value, **(dict(height=96, width=80) if key == "vae_tiling" else {})}
+        out = E.edit(pipe, video, PROMPT, progress=False, **args)
+        assert torch.equal(out, by_hand(args)), key
+        before = by_hand({**args, key: base[key]})  # the same call with this argument at its default
+        assert out.shape != before.shape or (out - before).abs().max() > 1e-4, key
+    assert capfd.readouterr().err == ""  # progress=False reaches every loop
+    E.edit(pipe, video, PROMPT, num_inference_steps=2, max_sequence_length=MAX_TEXT)
+    assert "100%" in capfd.readouterr().err  # and progress=True shows the bars
+
+    # a path is read as a video; anything but (F, 3, H, W) is refused by name
+    path = str(tmp_path / "in.gif")
+    imageio.mimwrite(path, list((video.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()), duration=125)
+    from generate import read_video
+    assert torch.equal(E.edit(pipe, path, PROMPT, progress=False, **base),
+                       E.edit(pipe, read_video(path), PROMPT, progress=False, **base))
+    with pytest.raises(ValueError, match=r"video must be a path or an \(F, 3, H, W\) tensor, got shape \(9, 2, 32, 32\)"):
+        E.edit(pipe, video[:, :2], PROMPT, progress=False, **base)
+
+    # the Python API's defaults are the command line's (generate.py and edit.py share them)
+    import inspect
+    import generate as G
+    args = E.parse_args(["--video", "v.mp4", "--prompt", "p"])
+    for fn in (E.edit, E.edit_latents):
+        d = {k: p.default for k, p in inspect.signature(fn).parameters.items()}
+        assert (d["num_inference_steps"], d["guidance_scale"], d["negative_prompt"], d["method"], d["progress"]) == \
+            (args.steps, args.guidance, args.negative_prompt, args.method, True), fn.__name__
+    g = {k: p.default for k, p in inspect.signature(G.generate).parameters.items()}
+    d = {k: p.default for k, p in inspect.signature(E.edit).parameters.items()}
+    assert (d["seed"], d["vae_tiling"], d["source_prompt"]) == (g["seed"], g["vae_tiling"], args.source_prompt)
+
+
+def test_edit_latents_takes_a_batch(snapshots):
+    """Found by mutation testing: edit() passes one video, but edit_latents takes (B, F, C, h, w). Plain: each row of
+    a batch equals that video edited alone (no noise is drawn). Inject, with guidance, runs 4B rows through reference
+    attention (2 guidance branches x [edited; reference]) and gives one edit per video."""
+    pipe = load_pipeline(snapshots("5b"))
+    z = latents("5b", seed=1).repeat(2, 1, 1, 1, 1) + torch.tensor([0.0, 0.5]).view(2, 1, 1, 1, 1)  # two videos
+    kw = dict(num_inference_steps=3, guidance_scale=2.0, max_sequence_length=MAX_TEXT, progress=False)
+    both = E.edit_latents(pipe, z, PROMPT, method="plain", **kw)
+    alone = torch.cat([E.edit_latents(pipe, z[i:i + 1], PROMPT, method="plain", **kw) for i in range(2)])
+    assert both.shape == z.shape and (both - alone).abs().max() < 1e-5
+    inject = E.edit_latents(pipe, z, PROMPT, generator=torch.Generator().manual_seed(0), **kw)
+    assert inject.shape == z.shape and torch.isfinite(inject).all() and (inject[0] - inject[1]).abs().max() > 1e-3
