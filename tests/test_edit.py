@@ -6,6 +6,7 @@ for the inversion step; for the whole edit, the official flow re-run here with t
 written in this file from the spec (official-repo-and-sat.md section 3)."""
 import dataclasses
 import os
+import re
 
 import pytest
 import torch
@@ -281,7 +282,10 @@ def test_each_flag_gives_the_api_frames(snapshots, tmp_path, monkeypatch, capsys
     imageio.mimwrite(src, list((clip(9).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()), duration=125)
     monkeypatch.chdir(tmp_path)
     saved = []
-    monkeypatch.setattr(E, "save_video", lambda frames, out, fps: saved.append((frames, out, fps)) or [out])
+    monkeypatch.setattr(E, "save_video", lambda frames, out, fps: saved.append((frames, out, fps)) or
+                        [out, os.path.splitext(out)[0] + ".png"])
+    loads, load = [], E.load_pipeline
+    monkeypatch.setattr(E, "load_pipeline", lambda *a, **kw: loads.append(kw) or load(*a, **kw))
     from generate import read_video
     video = read_video(src)
     common = ["--model", path, "--video", src, "--prompt", PROMPT, "--steps", "2", "--guidance", "2"]
@@ -296,7 +300,11 @@ def test_each_flag_gives_the_api_frames(snapshots, tmp_path, monkeypatch, capsys
 
     default, out, fps = cli_frames()
     assert (out, fps) == ("edited.mp4", 8) and torch.equal(default, api_frames())
-    assert "wrote edited.mp4" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote edited.mp4, edited.png\n" in out
+    load_s, edit_s = map(float, re.search(r"load (\S+)s, edit (\S+)s, peak memory", out).groups())
+    assert 0 <= load_s < 300 and 0 < edit_s < 300, out  # durations, not clock readings
+    assert loads[-1]["offload"] is None and cli_frames("--offload", "blocks") and loads[-1]["offload"] == "blocks"
     for flags, kw in [(["--method", "plain"], dict(method="plain")),
                       (["--source-prompt", SOURCE], dict(source_prompt=SOURCE)),
                       (["--negative-prompt", "blurry"], dict(negative_prompt="blurry")),
