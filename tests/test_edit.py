@@ -378,21 +378,34 @@ def test_every_argument_of_edit_reaches_the_edit(snapshots, tmp_path, capfd):
                            negative_prompt=a["negative_prompt"], num_inference_steps=a["num_inference_steps"],
                            guidance_scale=a["guidance_scale"], generator=g,
                            max_sequence_length=a["max_sequence_length"], progress=False)
-        return decode_latents(pipe, z, a["vae_tiling"])  # 96x80 px reaches the sample size: tiled if asked
+        return decode_latents(pipe, z, a["vae_tiling"])  # 80 px wide reaches the sample size: tiled if asked
 
     default = E.edit(pipe, video, PROMPT, progress=False, **base)
     assert torch.equal(default, by_hand(base))
     for key, value in dict(method="plain", source_prompt=SOURCE, negative_prompt="blurry", num_frames=1, height=48,
                            width=48, num_inference_steps=4, guidance_scale=4.0, seed=7,
                            max_sequence_length=MAX_TEXT + 4, vae_tiling=True).items():
-        args = {**base, key: value, **(dict(height=96, width=80) if key == "vae_tiling" else {})}
+        args = {**base, key: value, **(dict(height=48, width=80) if key == "vae_tiling" else {})}  # tiled: width
         out = E.edit(pipe, video, PROMPT, progress=False, **args)
         assert torch.equal(out, by_hand(args)), key
         before = by_hand({**args, key: base[key]})  # the same call with this argument at its default
         assert out.shape != before.shape or (out - before).abs().max() > 1e-4, key
     assert capfd.readouterr().err == ""  # progress=False reaches every loop
-    E.edit(pipe, video, PROMPT, num_inference_steps=2, max_sequence_length=MAX_TEXT)
-    assert "100%" in capfd.readouterr().err  # and progress=True shows the bars
+    for method in E.METHODS:  # and progress=True (the default) shows both bars: inversion, then denoising
+        E.edit(pipe, video, PROMPT, method=method, num_inference_steps=2, max_sequence_length=MAX_TEXT)
+        assert capfd.readouterr().err.count("100%|") == 2, method
+    z = torch.randn(1, 3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    E.edit_latents(pipe, z, PROMPT, num_inference_steps=2, max_sequence_length=MAX_TEXT)
+    assert capfd.readouterr().err.count("100%|") == 2
+
+    # the defaults (as on the command line: 50 steps, guidance 6, seed 42, inject, no negative prompt)
+    explicit = dict(method="inject", negative_prompt="", num_inference_steps=50, guidance_scale=6.0,
+                    max_sequence_length=MAX_TEXT, progress=False)
+    assert torch.equal(E.edit(pipe, video, PROMPT, max_sequence_length=MAX_TEXT, progress=False),
+                       E.edit(pipe, video, PROMPT, seed=42, **explicit))
+    g = lambda: torch.Generator().manual_seed(0)
+    assert torch.equal(E.edit_latents(pipe, z, PROMPT, generator=g(), max_sequence_length=MAX_TEXT, progress=False),
+                       E.edit_latents(pipe, z, PROMPT, generator=g(), **explicit))
 
     # a path is read as a video; anything but (F, 3, H, W) is refused by name
     path = str(tmp_path / "in.gif")
