@@ -665,3 +665,51 @@ def test_v15_trains_end_to_end(snapshots, data, tmp_path):
     out = tmp_path / "out"
     assert train_lora.main(train_args(snapshots("1.5"), data, out, "--steps", "2", "--num-frames", "17")) == 0
     assert os.path.isfile(out / "pytorch_lora_weights.safetensors")
+
+
+# train_lora.py's command line, found by mutation testing (bench/MUTANTS.md)
+
+def test_command_line_defaults_are_the_documented_recipe():
+    """The defaults the module docstring and README promise: THUDM's rank 128 / alpha 64, weight decay 1e-4, clipping
+    at 1.0; our LR 1e-4 with 100 warm-up steps; 1000 steps of batch 1; seed 42; gradient checkpointing on; a
+    checkpoint every 200 steps; runs/lora; fp32 on CPU / bf16 on GPU decided later (dtype None)."""
+    a = train_lora.parse_args(["--model", "m", "--data", "d"])
+    assert (a.rank, a.alpha, a.weight_decay, a.max_grad_norm) == (128, 64.0, 1e-4, 1.0)
+    assert (a.lr, a.warmup, a.steps, a.batch_size, a.grad_accum, a.seed) == (1e-4, 100, 1000, 1, 1, 42)
+    assert (a.gradient_checkpointing, a.checkpoint_every, a.output, a.cache_dir) == (True, 200, "runs/lora", None)
+    assert (a.dtype, a.resume, a.validation_prompt, a.validate_every) == (None, None, None, 0)
+    assert (a.num_frames, a.height, a.width) == (None, None, None)
+    assert not train_lora.parse_args(["--model", "m", "--data", "d", "--no-gradient-checkpointing"]).gradient_checkpointing
+
+
+def test_check_args_names_each_bad_argument(snap, data, tmp_path):
+    """Each refusal of check_args names its flag (in process: tests/test_cli.py runs the same checks in subprocesses,
+    which mutation testing cannot follow)."""
+    info = read_model_info(snap)
+
+    def args(*extra):
+        a = train_lora.parse_args(["--model", snap, "--data", data, "--output", str(tmp_path / "out"), *extra])
+        a.num_frames, a.height, a.width = 9, 32, 32
+        return a
+    train_lora.check_args(args(), info, 1)  # all good
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("x")
+    for extra, world, message in [
+            (["--batch-size", "3"], 2, "--batch-size 3 must be a multiple of the process count 2"),
+            (["--validate-every", "5"], 1, "--validate-every needs --validation-prompt"),
+            (["--validation-prompt", "x"], 1, "--validation-prompt needs --validate-every N"),
+            (["--data", str(tmp_path / "nope")], 1, f"--data {tmp_path / 'nope'}: folder not found"),
+            (["--data", str(tmp_path / "file")], 1, f"--data {tmp_path / 'file'} is not a folder"),
+            (["--resume", str(tmp_path / "nope")], 1, f"--resume {tmp_path / 'nope'}: folder not found"),
+            (["--resume", str(tmp_path / "file")], 1, f"--resume {tmp_path / 'file'} is not a folder"),
+            (["--output", str(tmp_path / "full")], 1, "--output"),
+            (["--cache-dir", str(tmp_path / "full")], 1, "--cache-dir")]:
+        with pytest.raises(ValueError) as e:
+            train_lora.check_args(args(*extra), info, world)
+        assert message in str(e.value), (extra, str(e.value))
+    train_lora.check_args(args("--resume", "latest", "--batch-size", "4"), info, 2)  # 'latest' is looked up later
+    bad = args()
+    bad.num_frames = 8
+    with pytest.raises(ValueError, match="num_frames=8"):
+        train_lora.check_args(bad, info, 1)
