@@ -713,3 +713,54 @@ def test_check_args_names_each_bad_argument(snap, data, tmp_path):
     bad.num_frames = 8
     with pytest.raises(ValueError, match="num_frames=8"):
         train_lora.check_args(bad, info, 1)
+
+
+def test_clips_are_read_as_the_vae_reads_pixels(data):
+    """load_clip: the frames at the official stride, covered and centre-cropped to the size (generate.resize), as
+    (3, F, H, W) in [-1, 1] (x * 2 - 1), against the clip decoded here with imageio; a clip with exactly
+    --num-frames frames is enough, one fewer is refused."""
+    path = os.path.join(data, "clip0.mp4")
+    frames = np.stack(imageio.mimread(path, memtest=False)).astype(np.float32) / 255  # (N, 48, 64, 3)
+    picked = torch.from_numpy(frames[list(range(0, len(frames), len(frames) // 9))[:9]]).permute(0, 3, 1, 2)
+    ref = gen.resize(picked, 32, 32).permute(1, 0, 2, 3) * 2 - 1  # (3, 9, 32, 32)
+    clip = train_lora.load_clip(path, 9, 32, 32)
+    assert clip.shape == (3, 9, 32, 32) and clip.min() >= -1 and clip.max() <= 1 and clip.std() > 0.1
+    assert (clip - ref).abs().max() < 1e-6
+    exact = torch.zeros(9, 3, 4, 4)
+    assert train_lora.select_frames(exact, 9).shape == (9, 3, 4, 4)
+    with pytest.raises(ValueError, match="too short: 8 frames, at least 9"):
+        train_lora.select_frames(exact[:8], 9)
+
+
+def test_cache_is_built_once_and_reused(snap, data, tmp_path, monkeypatch):
+    """A second run over the same clips finds every latent and embedding in the cache: no VAE or T5 is loaded and
+    no video is decoded again (validate skips cached clips)."""
+    args = train_lora.parse_args(["--model", snap, "--data", data])
+    args.num_frames, args.height, args.width, args.max_text_len = 9, 32, 32, MAX_TEXT
+    settings = train_lora.cache_settings(snap, 9, 32, 32, MAX_TEXT, torch.float32)
+    cache = str(tmp_path / "cache")
+    good, problems = train_lora.validate(*train_lora.find_samples(data), cache, settings, 9)
+    assert len(good) == 4 and not problems
+    train_lora.build_cache(args, good, cache, torch.device("cpu"), torch.float32)
+    assert sorted(os.listdir(cache)) == ["latents", "text"]
+    assert len(os.listdir(os.path.join(cache, "latents"))) == len(os.listdir(os.path.join(cache, "text"))) == 4
+    calls = []
+    for name in ("load_vae", "load_text_encoder", "read_video"):
+        monkeypatch.setattr(train_lora, name, lambda *a, _n=name, **k: calls.append(_n))
+    again, _ = train_lora.validate(*train_lora.find_samples(data), cache, settings, 9)
+    train_lora.build_cache(args, again, cache, torch.device("cpu"), torch.float32)
+    assert [g[1:] for g in again] == [g[1:] for g in good] and calls == []
+
+
+def test_checkpoints_record_the_lora_shape_and_refuse_pickled_code(trained, tmp_path):
+    """A checkpoint's LoRA file records its rank and alpha (so --lora checkpoint-N loads at the trained scale), and
+    its training_state.pt is read with weights_only: a state holding an arbitrary object is refused, not run."""
+    from lora import read_lora
+    ckpt = os.path.join(trained, "checkpoint-000015")
+    _, meta = read_lora(ckpt)
+    assert (meta["r"], meta["lora_alpha"]) == (RANK, ALPHA), meta
+    bad = tmp_path / "checkpoint-000001"
+    bad.mkdir()
+    torch.save({"step": 1, "optimizer": {}, "args": {"seed": print}}, bad / "training_state.pt")  # a function object
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        train_lora.load_checkpoint(str(bad), None, None, None)
