@@ -228,13 +228,13 @@ def score_video(frames, attrs, cfg=ClipConfig()):
 
 def evaluate(videos, captions, cfg=ClipConfig()):
     """Accuracy per attribute over videos (N, F, H, W, 3) uint8 and their captions; 'all' = every attribute right."""
-    rows = [score_video(v, parse_caption(c), cfg) for v, c in zip(videos, captions)]
+    asked = [parse_caption(c) for c in captions]
+    rows = [score_video(v, a, cfg) for v, a in zip(videos, asked)]
     table = {k: float(np.mean([r[k] for r in rows])) for k in Attrs._fields}
     table["all"] = float(np.mean([all(r.values()) for r in rows]))
     table["n"] = len(rows)
-    asked = [parse_caption(c).shape for c in captions]
-    table["shape_of"] = {s: float(np.mean([r["shape"] for r, a in zip(rows, asked) if a == s]))
-                         for s in SHAPES if s in asked}  # shape accuracy per asked shape: which one is weak
+    table["shape_of"] = {s: float(np.mean([r["shape"] for r, a in zip(rows, asked) if a.shape == s]))
+                         for s in SHAPES if any(a.shape == s for a in asked)}  # per asked shape: which one is weak
     return table
 
 

@@ -54,11 +54,15 @@ def uint8(frames: torch.Tensor) -> np.ndarray:
     return shapes.from_tensor(frames[0] * 2 - 1)
 
 
+def path_px(videos: np.ndarray, sources: np.ndarray) -> float:
+    """Mean distance, over frames and videos, between the object's centroid in each video and in its source."""
+    return float(np.mean([np.linalg.norm(centroids(v) - centroids(s), axis=1).mean() for v, s in zip(videos, sources)]))
+
+
 def score(videos: np.ndarray, targets: list[str], sources: np.ndarray) -> dict:
     table = shapes.evaluate(videos, targets)
     table["red_left"] = float(np.mean([shapes.classify(v).colour == "red" for v in videos]))
-    table["path_px"] = float(np.mean([np.linalg.norm(centroids(v) - centroids(s), axis=1).mean()
-                                      for v, s in zip(videos, sources)]))
+    table["path_px"] = path_px(videos, sources)
     return table
 
 

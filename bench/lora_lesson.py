@@ -31,14 +31,14 @@ from generate import generate, load_pipeline, resolve_model_path  # noqa: E402
 from lora import load_lora  # noqa: E402
 
 COLOUR = "cyan"
+LESSON = [shapes.Attrs(COLOUR, s, m, b) for s in shapes.SHAPES for m in shapes.MOTIONS for b in shapes.BACKGROUNDS]
 
 
 def write_clips(folder: str, clips: int, seed: int) -> None:
     """`clips` cyan clips and `clips` clips of the training prompts, as name.gif + name.txt."""
     train, _ = shapes.split()
-    lesson = [shapes.Attrs(COLOUR, s, m, b) for s in shapes.SHAPES for m in shapes.MOTIONS for b in shapes.BACKGROUNDS]
     os.makedirs(folder)
-    for tag, attrs, s in (("new", lesson, seed), ("old", train, seed + 1)):
+    for tag, attrs, s in (("new", LESSON, seed), ("old", train, seed + 1)):
         videos, captions = shapes.make_clips(clips, s, attrs)
         for i, (video, text) in enumerate(zip(videos, captions)):
             iio.imwrite(os.path.join(folder, f"{tag}{i:04d}.gif"), video, duration=125, loop=0)
@@ -50,10 +50,9 @@ def score(model: str, lora: str | None, per_combo: int, held_per_combo: int, ste
     pipe = load_pipeline(model, device="cpu")
     if lora:
         load_lora(pipe.transformer, lora)
-    lesson = [shapes.Attrs(COLOUR, s, m, b) for s in shapes.SHAPES for m in shapes.MOTIONS for b in shapes.BACKGROUNDS]
     _, held_out = shapes.split()
     # seeds 1000+: not the ones the README's held-out table draws (0+)
-    return {f"{COLOUR} prompts": evaluate_model(pipe, lesson, per_combo, steps, 6.0, seed=1000),
+    return {f"{COLOUR} prompts": evaluate_model(pipe, LESSON, per_combo, steps, 6.0, seed=1000),
             "held-out prompts": evaluate_model(pipe, held_out, held_per_combo, steps, 6.0, seed=1000)}
 
 

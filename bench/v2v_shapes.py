@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import shapes  # noqa: E402
-from edit_shapes import centroids, uint8  # noqa: E402
+from edit_shapes import path_px, uint8  # noqa: E402
 from generate import generate, load_pipeline, resolve_model_path  # noqa: E402
 
 
@@ -62,8 +62,7 @@ def main(argv=None) -> int:
     def row(outputs):
         table = shapes.evaluate(outputs, captions)
         table["old_colour"] = float(np.mean([shapes.classify(v).colour == s.colour for v, s in zip(outputs, sources)]))
-        table["path_px"] = float(np.mean([np.linalg.norm(centroids(v) - centroids(s), axis=1).mean()
-                                          for v, s in zip(outputs, videos)]))
+        table["path_px"] = path_px(outputs, videos)
         return table
 
     rows, seconds = {"source clips": row(videos)}, {}
