@@ -764,3 +764,72 @@ def test_checkpoints_record_the_lora_shape_and_refuse_pickled_code(trained, tmp_
     torch.save({"step": 1, "optimizer": {}, "args": {"seed": print}}, bad / "training_state.pt")  # a function object
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
         train_lora.load_checkpoint(str(bad), None, None, None)
+
+
+def test_default_run_checkpoints_caches_under_output_and_renders_at_the_training_size(snap, data, tmp_path,
+                                                                                       monkeypatch):
+    """What every other training test here turns off or overrides: gradient checkpointing on (the default) sends each
+    block through torch.utils.checkpoint on every step and gives the same LoRA as a run without it; the cache
+    defaults to <output>/cache; a validation render at a size other than the model's is generate() at the training
+    frames, size and seed with that step's LoRA, saved at the model's fps."""
+    import model as model_module
+    calls, saved = [], []
+    real_checkpoint, real_save = model_module.checkpoint, train_lora.save_video
+    monkeypatch.setattr(model_module, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+    monkeypatch.setattr(train_lora, "save_video",
+                        lambda frames, path, fps: saved.append((frames.clone(), path, fps)) or real_save(frames, path, fps))
+    common = ["--model", snap, "--data", data, "--rank", str(RANK), "--alpha", str(ALPHA), "--lr", "3e-2",
+              "--warmup", "1", "--steps", "2", "--num-frames", "17", "--height", "48", "--width", "32", "--seed", "3"]
+    out = tmp_path / "run"
+    assert train_lora.main([*common, "--output", str(out), "--validation-prompt", PROMPT, "--validate-every", "2"]) == 0
+    blocks = len(load_transformer(snap).transformer_blocks)
+    assert len(calls) == 2 * blocks, calls  # 2 steps of batch 1; the render runs without gradients
+    assert sorted(os.listdir(out / "cache")) == ["latents", "text"]
+    assert len(os.listdir(out / "cache" / "latents")) == len(os.listdir(out / "cache" / "text")) == 4
+
+    [(frames, path, fps)] = saved
+    assert path == os.path.join(str(out), "validation", "step-000002.mp4") and fps == read_model_info(snap).fps
+    pipe = gen.load_pipeline(snap)
+    plain = gen.generate(pipe, PROMPT, num_frames=17, height=48, width=32, seed=3, progress=False)[0]
+    load_lora(pipe.transformer, str(out))
+    ref = gen.generate(pipe, PROMPT, num_frames=17, height=48, width=32, seed=3, progress=False)[0]
+    err, change = (frames - ref).abs().max().item(), (ref - plain).abs().max().item()
+    print(f"validation render vs generate with the step's LoRA: max abs {err:.2e}; the LoRA changes it by {change:.3f}")
+    assert frames.shape == (17, 3, 48, 32) and err <= 1e-5 and change > 100 * err
+    assert imageio.v3.imread(path, index=None).shape == (17, 48, 32, 3)
+
+    calls.clear()
+    assert train_lora.main([*common, "--output", str(tmp_path / "plain"), "--no-gradient-checkpointing"]) == 0
+    assert calls == []
+    a, _ = read_lora(str(out))
+    b, _ = read_lora(str(tmp_path / "plain"))
+    assert all(torch.equal(a[k][i], b[k][i]) for k in a for i in (0, 1))
+
+
+def test_unequal_caption_and_video_lists_report_each_gap(tmp_path):
+    """prompts.txt (or prompt.txt, as some official examples spell it) and videos.txt of different lengths: one
+    problem for the counts, and every unmatched line becomes a sample that validate() then reports (an empty caption
+    or '(no video)'), so the user sees each gap by line number."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "prompt.txt").write_text("a cat\na dog\n\n")  # trailing blank lines are not samples
+    (folder / "videos.txt").write_text("v1.mp4\nv2.mp4\nv3.mp4\n")
+    samples, problems = train_lora.find_samples(str(folder))
+    assert problems == ["prompt.txt has 2 lines but videos.txt has 3: one caption per video"]
+    assert [(s.name, s.video, s.caption) for s in samples] == [
+        ("v1.mp4 (line 1)", str(folder / "v1.mp4"), "a cat"), ("v2.mp4 (line 2)", str(folder / "v2.mp4"), "a dog"),
+        ("v3.mp4 (line 3)", str(folder / "v3.mp4"), "")]
+    (folder / "videos.txt").write_text("v1.mp4\n")
+    samples, problems = train_lora.find_samples(str(folder))
+    assert problems == ["prompt.txt has 2 lines but videos.txt has 1: one caption per video"]
+    assert [(s.name, s.video, s.caption) for s in samples] == [
+        ("v1.mp4 (line 1)", str(folder / "v1.mp4"), "a cat"), ("(no video) (line 2)", "", "a dog")]
+    _, problems = train_lora.validate(samples, [], str(tmp_path / "cache"), {"video": [], "text": []}, 9)
+    assert problems == [f"v1.mp4 (line 1): file not found ({folder / 'v1.mp4'})", "(no video) (line 2): file not found"]
+    (folder / "prompts.txt").write_text("x\n")  # both spellings: prompts.txt is read
+    assert train_lora.find_samples(str(folder))[1] == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert train_lora.find_samples(str(empty)) == ([], [
+        f"no samples in {empty}: expected prompts.txt + videos.txt, or name.mp4 + name.txt pairs"])
+    assert train_lora.find_samples(str(tmp_path / "nope")) == ([], [f"dataset folder {tmp_path / 'nope'} not found"])
