@@ -216,14 +216,10 @@ def read_image(path: str) -> torch.Tensor:
     """An image file -> (3, H, W) float in [0, 1]."""
     import imageio.v3 as iio
     try:
-        img = np.asarray(iio.imread(path))
+        pixels = np.asarray(iio.imread(path))
     except Exception as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
-    if img.ndim == 2:
-        img = np.stack([img] * 3, axis=-1)
-    if img.ndim != 3 or img.shape[-1] not in (3, 4):
-        raise ValueError(f"image {path} has shape {img.shape}, expected (H, W, 3) RGB")
-    return torch.from_numpy(img[..., :3].copy()).permute(2, 0, 1).float() / 255.0
+    return to_rgb(pixels, 2, f"image {path}").permute(2, 0, 1)                       # (3, H, W)
 
 
 def read_video(path: str) -> torch.Tensor:
@@ -233,9 +229,22 @@ def read_video(path: str) -> torch.Tensor:
         frames = np.asarray(iio.imread(path, index=None))
     except Exception as e:
         raise ValueError(f"cannot read video {path}: {e}") from None
-    if frames.ndim != 4 or frames.shape[-1] not in (3, 4):
-        raise ValueError(f"video {path} has shape {frames.shape}, expected (F, H, W, 3)")
-    return torch.from_numpy(frames[..., :3].copy()).permute(0, 3, 1, 2).float() / 255.0
+    return to_rgb(frames, 3, f"video {path}").permute(0, 3, 1, 2)                    # (F, 3, H, W)
+
+
+def to_rgb(pixels: np.ndarray, ndim: int, what: str) -> torch.Tensor:
+    """Decoded pixels with `ndim` axes before the channels ((H, W) for an image, (F, H, W) for a video): gray (no
+    channel axis or 1), gray + alpha (2), RGB (3) or RGBA (4), 8 or 16 bits -> (..., 3) float in [0, 1]. Alpha is
+    dropped, as PIL's convert("RGB") in diffusers' load_image drops it; 16-bit PNGs are scaled by 65535, not 255."""
+    if pixels.ndim == ndim:
+        pixels = pixels[..., None]
+    if pixels.ndim != ndim + 1 or pixels.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"{what} has shape {pixels.shape}, expected {'(H, W, 3)' if ndim == 2 else '(F, H, W, 3)'} "
+                         f"RGB (gray and alpha channels are accepted too)")
+    if pixels.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"{what} has {pixels.dtype} pixels; save it with 8 or 16 bits per channel")
+    rgb = pixels[..., :3] if pixels.shape[-1] >= 3 else np.repeat(pixels[..., :1], 3, axis=-1)
+    return torch.from_numpy(rgb.astype(np.float32) / np.iinfo(pixels.dtype).max)
 
 
 def resize(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:

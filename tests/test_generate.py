@@ -139,6 +139,28 @@ def test_int8_halves_weight_memory_and_stays_close(snapshots):
     assert diff.mean() < 0.02 and diff.quantile(0.99) < 0.06, (diff.mean(), diff.quantile(0.99))
 
 
+
+def test_int8_linear_is_per_channel_symmetric_quantization():
+    """Int8Linear against torch's own per-channel quantizer (scale = row absmax / 127, zero point 0, qint8): the same
+    int8 values and scales, rows of small weights (|w| << 1) keep their precision, an all-zero row gives zeros (no
+    division by 0), and the forward pass is F.linear with the dequantized weight, in the activation's dtype."""
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(16, 6)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(6, 16, generator=g) * torch.tensor([1e-3, 0.02, 0.5, 3.0, 40.0, 0.0])[:, None])
+    q = Int8Linear(linear)
+    w = linear.weight.detach()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    ref = torch.quantize_per_channel(w, scale.double(), torch.zeros(6, dtype=torch.long), 0, torch.qint8)
+    assert q.weight.dtype == torch.int8 and torch.equal(q.weight, ref.int_repr())
+    assert torch.allclose(q.scale[:5], scale[:5], rtol=1e-6, atol=0) and 0 < q.scale[5] <= 1e-12  # row 5: all zeros
+    deq = q.weight.float() * q.scale[:, None]
+    assert torch.equal(deq[5], torch.zeros(16)) and torch.all((deq - w).abs() <= scale[:, None] / 2 * (1 + 1e-5))
+    x = torch.randn(3, 16, generator=g)
+    assert torch.equal(q(x), torch.nn.functional.linear(x, deq, linear.bias))
+    assert (q.in_features, q.out_features) == (16, 6)
+
+
 # ---------------------------------------------------------------- the command line
 
 
@@ -499,3 +521,84 @@ def test_vae_tiling_pays_off_from_the_sample_size_on():
     vae = SimpleNamespace(config=SimpleNamespace(sample_height=480, sample_width=720))
     assert worth_tiling(vae, 480, 64) and worth_tiling(vae, 64, 720) and worth_tiling(vae, 480, 720)
     assert not worth_tiling(vae, 479, 719)
+
+
+def test_image_and_video_files_are_read_as_pil_converts_them(tmp_path, monkeypatch):
+    """read_image / read_video against the pixels written (PNG and GIF are lossless) and PIL's convert("RGB"), which
+    diffusers' load_image applies: RGB, RGBA (alpha dropped), gray and gray + alpha (replicated), 16-bit (/ 65535);
+    (3, H, W) and (F, 3, H, W) in [0, 1]; unreadable files and impossible shapes are refused by name."""
+    from PIL import Image
+    import numpy as np
+    from generate import read_image, read_video
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (12, 20, 4), dtype=np.uint8)
+    for name, pixels in [("rgb", rgba[..., :3]), ("rgba", rgba), ("gray", rgba[..., 0]), ("la", rgba[..., :2])]:
+        path = tmp_path / f"{name}.png"
+        iio.imwrite(path, pixels)
+        want = np.asarray(Image.open(path).convert("RGB")).astype(np.float32) / 255  # (H, W, 3)
+        got = read_image(str(path))
+        assert got.shape == (3, 12, 20) and got.dtype == torch.float32, (name, got.shape)
+        assert torch.equal(got, torch.from_numpy(want).permute(2, 0, 1)), name
+    deep = rng.integers(0, 65536, (12, 20), dtype=np.uint16)  # 16-bit gray (PIL writes no 16-bit RGB PNG)
+    iio.imwrite(tmp_path / "deep.png", deep)
+    assert torch.equal(read_image(str(tmp_path / "deep.png")), torch.from_numpy(deep.astype(np.float32) / 65535)[None].expand(3, -1, -1))
+
+    frames = rng.integers(0, 2, (5, 16, 24, 3), dtype=np.uint8) * 255  # 8 colours: a GIF palette keeps them exactly
+    iio.imwrite(tmp_path / "clip.gif", frames, loop=0)
+    got = read_video(str(tmp_path / "clip.gif"))
+    assert got.shape == (5, 3, 16, 24)
+    assert torch.equal(got, torch.from_numpy(frames.astype(np.float32) / 255).permute(0, 3, 1, 2))
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match=f"cannot read image {tmp_path / 'broken.png'}: "):
+        read_image(str(tmp_path / "broken.png"))
+    with pytest.raises(ValueError, match=f"cannot read video {tmp_path / 'broken.png'}: "):
+        read_video(str(tmp_path / "broken.png"))
+    for shape, dtype, reader, message in [
+            ((4, 4, 5), np.uint8, read_image, r"image x has shape \(4, 4, 5\), expected \(H, W, 3\)"),
+            ((4,), np.uint8, read_image, r"image x has shape \(4,\), expected \(H, W, 3\)"),
+            ((2, 4, 4, 5), np.uint8, read_video, r"video x has shape \(2, 4, 4, 5\), expected \(F, H, W, 3\)"),
+            ((4, 4, 3), np.float32, read_image, "image x has float32 pixels; save it with 8 or 16 bits"),
+            ((2, 4, 4, 3), np.int16, read_video, "video x has int16 pixels; save it with 8 or 16 bits")]:
+        monkeypatch.setattr(iio, "imread", lambda *a, **k: np.zeros(shape, dtype))
+        with pytest.raises(ValueError, match=message):
+            reader("x")
+
+
+@pytest.mark.parametrize("size,target", [((40, 80), (32, 32)), ((96, 48), (32, 48)), ((20, 30), (48, 64)),
+                                         ((64, 96), (32, 48)), ((32, 48), (32, 48))])
+def test_resize_covers_and_centre_crops_as_pil_fit(size, target):
+    """generate.resize (an image or video of another size than the request) against PIL's ImageOps.fit: scale to
+    cover, centre crop, bicubic with antialiasing. PIL crops in source pixels and then resamples, we resample and
+    then crop, so the two differ by rounding: within 0.01 of [0, 1] (observed <= 0.0042); a crop off by one pixel
+    on the 8-px checkerboard differs by up to 0.8. The request's own size is returned untouched."""
+    from PIL import Image, ImageOps
+    import numpy as np
+    from generate import resize
+    (h, w), (H, W) = size, target
+    y, x = np.mgrid[0:h, 0:w]
+    pixels = (np.stack([x / w, y / h, ((x // 8 + y // 8) % 2) * 0.8 + 0.1], -1) * 255).round().astype(np.uint8)
+    want = np.asarray(ImageOps.fit(Image.fromarray(pixels), (W, H), method=Image.BICUBIC)).astype(np.float32) / 255
+    frames = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255  # (1, 3, h, w)
+    got = resize(torch.cat([frames, 1 - frames]), H, W)                      # two frames: each resized alike
+    assert got.shape == (2, 3, H, W)
+    assert (got[0].permute(1, 2, 0) - torch.from_numpy(want)).abs().max() <= 0.01
+    assert torch.allclose(got[1], 1 - got[0], atol=1e-5)
+    if size == target:
+        assert resize(frames, H, W) is frames
+
+
+def test_prompt_file_lines_keep_their_numbers(tmp_path):
+    """read_prompt_file in process (tests/test_cli.py runs prompt files end to end in subprocesses): blank lines and
+    # comments, indented ones too, are skipped; every prompt keeps its 1-based line number (the -NNNN of its output);
+    a file that is not UTF-8 or holds no prompt is refused by name."""
+    from generate import read_prompt_file
+    path = tmp_path / "prompts.txt"
+    path.write_text("# header\n\n  a café at night  \n   # an indented comment\nsecond #1 prompt\n", encoding="utf-8")
+    assert read_prompt_file(str(path)) == [(3, "a café at night"), (5, "second #1 prompt")]
+    path.write_bytes("un caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"--prompt-file {path} is not UTF-8 text"):
+        read_prompt_file(str(path))
+    path.write_text("\n# only comments\n")
+    with pytest.raises(ValueError, match=f"--prompt-file {path} holds no prompt"):
+        read_prompt_file(str(path))
