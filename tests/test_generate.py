@@ -256,6 +256,11 @@ def test_offload_moves_each_stage_in_just_for_its_use(snapshots, monkeypatch):
     assert squeezed == want, squeezed
     for name, module in stages.items():
         assert all(p.device.type == "cpu" for p in module.parameters()), name
+    events.clear()
+    pipe.offload = None  # as load_pipeline leaves it without offload: the stages stay where they are
+    generate(pipe, PROMPT, num_frames=9, height=32, width=32, num_inference_steps=2, max_sequence_length=MAX_TEXT,
+             progress=False)
+    assert [e for e in events if e[0] == "to"] == [] and ("run", "vae") in events, events
 
 
 def test_offload_blocks_gives_identical_frames_and_ends_on_the_cpu(snapshots, monkeypatch):
@@ -602,3 +607,68 @@ def test_prompt_file_lines_keep_their_numbers(tmp_path):
     path.write_text("\n# only comments\n")
     with pytest.raises(ValueError, match=f"--prompt-file {path} holds no prompt"):
         read_prompt_file(str(path))
+
+
+
+@pytest.mark.parametrize("family", ["5b", "1.5"])
+def test_encode_frames_is_the_peers_scaled_posterior_draw(snapshots, tmp_path, family):
+    """encode_frames (the image / video input path) against diffusers' VAE: per video, encode -> latent_dist.sample
+    (generator) in the pipelines' draw order, times scaling_factor; the I2V first frame (condition=True) divided by it
+    on 1.5 (invert_scale_latents), as CogVideoXImageToVideoPipeline does, multiplied on 1.0; plain frames are never
+    divided (the default). Tiled: against the peer with enable_tiling() on a frame of two tiles each way. bf16: the
+    input and the latents in the pipeline's dtype, close to fp32."""
+    import json
+    import shutil
+    from diffusers import AutoencoderKLCogVideoX
+    import generate as gen
+    path = str(tmp_path / "snap")
+    shutil.copytree(snapshots(family), path)
+    config = os.path.join(path, "vae", "config.json")  # tiles of 48x40 px (the size only sets the tiles)
+    with open(config) as f:
+        cfg = json.load(f)
+    cfg["sample_height"], cfg["sample_width"] = 96, 80
+    with open(config, "w") as f:
+        json.dump(cfg, f)
+    peer = AutoencoderKLCogVideoX.from_pretrained(path, subfolder="vae").eval()
+    sf = peer.config.scaling_factor
+    pipe = load_pipeline(path)
+
+    def ours(frames, **kw):
+        return gen.encode_frames(pipe, frames, torch.Generator().manual_seed(5), **kw)
+
+    def ref(frames, condition=False):
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            z = torch.cat([peer.encode(v[None].permute(0, 2, 1, 3, 4) * 2 - 1).latent_dist.sample(g) for v in frames])
+        z = z.permute(0, 2, 1, 3, 4)  # (B, F', C, h, w)
+        return z / sf if condition and family == "1.5" else z * sf
+
+    def close(a, b):
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * b.abs().max(), (a - b).abs().max()
+
+    frames = torch.rand(2, 9, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # (B, F, 3, H, W)
+    close(ours(frames, tiled=False), ref(frames))
+    close(ours(frames[:, :1], tiled=False, condition=True), ref(frames[:, :1], condition=True))
+    assert torch.equal(ours(frames, tiled=False), ours(frames, tiled=False, condition=False))
+    big = torch.rand(1, 1, 3, 96, 80, generator=torch.Generator().manual_seed(2))
+    peer.enable_tiling()
+    tiled = ours(big, tiled=True)
+    close(tiled, ref(big))
+    assert (tiled - ours(big, tiled=False)).abs().max() > 1e-3  # the tiles did reach the VAE
+    pipe = load_pipeline(path, dtype=torch.bfloat16)
+    half = ours(frames, tiled=False)
+    err = ((half.float() - ref(frames)).abs().max() / ref(frames).abs().max()).item()
+    print(f"{family} bf16 encode vs fp32 peer: max abs {err:.3f} of the latents' range")
+    assert half.dtype == torch.bfloat16 and err <= 0.05
+
+
+def test_generate_defaults_are_the_documented_ones(snapshots, capsys):
+    """generate() with only a prompt and a size: 50 steps, guidance 6, DDIM, seed 42, one video, a progress bar on
+    stderr (the README's defaults); each equals passing it explicitly."""
+    pipe = load_pipeline(snapshots("5b"))
+    size = dict(num_frames=9, height=32, width=32, max_sequence_length=MAX_TEXT)
+    implicit = generate(pipe, PROMPT, **size)
+    assert "50/50" in capsys.readouterr().err
+    explicit = generate(pipe, PROMPT, num_inference_steps=50, guidance_scale=6.0, sampler="ddim", seed=42,
+                        num_videos=1, use_dynamic_cfg=False, negative_prompt="", progress=False, **size)
+    assert capsys.readouterr().err == "" and torch.equal(implicit, explicit)
