@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import imageio.v3 as iio
+import numpy as np
 import pytest
 import torch
 
@@ -292,7 +293,6 @@ def test_offload_blocks_gives_identical_frames_and_ends_on_the_cpu(snapshots, mo
 def test_offload_flag(snapshots, tmp_path):
     """--offload alone means "model" (as before), --offload blocks streams the blocks, in generate.py and edit.py;
     generate.py --offload blocks writes the frames of a run without offload."""
-    import numpy as np
     import edit
     import generate as gen
     for parse, required in ((gen.parse_args, ["--prompt", "p"]), (edit.parse_args, ["--video", "v", "--prompt", "p"])):
@@ -327,7 +327,6 @@ def api_frames(path, **kw):
 def test_cli_flag_gives_the_api_frames(snapshots, tmp_path, flag, kw):
     """generate.py FLAG writes exactly the frames generate(..., that argument) returns, and they differ from the
     default's, so a flag the command line dropped would fail here."""
-    import numpy as np
     import generate as gen
     path = snapshots("2b")
     out = tmp_path / "frames"
@@ -346,7 +345,6 @@ def test_cli_flag_gives_the_api_frames(snapshots, tmp_path, flag, kw):
 
 def cli_frames(path, out, *flags, size=("--num-frames", "9", "--height", "32", "--width", "48")):
     """Run generate.main in-process writing PNG frames to `out`; returns them as (F, H, W, 3) uint8."""
-    import numpy as np
     import generate as gen
     assert gen.main(["--model", path, "--prompt", PROMPT, *size, "--output", str(out), *flags]) == 0
     return np.stack([iio.imread(out / f) for f in sorted(os.listdir(out)) if f.endswith(".png")])
@@ -449,7 +447,6 @@ def _api_uint8(path, lora=None, lora_scale=1.0, dtype=None, steps=2, **kw):
 def test_cli_lora_scale(snapshots, tmp_path):
     """--lora X --lora-scale 0.5 writes exactly the frames of load_lora(pipe.transformer, X, 0.5) then generate(),
     and they differ from scale 1's (a dropped --lora-scale would give those)."""
-    import numpy as np
     from lora import add_lora, lora_state_dict, save_lora
     from model import load_transformer
     path = snapshots("2b")
@@ -470,7 +467,6 @@ def test_cli_lora_scale(snapshots, tmp_path):
 def test_cli_step_cache(snapshots, tmp_path, capsys):
     """--step-cache 0.3 writes exactly generate(..., step_cache=0.3)'s frames, with fewer transformer evaluations than
     steps (timings["evaluations"], and the CLI's own report), and the frames differ from the uncached ones."""
-    import numpy as np
     path = snapshots("2b")
     png = cli_frames(path, tmp_path / "frames", "--steps", "8", "--step-cache", "0.3")
     timings = {}
@@ -484,7 +480,6 @@ def test_cli_step_cache(snapshots, tmp_path, capsys):
 def test_cli_dtype_bf16_on_cpu(snapshots, tmp_path):
     """--dtype bf16 on the CPU writes exactly the frames of load_pipeline(dtype=torch.bfloat16) + generate(), which
     differ from fp32's (the CPU default)."""
-    import numpy as np
     path = snapshots("2b")
     png = cli_frames(path, tmp_path / "frames", "--steps", "2", "--dtype", "bf16", "--device", "cpu")
     want = _api_uint8(path, dtype=torch.bfloat16)
@@ -533,7 +528,6 @@ def test_image_and_video_files_are_read_as_pil_converts_them(tmp_path, monkeypat
     diffusers' load_image applies: RGB, RGBA (alpha dropped), gray and gray + alpha (replicated), 16-bit (/ 65535);
     (3, H, W) and (F, 3, H, W) in [0, 1]; unreadable files and impossible shapes are refused by name."""
     from PIL import Image
-    import numpy as np
     from generate import read_image, read_video
     rng = np.random.default_rng(0)
     rgba = rng.integers(0, 256, (12, 20, 4), dtype=np.uint8)
@@ -578,7 +572,6 @@ def test_resize_covers_and_centre_crops_as_pil_fit(size, target):
     then crop, so the two differ by rounding: within 0.01 of [0, 1] (observed <= 0.0042); a crop off by one pixel
     on the 8-px checkerboard differs by up to 0.8. The request's own size is returned untouched."""
     from PIL import Image, ImageOps
-    import numpy as np
     from generate import resize
     (h, w), (H, W) = size, target
     y, x = np.mgrid[0:h, 0:w]
