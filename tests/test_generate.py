@@ -665,3 +665,97 @@ def test_generate_defaults_are_the_documented_ones(snapshots, capsys):
     explicit = generate(pipe, PROMPT, num_inference_steps=50, guidance_scale=6.0, sampler="ddim", seed=42,
                         num_videos=1, use_dynamic_cfg=False, negative_prompt="", progress=False, **size)
     assert capsys.readouterr().err == "" and torch.equal(implicit, explicit)
+
+
+def test_generate_checks_each_argument_in_process(snapshots, tmp_path):
+    """generate()'s own refusals, each naming the argument (tests/test_cli.py checks the CLI's in subprocesses), and
+    the edges that must still be accepted: guidance 0, strength 1, a video of exactly num_frames frames."""
+    pipe = load_pipeline(snapshots("5b"))
+    kw = dict(num_frames=9, height=32, width=32, num_inference_steps=2, max_sequence_length=MAX_TEXT, progress=False)
+    video = torch.rand(9, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for bad, message in [(dict(num_inference_steps=0), "num_inference_steps=0 is out of range"),
+                         (dict(num_videos=0), "num_videos=0 is out of range"),
+                         (dict(guidance_scale=-0.5), "guidance_scale=-0.5 is out of range"),
+                         (dict(step_cache=0.0), "step_cache=0.0 is out of range"),
+                         (dict(video=video, strength=0.0), r"strength=0.0 must be in \(0, 1\]"),
+                         (dict(video=video, strength=1.5), r"strength=1.5 must be in \(0, 1\]"),
+                         (dict(video=video, num_frames=17), "the video has 9 frames, fewer than num_frames=17"),
+                         (dict(video=video[0]), r"video must be a path or a tensor of 4 dims with 3 channels, got shape "
+                                                r"\(3, 32, 32\)"),
+                         (dict(image=video), r"image must be a path or a tensor of 3 dims with 3 channels, got shape "
+                                             r"\(9, 3, 32, 32\)"),
+                         (dict(image=video[0], video=video), "give either an image .* or a video")]:
+        with pytest.raises(ValueError, match=message):
+            generate(pipe, PROMPT, **{**kw, **bad})
+    assert generate(pipe, PROMPT, **{**kw, "guidance_scale": 0.0}).shape == (1, 9, 3, 32, 32)
+    assert generate(pipe, PROMPT, video=video, strength=1.0, **kw).shape == (1, 9, 3, 32, 32)
+    # a longer video is cut to num_frames; without num_frames its own length is the frame count
+    long = torch.cat([video, video.flip(0)])[:17]
+    cut = generate(pipe, PROMPT, video=long, strength=0.5, **kw)
+    assert torch.equal(cut, generate(pipe, PROMPT, video=long[:9], strength=0.5, **kw))
+    whole = {k: v for k, v in kw.items() if k != "num_frames"}
+    assert generate(pipe, PROMPT, video=long, strength=0.5, **whole).shape == (1, 17, 3, 32, 32)
+    # a path is read as the tensor it holds (image and video)
+    frames = (video.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    iio.imwrite(tmp_path / "clip.gif", frames, loop=0)
+    from generate import read_video
+    assert torch.equal(generate(pipe, PROMPT, video=str(tmp_path / "clip.gif"), strength=0.5, **kw),
+                       generate(pipe, PROMPT, video=read_video(str(tmp_path / "clip.gif")), strength=0.5, **kw))
+
+
+def test_guidance_up_to_one_is_unguided_as_in_the_peer(snapshots):
+    """guidance_scale <= 1 turns classifier-free guidance off, as the pipelines' do_classifier_free_guidance
+    (guidance_scale > 1): the text is encoded without negatives and each step runs one batch; guidance 1 equals the
+    peer pipeline at 1, and 0 and 0.5 give the same frames; just above 1 guidance is on and the frames change."""
+    path = snapshots("5b")
+    pipe = load_pipeline(path)
+    kw = dict(num_frames=9, height=32, width=32, num_inference_steps=3, max_sequence_length=MAX_TEXT, progress=False)
+    at_one = generate(pipe, PROMPT, guidance_scale=1.0, **kw)
+    check(at_one, peer_frames(path, "t2v", "ddim", num_frames=9, height=32, width=32, num_inference_steps=3,
+                              guidance_scale=1.0))
+    for g in (0.0, 0.5):
+        assert torch.equal(generate(pipe, PROMPT, guidance_scale=g, **kw), at_one), g
+    assert (generate(pipe, PROMPT, guidance_scale=1.5, **kw) - at_one).abs().max() > 1e-3
+
+
+def test_karras_and_timings_reach_the_run(snapshots):
+    """karras=True changes the dpm++2m schedule (tests/test_sampler.py checks the schedule against the peer); the
+    timings dict receives each stage's wall time, each positive and together no more than the whole call."""
+    import time
+    pipe = load_pipeline(snapshots("5b"))
+    kw = dict(num_frames=9, height=32, width=32, num_inference_steps=4, max_sequence_length=MAX_TEXT, progress=False,
+              sampler="dpm++2m")
+    timings = {}
+    t0 = time.perf_counter()
+    karras = generate(pipe, PROMPT, karras=True, timings=timings, **kw)
+    wall = time.perf_counter() - t0
+    assert (karras - generate(pipe, PROMPT, **kw)).abs().max() > 1e-3
+    assert set(timings) == {"text", "denoise", "decode", "evaluations"} and timings["evaluations"] == 4
+    parts = [timings[k] for k in ("text", "denoise", "decode")]
+    assert all(0 < p for p in parts) and sum(parts) <= wall, (timings, wall)
+
+
+def test_image_to_video_tiling_matches_peer_tiling(snapshots, tmp_path):
+    """vae_tiling reaches the I2V condition frame's encoding too: the peer I2V pipeline with vae.enable_tiling() on a
+    96x80 request (two tiles each way, as test_vae_tiling_through_generate_matches_peer_tiling) gives our frames. On
+    1.5 (RoPE): the 1.0 I2V model's learned position table only takes its own 32x32."""
+    import json
+    import shutil
+    path = str(tmp_path / "snap")
+    shutil.copytree(snapshots("1.5-i2v"), path)
+    for component, size in (("vae", (96, 80)), ("transformer", (12, 10))):  # sizes only: same weights
+        config = os.path.join(path, component, "config.json")
+        with open(config) as f:
+            cfg = json.load(f)
+        cfg["sample_height"], cfg["sample_width"] = size
+        with open(config, "w") as f:
+            json.dump(cfg, f)
+    image = torch.rand(3, 96, 80, generator=torch.Generator().manual_seed(4))
+    kw = dict(num_frames=17, height=96, width=80, num_inference_steps=2, guidance_scale=6.0)
+    ours = generate(load_pipeline(path), PROMPT, image=image, vae_tiling=True, max_sequence_length=MAX_TEXT,
+                    progress=False, **kw)
+    peer = peer_pipeline(path, ("i2v", "ddim"))
+    peer.vae.enable_tiling()
+    ref = peer(prompt=[PROMPT], negative_prompt=[""], image=image[None], generator=torch.Generator().manual_seed(42),
+               output_type="pt", max_sequence_length=MAX_TEXT, **kw).frames
+    check(ours, ref)
