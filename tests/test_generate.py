@@ -716,6 +716,12 @@ def test_guidance_up_to_one_is_unguided_as_in_the_peer(snapshots):
     for g in (0.0, 0.5):
         assert torch.equal(generate(pipe, PROMPT, guidance_scale=g, **kw), at_one), g
     assert (generate(pipe, PROMPT, guidance_scale=1.5, **kw) - at_one).abs().max() > 1e-3
+    # image-to-video: the condition latents are not doubled either
+    path = snapshots("5b-i2v")
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(3))
+    check(generate(load_pipeline(path), PROMPT, image=image, guidance_scale=1.0, **kw),
+          peer_frames(path, "i2v", "ddim", image=image[None], num_frames=9, height=32, width=32, num_inference_steps=3,
+                      guidance_scale=1.0))
 
 
 def test_karras_and_timings_reach_the_run(snapshots):
@@ -735,14 +741,16 @@ def test_karras_and_timings_reach_the_run(snapshots):
     assert all(0 < p for p in parts) and sum(parts) <= wall, (timings, wall)
 
 
-def test_image_to_video_tiling_matches_peer_tiling(snapshots, tmp_path):
-    """vae_tiling reaches the I2V condition frame's encoding too: the peer I2V pipeline with vae.enable_tiling() on a
-    96x80 request (two tiles each way, as test_vae_tiling_through_generate_matches_peer_tiling) gives our frames. On
-    1.5 (RoPE): the 1.0 I2V model's learned position table only takes its own 32x32."""
+@pytest.mark.parametrize("family", ["1.5-i2v", "5b"])
+def test_image_and_video_inputs_are_tiled_as_the_peer_tiles(snapshots, tmp_path, family):
+    """vae_tiling reaches the encoding of the input too (the I2V condition frame, the video-to-video clip): the peer
+    pipeline with vae.enable_tiling() on a 96x80 request (two tiles each way, as
+    test_vae_tiling_through_generate_matches_peer_tiling) gives our frames. I2V on 1.5 (RoPE): the 1.0 I2V model's
+    learned position table only takes its own 32x32."""
     import json
     import shutil
     path = str(tmp_path / "snap")
-    shutil.copytree(snapshots("1.5-i2v"), path)
+    shutil.copytree(snapshots(family), path)
     for component, size in (("vae", (96, 80)), ("transformer", (12, 10))):  # sizes only: same weights
         config = os.path.join(path, component, "config.json")
         with open(config) as f:
@@ -750,12 +758,35 @@ def test_image_to_video_tiling_matches_peer_tiling(snapshots, tmp_path):
         cfg["sample_height"], cfg["sample_width"] = size
         with open(config, "w") as f:
             json.dump(cfg, f)
-    image = torch.rand(3, 96, 80, generator=torch.Generator().manual_seed(4))
-    kw = dict(num_frames=17, height=96, width=80, num_inference_steps=2, guidance_scale=6.0)
-    ours = generate(load_pipeline(path), PROMPT, image=image, vae_tiling=True, max_sequence_length=MAX_TEXT,
-                    progress=False, **kw)
-    peer = peer_pipeline(path, ("i2v", "ddim"))
+    if family == "1.5-i2v":
+        image = torch.rand(3, 96, 80, generator=torch.Generator().manual_seed(4))
+        ours_in, peer_in, mode, n = dict(image=image), dict(image=image[None]), "i2v", 17
+    else:
+        video = torch.rand(9, 3, 96, 80, generator=torch.Generator().manual_seed(4))
+        ours_in, peer_in, mode, n = dict(video=video, strength=0.7), dict(video=[video], strength=0.7), "v2v", 9
+    kw = dict(height=96, width=80, num_inference_steps=2, guidance_scale=6.0)
+    ours = generate(load_pipeline(path), PROMPT, vae_tiling=True, max_sequence_length=MAX_TEXT, progress=False,
+                    num_frames=n, **ours_in, **kw)
+    peer = peer_pipeline(path, (mode, "ddim"))
     peer.vae.enable_tiling()
-    ref = peer(prompt=[PROMPT], negative_prompt=[""], image=image[None], generator=torch.Generator().manual_seed(42),
-               output_type="pt", max_sequence_length=MAX_TEXT, **kw).frames
+    ref = peer(prompt=[PROMPT], negative_prompt=[""], generator=torch.Generator().manual_seed(42), output_type="pt",
+               max_sequence_length=MAX_TEXT, **({} if mode == "v2v" else dict(num_frames=n)), **peer_in, **kw).frames
     check(ours, ref)
+
+
+
+@pytest.mark.parametrize("family", ["5b", "1.5-i2v"])
+def test_bf16_runs_every_input_kind(snapshots, family):
+    """A bf16 pipeline (the GPU default) with a video (5b) or an image (1.5 I2V, with its ofs embedding) as input:
+    the noised input latents and the ofs tensor in the pipeline's dtype; frames close to the fp32 run's."""
+    path = snapshots(family)
+    kw = dict(height=32, width=32, num_inference_steps=3, max_sequence_length=MAX_TEXT, progress=False)
+    if family == "5b":
+        kw.update(video=torch.rand(9, 3, 32, 32, generator=torch.Generator().manual_seed(1)), strength=0.7)
+    else:
+        kw.update(image=torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1)), num_frames=17)
+    full = generate(load_pipeline(path), PROMPT, **kw)
+    half = generate(load_pipeline(path, dtype=torch.bfloat16), PROMPT, **kw)
+    diff = (half - full).abs()
+    print(f"{family} bf16 vs fp32 frames: mean {diff.mean():.4f}, max {diff.max():.4f}")
+    assert half.dtype == torch.float32 and half.shape == full.shape and diff.mean() < 0.02
