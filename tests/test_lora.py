@@ -767,7 +767,7 @@ def test_checkpoints_record_the_lora_shape_and_refuse_pickled_code(trained, tmp_
 
 
 def test_default_run_checkpoints_caches_under_output_and_renders_at_the_training_size(snap, data, tmp_path,
-                                                                                       monkeypatch):
+                                                                                       monkeypatch, capsys):
     """What every other training test here turns off or overrides: gradient checkpointing on (the default) sends each
     block through torch.utils.checkpoint on every step and gives the same LoRA as a run without it; the cache
     defaults to <output>/cache; a validation render at a size other than the model's is generate() at the training
@@ -779,7 +779,7 @@ def test_default_run_checkpoints_caches_under_output_and_renders_at_the_training
     monkeypatch.setattr(train_lora, "save_video",
                         lambda frames, path, fps: saved.append((frames.clone(), path, fps)) or real_save(frames, path, fps))
     common = ["--model", snap, "--data", data, "--rank", str(RANK), "--alpha", str(ALPHA), "--lr", "3e-2",
-              "--warmup", "1", "--steps", "2", "--num-frames", "17", "--height", "48", "--width", "32", "--seed", "3"]
+              "--warmup", "1", "--steps", "2", "--num-frames", "17", "--height", "48", "--width", "48", "--seed", "3"]
     out = tmp_path / "run"
     assert train_lora.main([*common, "--output", str(out), "--validation-prompt", PROMPT, "--validate-every", "2"]) == 0
     blocks = len(load_transformer(snap).transformer_blocks)
@@ -790,13 +790,14 @@ def test_default_run_checkpoints_caches_under_output_and_renders_at_the_training
     [(frames, path, fps)] = saved
     assert path == os.path.join(str(out), "validation", "step-000002.mp4") and fps == read_model_info(snap).fps
     pipe = gen.load_pipeline(snap)
-    plain = gen.generate(pipe, PROMPT, num_frames=17, height=48, width=32, seed=3, progress=False)[0]
+    plain = gen.generate(pipe, PROMPT, num_frames=17, height=48, width=48, seed=3, progress=False)[0]
     load_lora(pipe.transformer, str(out))
-    ref = gen.generate(pipe, PROMPT, num_frames=17, height=48, width=32, seed=3, progress=False)[0]
+    ref = gen.generate(pipe, PROMPT, num_frames=17, height=48, width=48, seed=3, progress=False)[0]
     err, change = (frames - ref).abs().max().item(), (ref - plain).abs().max().item()
     print(f"validation render vs generate with the step's LoRA: max abs {err:.2e}; the LoRA changes it by {change:.3f}")
-    assert frames.shape == (17, 3, 48, 32) and err <= 1e-5 and change > 100 * err
-    assert imageio.v3.imread(path, index=None).shape == (17, 48, 32, 3)
+    assert frames.shape == (17, 3, 48, 48) and err <= 1e-5 and change > 100 * err
+    assert imageio.v3.imread(path, index=None).shape == (17, 48, 48, 3)
+    assert f"step 2: validation video {path}\n" in capsys.readouterr().out
 
     calls.clear()
     assert train_lora.main([*common, "--output", str(tmp_path / "plain"), "--no-gradient-checkpointing"]) == 0
@@ -833,3 +834,58 @@ def test_unequal_caption_and_video_lists_report_each_gap(tmp_path):
     assert train_lora.find_samples(str(empty)) == ([], [
         f"no samples in {empty}: expected prompts.txt + videos.txt, or name.mp4 + name.txt pairs"])
     assert train_lora.find_samples(str(tmp_path / "nope")) == ([], [f"dataset folder {tmp_path / 'nope'} not found"])
+
+
+
+def test_accumulation_equals_a_bigger_batch_and_the_run_reports_itself(snap, data, tmp_path, capsys):
+    """--grad-accum 2 of batch 1 takes the same samples, in the same order, as one batch of 2 and gives the same
+    LoRA and logged losses (the loss of each micro-batch divided by 2, summed); a run prints its sample count and
+    cache, the LoRA size and batch layout, and what it wrote (loss.png only where matplotlib is installed)."""
+    import importlib.util
+    steps = ["--steps", "3", "--checkpoint-every", "3"]
+    assert train_lora.main(train_args(snap, data, tmp_path / "batch", *steps)) == 0
+    out = capsys.readouterr().out
+    assert train_lora.main(train_args(snap, data, tmp_path / "accum", *steps, "--batch-size", "1",
+                                      "--grad-accum", "2")) == 0
+    a, _ = read_lora(str(tmp_path / "batch"))
+    b, _ = read_lora(str(tmp_path / "accum"))
+    err = max((a[k][i] - b[k][i]).abs().max().item() for k in a for i in (0, 1))
+    scale = max(a[k][i].abs().max().item() for k in a for i in (0, 1))
+    assert err <= 1e-5 * max(1.0, scale), err
+    la = [json.loads(x)["loss"] for x in open(tmp_path / "batch" / "loss.jsonl")]
+    lb = [json.loads(x)["loss"] for x in open(tmp_path / "accum" / "loss.jsonl")]
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+
+    cache = os.path.join(os.path.dirname(data), "cache")
+    trainable = sum(t.numel() for pair in a.values() for t in pair)
+    run = tmp_path / "batch"
+    plotted = importlib.util.find_spec("matplotlib") is not None
+    for line in (f"4 samples, cache {cache}",
+                 f"LoRA rank {RANK}, alpha {ALPHA:g}: {trainable / 1e6:.2f}M trainable parameters; 1 process(es), "
+                 f"global batch 2 x 1 accumulation",
+                 f"wrote {run / 'pytorch_lora_weights.safetensors'} and {run / 'loss.jsonl'}"
+                 + (f" and {run / 'loss.png'}" if plotted else "")):
+        assert line in out.splitlines(), (line, out)
+    assert os.path.isfile(run / "loss.png") == plotted
+
+
+def test_dtype_reaches_the_cache_and_the_training(snap, data, tmp_path):
+    """--dtype bf16 on the CPU: the clips and captions are encoded again in bf16 (the dtype is part of the cache
+    keys, so the fp32 entries are not reused), and training under bf16 autocast gives losses within 5% of the fp32
+    run's and a different LoRA (fp32 factors either way). Adam's first updates are about lr * sign(gradient), so a
+    bf16 rounding that flips a small gradient's sign moves that entry by a full step: measured 15% of the largest
+    entry after 2 steps, bounded at 30% here."""
+    cache = str(tmp_path / "cache")
+    steps = ["--steps", "2", "--checkpoint-every", "2", "--cache-dir", cache]
+    assert train_lora.main(train_args(snap, data, tmp_path / "fp32", *steps)) == 0
+    assert train_lora.main(train_args(snap, data, tmp_path / "bf16", *steps, "--dtype", "bf16")) == 0
+    assert len(os.listdir(os.path.join(cache, "latents"))) == len(os.listdir(os.path.join(cache, "text"))) == 8
+    a, _ = read_lora(str(tmp_path / "fp32"))
+    b, _ = read_lora(str(tmp_path / "bf16"))
+    diff = max((a[k][i] - b[k][i]).abs().max().item() for k in a for i in (0, 1))
+    scale = max(a[k][i].abs().max().item() for k in a for i in (0, 1))
+    la = [json.loads(x)["loss"] for x in open(tmp_path / "fp32" / "loss.jsonl")]
+    lb = [json.loads(x)["loss"] for x in open(tmp_path / "bf16" / "loss.jsonl")]
+    print(f"bf16 vs fp32: LoRA max abs diff {diff:.2e} of {scale:.2e}; losses {la} vs {lb}")
+    assert 0 < diff <= 0.3 * scale and all(b[k][0].dtype == torch.float32 for k in b)
+    np.testing.assert_allclose(la, lb, rtol=0.05)
