@@ -453,6 +453,25 @@ def test_cache_is_keyed_on_content_and_settings(snap, data, tmp_path):
     assert train_lora.cache_keys(s, train_lora.sha256_file(s.video), other)[0] != keys[0]
     s.caption = "another caption"
     assert train_lora.cache_keys(s, train_lora.sha256_file(s.video), settings)[1] != keys[1]
+    s.caption = CAPTIONS[0]
+    # the text key follows the text length and dtype, and each key its own component's files (a config edited in
+    # place, same length, counts): a new VAE re-encodes the clips only, a new T5 or tokenizer the captions only
+    video_hash = train_lora.sha256_file(s.video)
+    for changed, which in [(train_lora.cache_settings(snap, 9, 32, 32, MAX_TEXT + 1, torch.float32), (1,)),
+                           (train_lora.cache_settings(snap, 9, 32, 32, MAX_TEXT, torch.bfloat16), (0, 1))]:
+        new = train_lora.cache_keys(s, video_hash, changed)
+        assert [i for i in (0, 1) if new[i] != keys[i]] == list(which), which
+    copy = tmp_path / "snap"
+    shutil.copytree(snap, copy)
+    for component, which in (("vae", 0), ("text_encoder", 1), ("tokenizer", 1)):
+        config = copy / component / ("tokenizer_config.json" if component == "tokenizer" else "config.json")
+        before = train_lora.cache_keys(s, video_hash, train_lora.cache_settings(str(copy), 9, 32, 32, MAX_TEXT,
+                                                                                torch.float32))
+        text = config.read_text()
+        config.write_text(text.replace("{", "{ ", 1).replace(": ", ":", 1))  # same length, other bytes
+        after = train_lora.cache_keys(s, video_hash, train_lora.cache_settings(str(copy), 9, 32, 32, MAX_TEXT,
+                                                                               torch.float32))
+        assert [i for i in (0, 1) if after[i] != before[i]] == [which], component
 
 
 def test_frame_selection_is_an_even_stride():
@@ -834,6 +853,23 @@ def test_unequal_caption_and_video_lists_report_each_gap(tmp_path):
     assert train_lora.find_samples(str(empty)) == ([], [
         f"no samples in {empty}: expected prompts.txt + videos.txt, or name.mp4 + name.txt pairs"])
     assert train_lora.find_samples(str(tmp_path / "nope")) == ([], [f"dataset folder {tmp_path / 'nope'} not found"])
+    # half of the official layout is named as such (before: "prompts.txt: no video named prompts.mp4")
+    for have, lack in (("prompts.txt", "videos.txt"), ("videos.txt", "prompts.txt")):
+        half = tmp_path / f"half-{have}"
+        half.mkdir()
+        (half / have).write_text("x\n")
+        assert train_lora.find_samples(str(half)) == ([], [
+            f"{half} has {have} but no {lack}: give both (one caption / one video path per line), or name.mp4 + "
+            f"name.txt pairs"])
+    # ... unless that file is the caption of a pair named like it; an orphan caption names every video extension
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    (pairs / "videos.gif").write_bytes(b"GIF89a")
+    (pairs / "videos.txt").write_text("a clip that happens to be called videos")
+    (pairs / "orphan.txt").write_text("no clip")
+    samples, problems = train_lora.find_samples(str(pairs))
+    assert [(s.name, s.caption) for s in samples] == [("videos.gif", "a clip that happens to be called videos")]
+    assert problems == ["orphan.txt: no video named orphan.mp4 (or .mov, .avi, .mkv, .webm, .gif)"]
 
 
 
