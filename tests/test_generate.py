@@ -790,3 +790,15 @@ def test_bf16_runs_every_input_kind(snapshots, family):
     diff = (half - full).abs()
     print(f"{family} bf16 vs fp32 frames: mean {diff.mean():.4f}, max {diff.max():.4f}")
     assert half.dtype == torch.float32 and half.shape == full.shape and diff.mean() < 0.02
+
+
+def test_image_path_is_read_as_its_tensor(snapshots, tmp_path):
+    """generate(image=PATH) reads the file as read_image does (image-to-video through the API, not the CLI)."""
+    from generate import read_image
+    path = snapshots("5b-i2v")
+    pixels = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8).numpy()
+    iio.imwrite(tmp_path / "first.png", pixels)
+    pipe = load_pipeline(path)
+    kw = dict(num_frames=9, height=32, width=32, num_inference_steps=2, max_sequence_length=MAX_TEXT, progress=False)
+    assert torch.equal(generate(pipe, PROMPT, image=str(tmp_path / "first.png"), **kw),
+                       generate(pipe, PROMPT, image=read_image(str(tmp_path / "first.png")), **kw))
