@@ -464,6 +464,10 @@ def train(args, world: int, rank: int, local: int, device) -> int:
         args.width or info.width
     args.max_text_len = info.max_text_seq_length
     check_args(args, info, world)
+    scheduler = load_scheduler_config(os.path.join(args.model, "scheduler"))
+    if scheduler.prediction_type != "v_prediction":
+        raise ValueError(f"{args.model}: the scheduler predicts {scheduler.prediction_type!r}; every CogVideoX "
+                         f"checkpoint, and this trainer, use 'v_prediction'")
     cache = args.cache_dir or os.path.join(args.output, "cache")
     settings = cache_settings(args.model, args.num_frames, args.height, args.width, args.max_text_len, dtype)
 
@@ -495,10 +499,6 @@ def train(args, world: int, rank: int, local: int, device) -> int:
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=args.weight_decay)
-    scheduler = load_scheduler_config(os.path.join(args.model, "scheduler"))
-    if scheduler.prediction_type != "v_prediction":
-        raise ValueError(f"{args.model}: the scheduler predicts {scheduler.prediction_type!r}; every CogVideoX "
-                         f"checkpoint, and this trainer, use 'v_prediction'")
     start = 0
     if args.resume:
         path = find_resume(args.output, args.resume)

@@ -403,13 +403,14 @@ def test_trained_lora_changes_generate_and_matches_peer(snap, trained, tmp_path)
     assert np.array_equal(png, gen.to_uint8(with_lora[0]))
 
 
-def test_resume_is_exact(snap, data, trained, tmp_path):
+def test_resume_is_exact(snap, data, trained, tmp_path, capsys):
     """Continue the run from its step-15 checkpoint in a copy of its folder: same weights, same loss log."""
     copy = tmp_path / "run"
     shutil.copytree(trained, copy, ignore=shutil.ignore_patterns("checkpoint-000030", "validation", "*.safetensors"))
     shutil.copytree(os.path.join(trained, "checkpoint-000015"), copy / "checkpoint-000015", dirs_exist_ok=True)
     assert train_lora.main(train_args(snap, data, copy, "--steps", "30", "--checkpoint-every", "15",
                                       "--resume", "latest")) == 0
+    assert f"resumed from {copy / 'checkpoint-000015'} at step 15" in capsys.readouterr().out.splitlines()
     a, _ = read_lora(trained)
     b, _ = read_lora(str(copy))
     assert all(torch.equal(a[k][i], b[k][i]) for k in a for i in (0, 1))
@@ -925,3 +926,18 @@ def test_dtype_reaches_the_cache_and_the_training(snap, data, tmp_path):
     print(f"bf16 vs fp32: LoRA max abs diff {diff:.2e} of {scale:.2e}; losses {la} vs {lb}")
     assert 0 < diff <= 0.3 * scale and all(b[k][0].dtype == torch.float32 for k in b)
     np.testing.assert_allclose(la, lb, rtol=0.05)
+
+
+
+def test_a_scheduler_that_is_not_v_prediction_is_refused_before_any_work(snap, data, tmp_path, capsys):
+    """The trainer's loss is v-prediction's: a snapshot whose scheduler predicts epsilon is refused by name before
+    the dataset is encoded or anything is written (the check used to run after the cache was filled)."""
+    copy = tmp_path / "snap"
+    shutil.copytree(snap, copy)
+    config = copy / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace('"v_prediction"', '"epsilon"'))
+    out = tmp_path / "out"
+    assert train_lora.main(train_args(str(copy), data, out, "--steps", "1", "--cache-dir", str(tmp_path / "cache"))) == 2
+    assert f"{copy}: the scheduler predicts 'epsilon'; every CogVideoX checkpoint, and this trainer, use " \
+           f"'v_prediction'" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "cache").exists()
