@@ -941,3 +941,16 @@ def test_a_scheduler_that_is_not_v_prediction_is_refused_before_any_work(snap, d
     assert f"{copy}: the scheduler predicts 'epsilon'; every CogVideoX checkpoint, and this trainer, use " \
            f"'v_prediction'" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_resume_latest_needs_a_checkpoint(tmp_path):
+    """--resume latest in an output folder that does not exist yet, or holds no checkpoint-* folder, is refused by
+    name; otherwise the last checkpoint in name order (zero-padded steps) is picked, and a path is taken as given."""
+    (tmp_path / "empty").mkdir()
+    for output in (tmp_path / "missing", tmp_path / "empty"):
+        with pytest.raises(ValueError, match=rf"^--resume latest: no checkpoint-\* folder in {output}$"):
+            train_lora.find_resume(str(output), "latest")
+    for step in (200, 1000, 400):
+        (tmp_path / "empty" / f"checkpoint-{step:06d}").mkdir()
+    assert train_lora.find_resume(str(tmp_path / "empty"), "latest") == str(tmp_path / "empty" / "checkpoint-001000")
+    assert train_lora.find_resume(str(tmp_path / "empty"), "elsewhere/checkpoint-7") == "elsewhere/checkpoint-7"
