@@ -802,3 +802,72 @@ def test_image_path_is_read_as_its_tensor(snapshots, tmp_path):
     kw = dict(num_frames=9, height=32, width=32, num_inference_steps=2, max_sequence_length=MAX_TEXT, progress=False)
     assert torch.equal(generate(pipe, PROMPT, image=str(tmp_path / "first.png"), **kw),
                        generate(pipe, PROMPT, image=read_image(str(tmp_path / "first.png")), **kw))
+
+
+@pytest.mark.parametrize("kind", ["clip.mp4", "clip.gif", "frames"])
+def test_save_video_writes_the_frames_fps_signature_and_contact_sheet(tmp_path, kind):
+    """save_video in process (tests/test_cli.py checks the CLI's files in subprocesses, which mutation testing cannot
+    follow): each format holds the frames (GIF and PNG exactly, mp4 within codec loss) at the fps (mp4 metadata; GIF
+    frames of 1000 / fps ms, looping forever), every file carries cli.MARK (what lets a later run replace it), and
+    the contact sheet beside it is contact_sheet() of the frames. A named path replaces a foreign file, a derived one
+    (named=False) refuses to; fps <= 0 is refused, 0.5 is fine."""
+    import imageio
+    from PIL import Image
+    import cli
+    from generate import contact_sheet, save_video, sheet_path, to_uint8
+    blocks = (torch.rand(5, 3, 2, 4, generator=torch.Generator().manual_seed(0)) > 0.5).float()   # 8 colours
+    frames = blocks.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)  # (5, 3, 16, 32): 8-px blocks for the codec
+    want = to_uint8(frames)
+    path = str(tmp_path / kind)
+    written = save_video(frames, path, 12.5)
+    assert written == [path, str(tmp_path / f"{kind.split('.')[0]}.png")] and written[1] == sheet_path(path)
+    assert np.array_equal(iio.imread(written[1])[..., :3], contact_sheet(want))
+    files = [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.endswith(".png")] if kind == "frames" else [path]
+    assert all(cli.MARK.encode() in open(f, "rb").read() for f in files + [written[1]]), files
+    if kind == "frames":
+        assert [os.path.basename(f) for f in files] == [f"{i:04d}.png" for i in range(5)]
+        assert np.array_equal(np.stack([iio.imread(f)[..., :3] for f in files]), want)
+    elif kind == "clip.gif":
+        assert np.array_equal(iio.imread(path, index=None)[..., :3], want)
+        with Image.open(path) as im:
+            assert im.info["duration"] == 80 and im.info["loop"] == 0, im.info
+    else:
+        reader = imageio.get_reader(path, format="FFMPEG")
+        assert reader.get_meta_data()["fps"] == 12.5
+        reader.close()
+        got = iio.imread(path, index=None).astype(np.float32)
+        assert got.shape == want.shape and np.abs(got - want).mean() < 10, np.abs(got - want).mean()  # observed 2.7
+    # replacing: a foreign file at a named path is replaced, at a derived path refused
+    foreign = str(tmp_path / ("other" + os.path.splitext(kind)[1]))
+    if kind != "frames":
+        with open(foreign, "wb") as f:
+            f.write(b"not ours")
+        with pytest.raises(ValueError, match="exists and was not written by cogvideox-mini"):
+            save_video(frames, foreign, 12.5, named=False)
+        assert open(foreign, "rb").read() == b"not ours"
+        save_video(frames, foreign, 12.5)
+        assert cli.MARK.encode() in open(foreign, "rb").read()
+    for fps in (0, -1):
+        with pytest.raises(ValueError, match=f"fps={fps} must be > 0"):
+            save_video(frames, str(tmp_path / f"fps{fps}.gif"), fps)
+    save_video(frames, str(tmp_path / "slow.gif"), 0.5)
+
+
+def test_contact_sheet_and_uint8_layout():
+    """to_uint8 truncates x * 255 as diffusers' export_to_video does (1.0 -> 255, 0.999 -> 254); contact_sheet puts
+    frame i at row i // 8, column i % 8, each framed by 2 white pixels."""
+    from generate import contact_sheet, to_uint8
+    x = torch.tensor([0.0, 0.5, 0.999, 1.0]).view(1, 1, 1, 4).expand(1, 3, 1, 4)
+    assert to_uint8(x)[0, 0, :, 0].tolist() == [0, 127, 254, 255]
+    frames = np.arange(10 * 3 * 5 * 3, dtype=np.uint8).reshape(10, 3, 5, 3)
+    sheet = contact_sheet(frames)
+    assert sheet.shape == (2 * (3 + 2) + 2, 8 * (5 + 2) + 2, 3)
+    for i in range(10):
+        r, c = divmod(i, 8)
+        assert np.array_equal(sheet[2 + 5 * r:5 + 5 * r, 2 + 7 * c:7 + 7 * c], frames[i])
+    mask = np.ones(sheet.shape[:2], bool)
+    for i in range(10):
+        r, c = divmod(i, 8)
+        mask[2 + 5 * r:5 + 5 * r, 2 + 7 * c:7 + 7 * c] = False
+    assert (sheet[mask] == 255).all()
+    assert contact_sheet(frames[:3]).shape == (3 + 4, 3 * (5 + 2) + 2, 3)  # fewer frames than columns: one short row
