@@ -871,3 +871,7 @@ def test_contact_sheet_and_uint8_layout():
         mask[2 + 5 * r:5 + 5 * r, 2 + 7 * c:7 + 7 * c] = False
     assert (sheet[mask] == 255).all()
     assert contact_sheet(frames[:3]).shape == (3 + 4, 3 * (5 + 2) + 2, 3)  # fewer frames than columns: one short row
+    from generate import sheet_path
+    for video, sheet in [("clip.mp4", "clip.png"), ("out/clip.GIF", "out/clip.png"), ("runs/frames/", "runs/frames.png"),
+                         ("runs/boX", "runs/boX.png"), ("runs/boX/", "runs/boX.png"), ("a b/c d.mp4", "a b/c d.png")]:
+        assert sheet_path(video) == sheet, video
