@@ -875,3 +875,17 @@ def test_contact_sheet_and_uint8_layout():
     for video, sheet in [("clip.mp4", "clip.png"), ("out/clip.GIF", "out/clip.png"), ("runs/frames/", "runs/frames.png"),
                          ("runs/boX", "runs/boX.png"), ("runs/boX/", "runs/boX.png"), ("a b/c d.mp4", "a b/c d.png")]:
         assert sheet_path(video) == sheet, video
+
+
+def test_load_pipeline_dtype_and_offload_arguments(snapshots):
+    """dtype reaches every stage's weights (T5 in bf16 is half of T5-XXL's 19 GB in fp32), and offload takes None,
+    False, True ("model"), "model" and "blocks"; anything else is refused by name."""
+    path = snapshots("5b")
+    pipe = load_pipeline(path, dtype=torch.bfloat16)
+    for name in ("text_encoder", "transformer", "vae"):
+        assert {p.dtype for p in getattr(pipe, name).parameters()} == {torch.bfloat16}, name
+    assert pipe.dtype == torch.bfloat16
+    for offload, want in [(None, None), (False, None), (True, "model"), ("model", "model"), ("blocks", "blocks")]:
+        assert load_pipeline(path, offload=offload).offload == want, offload
+    with pytest.raises(ValueError, match="offload='disk' is unknown"):
+        load_pipeline(path, offload="disk")
