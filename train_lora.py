@@ -84,13 +84,14 @@ def find_samples(folder: str) -> tuple[list[Sample], list[str]]:
     prompts = next((os.path.join(folder, n) for n in ("prompts.txt", "prompt.txt")
                     if os.path.isfile(os.path.join(folder, n))), None)
     videos = os.path.join(folder, "videos.txt")
-    if bool(prompts) != os.path.isfile(videos):  # half of the official layout, unless it is a name.mp4 + name.txt pair
+    has_videos = os.path.isfile(videos)
+    if bool(prompts) != has_videos:  # half of the official layout, unless it is a name.mp4 + name.txt pair
         have, lack = (os.path.basename(prompts), "videos.txt") if prompts else ("videos.txt", "prompts.txt")
         stem = os.path.splitext(have)[0]
         if not any(os.path.isfile(os.path.join(folder, stem + e)) for e in VIDEO_EXTENSIONS):
             return [], [f"{folder} has {have} but no {lack}: give both (one caption / one video path per line), or "
                         f"name.mp4 + name.txt pairs"]
-    if prompts and os.path.isfile(videos):
+    if prompts and has_videos:
         captions, paths = _lines(prompts), _lines(videos)
         problems = [] if len(captions) == len(paths) else [
             f"{os.path.basename(prompts)} has {len(captions)} lines but videos.txt has {len(paths)}: one caption per video"]

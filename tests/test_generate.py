@@ -41,6 +41,25 @@ def peer_frames(path, mode, solver, *, num_videos=1, negative_prompt="", seed=42
     return out.frames
 
 
+def resized_copy(src, dst, vae=(96, 80), transformer=None):
+    """A copy of snapshot `src` at `dst` whose configs state other sample sizes (H, W): the VAE's sets its tiles
+    (sample / 2, so 96x80 gives 48x40-px tiles, two each way on a 96x80 frame), the transformer's the RoPE base of
+    1.5. Sizes only: the weights are the same. -> dst as a string."""
+    import json
+    import shutil
+    shutil.copytree(src, dst)
+    for component, size in (("vae", vae), ("transformer", transformer)):
+        if size is None:
+            continue
+        config = os.path.join(dst, component, "config.json")
+        with open(config) as f:
+            cfg = json.load(f)
+        cfg["sample_height"], cfg["sample_width"] = size
+        with open(config, "w") as f:
+            json.dump(cfg, f)
+    return str(dst)
+
+
 def check(ours, ref):
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     err = (ours - ref).abs().max().item()
@@ -356,18 +375,9 @@ def test_vae_tiling_through_generate_matches_peer_tiling(snapshots, tmp_path):
     the untiled frames; a frame smaller than the sample size (worth_tiling False) is decoded whole, bit for bit.
     The tiny VAE's sample size is 32x32 (tiles of 2x2 latents do not tile evenly), so the snapshot is copied with
     sample 96x80 in vae/config.json (the size only sets the tiles: same weights), as tests/test_vae.py tiles."""
-    import json
-    import shutil
     from diffusers import CogVideoXPipeline
     import generate as gen
-    path = str(tmp_path / "snap")
-    shutil.copytree(snapshots("5b"), path)
-    config = os.path.join(path, "vae", "config.json")
-    with open(config) as f:
-        cfg = json.load(f)
-    cfg["sample_height"], cfg["sample_width"] = 96, 80
-    with open(config, "w") as f:
-        json.dump(cfg, f)
+    path = resized_copy(snapshots("5b"), tmp_path / "snap")
     kw = dict(num_frames=9, height=96, width=80, num_inference_steps=2, guidance_scale=6.0)
     pipe = load_pipeline(path)
     # 64x64 spans two 48x40 tiles each way, but is below the sample size: not worth tiling, decoded whole
@@ -610,18 +620,9 @@ def test_encode_frames_is_the_peers_scaled_posterior_draw(snapshots, tmp_path, f
     on 1.5 (invert_scale_latents), as CogVideoXImageToVideoPipeline does, multiplied on 1.0; plain frames are never
     divided (the default). Tiled: against the peer with enable_tiling() on a frame of two tiles each way. bf16: the
     input and the latents in the pipeline's dtype, close to fp32."""
-    import json
-    import shutil
     from diffusers import AutoencoderKLCogVideoX
     import generate as gen
-    path = str(tmp_path / "snap")
-    shutil.copytree(snapshots(family), path)
-    config = os.path.join(path, "vae", "config.json")  # tiles of 48x40 px (the size only sets the tiles)
-    with open(config) as f:
-        cfg = json.load(f)
-    cfg["sample_height"], cfg["sample_width"] = 96, 80
-    with open(config, "w") as f:
-        json.dump(cfg, f)
+    path = resized_copy(snapshots(family), tmp_path / "snap")  # tiles of 48x40 px
     peer = AutoencoderKLCogVideoX.from_pretrained(path, subfolder="vae").eval()
     sf = peer.config.scaling_factor
     pipe = load_pipeline(path)
@@ -747,17 +748,7 @@ def test_image_and_video_inputs_are_tiled_as_the_peer_tiles(snapshots, tmp_path,
     pipeline with vae.enable_tiling() on a 96x80 request (two tiles each way, as
     test_vae_tiling_through_generate_matches_peer_tiling) gives our frames. I2V on 1.5 (RoPE): the 1.0 I2V model's
     learned position table only takes its own 32x32."""
-    import json
-    import shutil
-    path = str(tmp_path / "snap")
-    shutil.copytree(snapshots(family), path)
-    for component, size in (("vae", (96, 80)), ("transformer", (12, 10))):  # sizes only: same weights
-        config = os.path.join(path, component, "config.json")
-        with open(config) as f:
-            cfg = json.load(f)
-        cfg["sample_height"], cfg["sample_width"] = size
-        with open(config, "w") as f:
-            json.dump(cfg, f)
+    path = resized_copy(snapshots(family), tmp_path / "snap", transformer=(12, 10))
     if family == "1.5-i2v":
         image = torch.rand(3, 96, 80, generator=torch.Generator().manual_seed(4))
         ours_in, peer_in, mode, n = dict(image=image), dict(image=image[None]), "i2v", 17

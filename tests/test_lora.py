@@ -70,6 +70,12 @@ def train_args(snap, data, out, *extra):
             "--no-gradient-checkpointing", *extra]
 
 
+def lora_gap(a, b):
+    """(largest difference between two read_lora() weight sets, largest weight of the first)."""
+    err = max((a[k][i] - b[k][i]).abs().max().item() for k in a for i in (0, 1))
+    return err, max(a[k][i].abs().max().item() for k in a for i in (0, 1))
+
+
 @pytest.fixture(scope="module")
 def trained(snap, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
@@ -430,8 +436,7 @@ def test_torchrun_two_processes_match_one(snap, data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a, _ = read_lora(str(tmp_path / "one"))
     b, _ = read_lora(str(tmp_path / "two"))
-    err = max((a[k][i] - b[k][i]).abs().max().item() for k in a for i in (0, 1))
-    scale = max(a[k][i].abs().max().item() for k in a for i in (0, 1))
+    err, scale = lora_gap(a, b)
     print(f"torchrun x2 vs one process: max abs diff {err:.2e} (weights up to {scale:.2f})")
     assert err <= 1e-5 * max(1.0, scale)
     la = [json.loads(x)["loss"] for x in open(tmp_path / "one" / "loss.jsonl")]
@@ -886,8 +891,7 @@ def test_accumulation_equals_a_bigger_batch_and_the_run_reports_itself(snap, dat
                                       "--grad-accum", "2")) == 0
     a, _ = read_lora(str(tmp_path / "batch"))
     b, _ = read_lora(str(tmp_path / "accum"))
-    err = max((a[k][i] - b[k][i]).abs().max().item() for k in a for i in (0, 1))
-    scale = max(a[k][i].abs().max().item() for k in a for i in (0, 1))
+    err, scale = lora_gap(a, b)
     assert err <= 1e-5 * max(1.0, scale), err
     la = [json.loads(x)["loss"] for x in open(tmp_path / "batch" / "loss.jsonl")]
     lb = [json.loads(x)["loss"] for x in open(tmp_path / "accum" / "loss.jsonl")]
@@ -919,8 +923,7 @@ def test_dtype_reaches_the_cache_and_the_training(snap, data, tmp_path):
     assert len(os.listdir(os.path.join(cache, "latents"))) == len(os.listdir(os.path.join(cache, "text"))) == 8
     a, _ = read_lora(str(tmp_path / "fp32"))
     b, _ = read_lora(str(tmp_path / "bf16"))
-    diff = max((a[k][i] - b[k][i]).abs().max().item() for k in a for i in (0, 1))
-    scale = max(a[k][i].abs().max().item() for k in a for i in (0, 1))
+    diff, scale = lora_gap(a, b)
     la = [json.loads(x)["loss"] for x in open(tmp_path / "fp32" / "loss.jsonl")]
     lb = [json.loads(x)["loss"] for x in open(tmp_path / "bf16" / "loss.jsonl")]
     print(f"bf16 vs fp32: LoRA max abs diff {diff:.2e} of {scale:.2e}; losses {la} vs {lb}")
