@@ -24,6 +24,12 @@ python bench/undecorate.py "$FILE" > /dev/null  # mutmut skips decorated functio
 {
   echo "[mutmut]"
   echo "source_paths = $FILE"
+  # Each mutant's tests run in a process forked from a clean server, not from mutmut's main process: that one has
+  # run the whole selection with torch (thread pools, allocator state), and its forks crashed (SIGSEGV), hung or
+  # failed tests at random, which mutmut counts as killed. A fork starts with no fixtures, so each mutant rebuilds
+  # its module's tiny snapshots: the timeout allows 20 s of set-up beyond the tests' own time.
+  echo "process_isolation = forkserver"
+  echo "timeout_constant = 20"
   echo "pytest_add_cli_args_test_selection ="
   for t in $TESTS; do echo "    $t"; done
   echo "also_copy ="
