@@ -336,6 +336,11 @@ def check_request(info: ModelInfo, num_frames: int, height: int, width: int, ima
     for name, v in (("height", height), ("width", width)):
         if v < 16 or v % 16:
             raise ValueError(f"{name}={v} is not a multiple of 16: use e.g. {max(16, v // 16 * 16)} or {v // 16 * 16 + 16}")
+    cfg, down = info.transformer, info.spatial_compression
+    if cfg.use_learned_positional_embeddings and (height, width) != (cfg.sample_height * down, cfg.sample_width * down):
+        # CogVideoX-5b-I2V adds a learned table of sample-size positions: the model (and diffusers) refuse other sizes
+        raise ValueError(f"height x width = {height} x {width}: {info.path} has a learned position table for "
+                         f"{cfg.sample_height * down} x {cfg.sample_width * down} only; leave out --height/--width")
     if image is not None and video is not None:
         raise ValueError("give either an image (image-to-video) or a video (video-to-video), not both")
     if image is not None and not info.is_i2v:

@@ -342,7 +342,10 @@ def api_frames(path, **kw):
     (["--dynamic-cfg"], dict(use_dynamic_cfg=True)),
     (["--sampler", "dpm"], dict(sampler="dpm")),
     (["--sampler", "euler_a"], dict(sampler="euler_a")),
-], ids=["guidance", "dynamic-cfg", "sampler-dpm", "sampler-euler_a"])
+    (["--sampler", "dpm++2m", "--karras"], dict(sampler="dpm++2m", karras=True)),
+    (["--negative-prompt", NEGATIVE], dict(negative_prompt=NEGATIVE)),
+    (["--seed", "7"], dict(seed=7)),
+], ids=["guidance", "dynamic-cfg", "sampler-dpm", "sampler-euler_a", "karras", "negative-prompt", "seed"])
 def test_cli_flag_gives_the_api_frames(snapshots, tmp_path, flag, kw):
     """generate.py FLAG writes exactly the frames generate(..., that argument) returns, and they differ from the
     default's, so a flag the command line dropped would fail here."""
@@ -880,3 +883,105 @@ def test_load_pipeline_dtype_and_offload_arguments(snapshots):
         assert load_pipeline(path, offload=offload).offload == want, offload
     with pytest.raises(ValueError, match="offload='disk' is unknown"):
         load_pipeline(path, offload="disk")
+
+
+def test_peak_memory_is_the_high_water_mark_in_gib(monkeypatch):
+    """The CLI's "peak memory" figure: on the CPU the process's resident high-water mark, which Linux also states
+    as VmHWM (kB) in /proc/self/status; on CUDA the allocator's peak, both in GiB (2**30 bytes)."""
+    from generate import peak_memory_gb
+
+    def vm_hwm_gib():
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return kb / 2**20
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("VmHWM is a Linux figure")
+    low = vm_hwm_gib()
+    got = peak_memory_gb(torch.device("cpu"))
+    assert low * 0.99 <= got <= vm_hwm_gib() * 1.01 + 1e-3, (low, got)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30 if device.index == 1 else 0)
+    assert peak_memory_gb(torch.device("cuda", 1)) == 3.0
+
+
+def test_cli_image_video_and_num_videos_give_the_api_frames(snapshots, tmp_path):
+    """--image, --video (with and without --strength, cut to --num-frames) and --num-videos through main() write
+    exactly the frames generate() returns for the same files and arguments, under the documented names."""
+    import generate as gen
+    g = torch.Generator().manual_seed(8)
+    image, video = tmp_path / "first.png", tmp_path / "clip.gif"
+    iio.imwrite(image, (torch.rand(32, 48, 3, generator=g) * 255).to(torch.uint8).numpy())
+    iio.imwrite(video, (torch.rand(17, 32, 48, 3, generator=g) * 255).to(torch.uint8).numpy(), duration=100, loop=0)
+
+    def both(family, flags, outputs, **kw):
+        path = snapshots(family)
+        size = dict(height=32, width=32 if family == "5b-i2v" else 48)  # 5b-i2v: its learned positions' size only
+        assert gen.main(["--model", path, "--prompt", PROMPT, "--steps", "3", "--height", str(size["height"]),
+                         "--width", str(size["width"]), *flags]) == 0
+        want = generate(load_pipeline(path), PROMPT, num_inference_steps=3, progress=False, **size, **kw)
+        assert len(outputs) == len(want)
+        for out, frames in zip(outputs, want):
+            got = np.stack([iio.imread(out / f) for f in sorted(os.listdir(out)) if f.endswith(".png")])
+            assert np.array_equal(got, gen.to_uint8(frames)), (flags, out)
+        return want
+
+    both("5b-i2v", ["--image", str(image), "--num-frames", "9", "--output", str(tmp_path / "i2v")], [tmp_path / "i2v"],
+         image=str(image), num_frames=9)  # the 32 x 48 image is cropped to 32 x 32
+    cut = gen.read_video(str(video))[:9]
+    a = both("2b", ["--video", str(video), "--num-frames", "9", "--output", str(tmp_path / "v2v")], [tmp_path / "v2v"],
+             video=cut, strength=0.8)
+    b = both("2b", ["--video", str(video), "--strength", "0.5", "--num-videos", "2", "--output", str(tmp_path / "s/")],
+             [tmp_path / "s_0", tmp_path / "s_1"], video=str(video), strength=0.5, num_videos=2)
+    assert a.shape[1] == 9 and b.shape[1] == 17 and not torch.equal(a[0], b[0, :9])
+
+
+def test_cli_prompt_file_under_torchrun_takes_every_world_th_prompt(snapshots, tmp_path, monkeypatch, capsys):
+    """Under torchrun (RANK / WORLD_SIZE), process r of w generates prompts r, r + w, ... of the file, each seeded
+    with --seed plus its index in the whole file and named after its line; a process left without a prompt says so
+    and writes nothing."""
+    import generate as gen
+    path = snapshots("2b")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\n# a comment\n\n{NEGATIVE}\na green triangle\n")
+    argv = ["--model", path, "--prompt-file", str(prompts), "--steps", "2", "--num-frames", "9", "--height", "32",
+            "--width", "48", "--seed", "3"]
+    pipe = load_pipeline(path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert gen.main([*argv, "--output", str(tmp_path / "a/")]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["a-0004", "a-0004.png", "prompts.txt"]
+    assert "[1/1] line 4: blue square" in capsys.readouterr().out
+    got = np.stack([iio.imread(tmp_path / "a-0004" / f"{i:04d}.png") for i in range(9)])
+    want = generate(pipe, NEGATIVE, num_frames=9, height=32, width=48, num_inference_steps=2, seed=3 + 1,
+                    progress=False)
+    assert np.array_equal(got, gen.to_uint8(want[0]))
+    monkeypatch.setenv("RANK", "0")
+    assert gen.main([*argv, "--output", str(tmp_path / "b.gif")]) == 0
+    out = capsys.readouterr().out
+    assert "[1/2] line 1: " + PROMPT in out and "[2/2] line 5: a green triangle" in out
+    assert {"b-0001.gif", "b-0005.gif"} <= set(os.listdir(tmp_path)) and not (tmp_path / "b-0004.gif").exists()
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    assert gen.main([*argv, "--output", str(tmp_path / "c.gif")]) == 0
+    assert "process 3 of 4: no prompt left for it" in capsys.readouterr().out
+    assert not any(f.startswith("c") for f in os.listdir(tmp_path))
+
+
+def test_a_size_the_learned_positions_lack_is_refused_before_loading(snapshots, tmp_path, monkeypatch, capsys):
+    """5b-I2V's learned position table covers its sample size only; the peer pipeline refuses other sizes in the
+    transformer, after loading and encoding. We refuse them from the configs, before any weight is read."""
+    import generate as gen
+    from diffusers.utils import logging
+    logging.set_verbosity_error()
+    path = snapshots("5b-i2v")
+    image = torch.rand(3, 32, 48, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="different resolution"):  # the peer: the same model cannot take 32 x 48
+        peer_frames(path, "i2v", "ddim", image=image[None], num_frames=9, height=32, width=48, num_inference_steps=1)
+    pipe = load_pipeline(path)
+    with pytest.raises(ValueError, match="height x width = 32 x 48: .* learned position table for 32 x 32 only"):
+        generate(pipe, PROMPT, image=image, num_frames=9, height=32, width=48, progress=False)
+    iio.imwrite(tmp_path / "first.png", (image.permute(1, 2, 0) * 255).to(torch.uint8).numpy())
+    monkeypatch.setattr(gen, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded before the size check"))
+    assert gen.main(["--model", path, "--prompt", PROMPT, "--image", str(tmp_path / "first.png"), "--width", "48",
+                     "--output", str(tmp_path / "v.mp4")]) == 2
+    assert "height x width = 32 x 48" in capsys.readouterr().err and not (tmp_path / "v.mp4").exists()
