@@ -395,6 +395,9 @@ def test_vae_tiling_through_generate_matches_peer_tiling(snapshots, tmp_path):
                max_sequence_length=MAX_TEXT, **kw).frames
     check(tiled, ref)  # observed ~8e-6
     assert (tiled - whole).abs().max() > 0.1, "tiling did not change the frames: vae_tiling never reached the VAE"
+    png = cli_frames(path, tmp_path / "frames", "--steps", "2", "--vae-tiling",
+                     size=("--num-frames", "9", "--height", "96", "--width", "80"))
+    assert np.array_equal(png, gen.to_uint8(tiled[0]))  # the flag reaches generate()
     small = dict(kw, height=64, width=64)
     assert torch.equal(generate(pipe, PROMPT, vae_tiling=True, max_sequence_length=MAX_TEXT, progress=False, **small),
                        generate(pipe, PROMPT, max_sequence_length=MAX_TEXT, progress=False, **small))
@@ -985,3 +988,55 @@ def test_a_size_the_learned_positions_lack_is_refused_before_loading(snapshots, 
     assert gen.main(["--model", path, "--prompt", PROMPT, "--image", str(tmp_path / "first.png"), "--width", "48",
                      "--output", str(tmp_path / "v.mp4")]) == 2
     assert "height x width = 32 x 48" in capsys.readouterr().err and not (tmp_path / "v.mp4").exists()
+
+
+def test_command_line_defaults_are_generates_and_closed_flags_refuse_other_values(capsys):
+    """generate.py's flags default to generate()'s own defaults (read from its signature), the model-dependent ones to
+    None (filled in from the snapshot), the output to output.mp4 (README); each flag with a closed set of values
+    refuses another with argparse's exit 2, and a prompt (--prompt or --prompt-file) is required."""
+    import inspect
+    import generate as gen
+    from sampler import SAMPLERS
+    args = gen.parse_args(["--prompt", PROMPT])
+    api = inspect.signature(generate).parameters
+    for flag, name in [("steps", "num_inference_steps"), ("guidance", "guidance_scale"), ("seed", "seed"),
+                       ("sampler", "sampler"), ("karras", "karras"), ("dynamic_cfg", "use_dynamic_cfg"),
+                       ("num_videos", "num_videos"), ("negative_prompt", "negative_prompt"),
+                       ("vae_tiling", "vae_tiling"), ("step_cache", "step_cache")]:
+        assert getattr(args, flag) == api[name].default, flag
+    for flag in ("model", "num_frames", "height", "width", "fps", "dtype", "device", "offload", "image", "video",
+                 "strength", "quantize", "lora", "lora_scale", "prompt_file"):
+        assert getattr(args, flag) is None, flag
+    assert args.output == "output.mp4" and args.compile is False and args.prompt == PROMPT
+    parse = lambda *flags: gen.parse_args(["--prompt", PROMPT, *flags])  # noqa: E731
+    assert parse("--compile").compile is True and parse("--vae-tiling").vae_tiling is True
+    assert parse("--quantize", "int8").quantize == "int8" and parse("--dtype", "bf16").dtype == "bf16"
+    assert [parse("--sampler", s).sampler for s in SAMPLERS] == list(SAMPLERS)
+    for flags, message in [(["--dtype", "fp64"], "invalid choice: 'fp64'"), (["--offload", "disk"], "invalid choice"),
+                           (["--quantize", "int4"], "invalid choice: 'int4'"), (["--sampler", "plms"], "invalid choice"),
+                           (["--prompt", "a", "--prompt-file", "p.txt"], "not allowed with argument"),
+                           ([], "one of the arguments --prompt --prompt-file is required")]:
+        with pytest.raises(SystemExit) as e:
+            gen.parse_args(flags if not flags or flags[0] == "--prompt" else ["--prompt", PROMPT, *flags])
+        assert e.value.code == 2 and message in capsys.readouterr().err, flags
+
+
+def test_cli_quantize_and_compile_reach_the_transformer(snapshots, tmp_path, monkeypatch):
+    """--quantize int8 writes the frames of quantize_int8(pipe.transformer) + generate() (which differ from fp32's);
+    --compile calls the transformer's compile() once (recorded here: compiling needs a C++ toolchain on the CPU)."""
+    import generate as gen
+    from model import CogVideoXTransformer
+    path = snapshots("2b")
+    png = cli_frames(path, tmp_path / "int8", "--steps", "2", "--quantize", "int8")
+    pipe = load_pipeline(path)
+    gen.quantize_int8(pipe.transformer)
+    want = gen.to_uint8(generate(pipe, PROMPT, num_frames=9, height=32, width=48, num_inference_steps=2,
+                                 progress=False)[0])
+    assert not np.array_equal(want, api_frames(path)), "int8 gives fp32's frames here: the test cannot tell"
+    assert np.array_equal(png, want)
+    calls = []
+    monkeypatch.setattr(CogVideoXTransformer, "compile", lambda self, *a, **k: calls.append(self))
+    assert np.array_equal(cli_frames(path, tmp_path / "compiled", "--steps", "2", "--compile"), api_frames(path))
+    assert len(calls) == 1
+    cli_frames(path, tmp_path / "eager", "--steps", "2")
+    assert len(calls) == 1
