@@ -1040,3 +1040,44 @@ def test_cli_quantize_and_compile_reach_the_transformer(snapshots, tmp_path, mon
     assert len(calls) == 1
     cli_frames(path, tmp_path / "eager", "--steps", "2")
     assert len(calls) == 1
+
+
+def test_torchrun_gives_each_process_its_gpu_and_the_gpu_dtype_is_the_models(snapshots, tmp_path, monkeypatch,
+                                                                             capsys):
+    """Under torchrun with GPUs and no --device, process LOCAL_RANK k runs on cuda:k (one GPU per process, README);
+    --device wins; one process, or no GPU, keeps the default pick. On a GPU the default dtype is the checkpoint's
+    training precision: fp16 for 2b, bf16 for 5b (README). Faked here: torch.cuda.is_available, and the device pick
+    (this machine has no GPU), observed at prologue(). Missing --image / --video files are named by flag."""
+    import cli
+    import generate as gen
+    seen = []
+
+    def stop(args):
+        seen.append(args.device)
+        raise ValueError("stopped at the prologue")
+    argv = ["--model", snapshots("2b"), "--prompt", PROMPT, "--output", str(tmp_path / "v.mp4")]
+    with monkeypatch.context() as m:
+        m.setattr(gen, "prologue", stop)
+        for world, local, available, extra, want in [("2", "1", True, [], "cuda:1"), ("4", "3", True, [], "cuda:3"),
+                                                     ("2", "1", True, ["--device", "cpu"], "cpu"),
+                                                     ("1", "0", True, [], None), ("2", "1", False, [], None)]:
+            m.setenv("WORLD_SIZE", world)
+            m.setenv("LOCAL_RANK", local)
+            m.setenv("RANK", local)
+            m.setattr(torch.cuda, "is_available", lambda: available)
+            assert gen.main(argv + extra) == 2
+            assert seen.pop() == want, (world, local, available, extra)
+    monkeypatch.setattr(cli, "pick_device", lambda name: torch.device("cuda"))
+    for family, want in [("2b", torch.float16), ("5b", torch.bfloat16)]:
+        args = gen.parse_args(["--model", snapshots(family), "--prompt", PROMPT])
+        assert gen.prologue(args)[1:] == (torch.device("cuda"), want), family
+        args = gen.parse_args(["--model", snapshots(family), "--prompt", PROMPT, "--dtype", "fp32"])
+        assert gen.prologue(args)[2] == torch.float32
+    capsys.readouterr()
+    for flag in ("--image", "--video"):
+        assert gen.main(argv + [flag, str(tmp_path / "missing.png")]) == 2
+        assert f"error: {flag} {tmp_path / 'missing.png'}: file not found" in capsys.readouterr().err
+        (tmp_path / "a_folder").mkdir(exist_ok=True)
+        assert gen.main(argv + [flag, str(tmp_path / "a_folder")]) == 2
+        assert f"{flag} {tmp_path / 'a_folder'} is not a file" in capsys.readouterr().err
+    assert not (tmp_path / "v.mp4").exists()
