@@ -309,17 +309,21 @@ def test_offload_blocks_gives_identical_frames_and_ends_on_the_cpu(snapshots, mo
         load_pipeline(path, offload="block")
 
 
-def test_offload_flag(snapshots, tmp_path):
+def test_offload_flag(snapshots, tmp_path, monkeypatch):
     """--offload alone means "model" (as before), --offload blocks streams the blocks, in generate.py and edit.py;
-    generate.py --offload blocks writes the frames of a run without offload."""
+    generate.py --offload blocks loads the pipeline with offload="blocks" and writes the frames of a run without
+    offload."""
     import edit
     import generate as gen
     for parse, required in ((gen.parse_args, ["--prompt", "p"]), (edit.parse_args, ["--video", "v", "--prompt", "p"])):
         got = [parse(required + flags).offload for flags in ([], ["--offload"], ["--offload", "blocks"])]
         assert got == [None, "model", "blocks"]
     path = snapshots("2b")
+    want = api_frames(path)
+    loads, real = [], gen.load_pipeline
+    monkeypatch.setattr(gen, "load_pipeline", lambda *a, **k: loads.append(k.get("offload")) or real(*a, **k))
     frames = cli_frames(path, tmp_path / "frames", "--steps", "2", "--offload", "blocks")
-    assert np.array_equal(frames, api_frames(path))
+    assert loads == ["blocks"] and np.array_equal(frames, want)
 
 
 # ---------------------------------------------------------------- each flag reaches generate()
@@ -478,6 +482,8 @@ def test_cli_lora_scale(snapshots, tmp_path):
     want, full = _api_uint8(path, lora, 0.5), _api_uint8(path, lora, 1.0)
     assert not np.array_equal(want, full), "scale 0.5 and 1 give the same frames here: the test cannot tell"
     assert np.array_equal(png, want), np.abs(png.astype(int) - want).max()
+    png = cli_frames(path, tmp_path / "default", "--steps", "2", "--lora", lora)  # no --lora-scale: 1
+    assert np.array_equal(png, full), np.abs(png.astype(int) - full).max()
 
 
 def test_cli_step_cache(snapshots, tmp_path, capsys):
@@ -907,7 +913,7 @@ def test_peak_memory_is_the_high_water_mark_in_gib(monkeypatch):
     assert peak_memory_gb(torch.device("cuda", 1)) == 3.0
 
 
-def test_cli_image_video_and_num_videos_give_the_api_frames(snapshots, tmp_path):
+def test_cli_image_video_and_num_videos_give_the_api_frames(snapshots, tmp_path, monkeypatch, capsys):
     """--image, --video (with and without --strength, cut to --num-frames) and --num-videos through main() write
     exactly the frames generate() returns for the same files and arguments, under the documented names."""
     import generate as gen
@@ -935,7 +941,18 @@ def test_cli_image_video_and_num_videos_give_the_api_frames(snapshots, tmp_path)
              video=cut, strength=0.8)
     b = both("2b", ["--video", str(video), "--strength", "0.5", "--num-videos", "2", "--output", str(tmp_path / "s/")],
              [tmp_path / "s_0", tmp_path / "s_1"], video=str(video), strength=0.5, num_videos=2)
+    both("2b", ["--video", str(video), "--num-frames", "17", "--output", str(tmp_path / "all")], [tmp_path / "all"],
+         video=str(video))  # a video of exactly --num-frames frames is taken whole
     assert a.shape[1] == 9 and b.shape[1] == 17 and not torch.equal(a[0], b[0, :9])
+    # what the sampler cannot run is refused before any weight is read, as in generate()
+    monkeypatch.setattr(gen, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded before the checks"))
+    capsys.readouterr()
+    for flags, message in [(["--video", str(video), "--strength", "0.1"], "strength=0.1 keeps no step of 3"),
+                           (["--karras"], "sampler 'ddim' has no Karras spacing")]:
+        assert gen.main(["--model", snapshots("2b"), "--prompt", PROMPT, "--steps", "3", *flags,
+                         "--output", str(tmp_path / "refused.mp4")]) == 2
+        assert message in capsys.readouterr().err, flags
+    assert not (tmp_path / "refused.mp4").exists()
 
 
 def test_cli_prompt_file_under_torchrun_takes_every_world_th_prompt(snapshots, tmp_path, monkeypatch, capsys):
@@ -959,6 +976,10 @@ def test_cli_prompt_file_under_torchrun_takes_every_world_th_prompt(snapshots, t
                     progress=False)
     assert np.array_equal(got, gen.to_uint8(want[0]))
     monkeypatch.setenv("RANK", "0")
+    (tmp_path / "b-0005.gif").write_bytes(b"not ours")  # a derived name is replaced only if we wrote it
+    assert gen.main([*argv, "--output", str(tmp_path / "b.gif")]) == 2
+    assert "b-0005.gif" in capsys.readouterr().err and (tmp_path / "b-0005.gif").read_bytes() == b"not ours"
+    os.remove(tmp_path / "b-0005.gif")
     assert gen.main([*argv, "--output", str(tmp_path / "b.gif")]) == 0
     out = capsys.readouterr().out
     assert "[1/2] line 1: " + PROMPT in out and "[2/2] line 5: a green triangle" in out
