@@ -4,8 +4,10 @@ Parity: our `generate()` and the peer's pipeline, same snapshot, same seed, fp32
 on the output frames in [0, 1] (the issue's bound; observed differences are ~1e-6, float32 rounding in a different
 operation order)."""
 import os
+import re
 import subprocess
 import sys
+import time
 
 import imageio.v3 as iio
 import numpy as np
@@ -336,8 +338,8 @@ def api_frames(path, **kw):
     if key not in _CLI_FRAMES:
         import generate as gen
         pipe = _CLI_FRAMES.setdefault(path, load_pipeline(path))
-        _CLI_FRAMES[key] = gen.to_uint8(generate(pipe, PROMPT, num_frames=9, height=32, width=48,
-                                                 num_inference_steps=2, progress=False, **kw)[0])
+        kw = dict(dict(num_frames=9, height=32, width=48), **kw)
+        _CLI_FRAMES[key] = gen.to_uint8(generate(pipe, PROMPT, num_inference_steps=2, progress=False, **kw)[0])
     return _CLI_FRAMES[key]
 
 
@@ -349,7 +351,10 @@ def api_frames(path, **kw):
     (["--sampler", "dpm++2m", "--karras"], dict(sampler="dpm++2m", karras=True)),
     (["--negative-prompt", NEGATIVE], dict(negative_prompt=NEGATIVE)),
     (["--seed", "7"], dict(seed=7)),
-], ids=["guidance", "dynamic-cfg", "sampler-dpm", "sampler-euler_a", "karras", "negative-prompt", "seed"])
+    (["--num-frames", "17"], dict(num_frames=17)),  # the snapshot's own: 9 frames at 32x32
+    (["--height", "48"], dict(height=48)),
+], ids=["guidance", "dynamic-cfg", "sampler-dpm", "sampler-euler_a", "karras", "negative-prompt", "seed", "frames",
+        "height"])
 def test_cli_flag_gives_the_api_frames(snapshots, tmp_path, flag, kw):
     """generate.py FLAG writes exactly the frames generate(..., that argument) returns, and they differ from the
     default's, so a flag the command line dropped would fail here."""
@@ -358,9 +363,10 @@ def test_cli_flag_gives_the_api_frames(snapshots, tmp_path, flag, kw):
     out = tmp_path / "frames"
     assert gen.main(["--model", path, "--prompt", PROMPT, "--num-frames", "9", "--height", "32", "--width", "48",
                      "--steps", "2", "--output", str(out), *flag]) == 0
-    png = np.stack([iio.imread(out / f"{i:04d}.png") for i in range(9)])
     want, default = api_frames(path, **kw), api_frames(path)
-    assert not np.array_equal(want, default), f"{flag} does not change the frames here: the test cannot tell"
+    png = np.stack([iio.imread(out / f"{i:04d}.png") for i in range(len(want))])
+    assert want.shape != default.shape or not np.array_equal(want, default), f"{flag} changes nothing here"
+    assert len([f for f in os.listdir(out) if f.endswith(".png")]) == len(want)
     assert png.shape == want.shape and np.array_equal(png, want), (
         f"{flag}: CLI frames differ from the API's by up to {np.abs(png.astype(int) - want).max()} "
         f"(from the default's by {np.abs(png.astype(int) - default).max()})")
@@ -984,11 +990,42 @@ def test_cli_prompt_file_under_torchrun_takes_every_world_th_prompt(snapshots, t
     out = capsys.readouterr().out
     assert "[1/2] line 1: " + PROMPT in out and "[2/2] line 5: a green triangle" in out
     assert {"b-0001.gif", "b-0005.gif"} <= set(os.listdir(tmp_path)) and not (tmp_path / "b-0004.gif").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    real = gen.generate
+
+    def meanwhile(*a, **k):  # a file of the user's appears at a derived name while the video is made
+        (tmp_path / "d-0001.gif").write_bytes(b"not ours")
+        return real(*a, **k)
+    monkeypatch.setattr(gen, "generate", meanwhile)
+    t0 = time.perf_counter()
+    assert gen.main([*argv, "--output", str(tmp_path / "d.gif")]) == 2
+    elapsed = time.perf_counter() - t0
+    out, err = capsys.readouterr()
+    assert "d-0001.gif exists and was not written by cogvideox-mini" in err
+    assert (tmp_path / "d-0001.gif").read_bytes() == b"not ours"
+    assert 0 <= float(re.search(r"loaded in (\d+\.\d)s", out)[1]) <= elapsed + 0.05
+    monkeypatch.setattr(gen, "generate", real)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
     assert gen.main([*argv, "--output", str(tmp_path / "c.gif")]) == 0
     assert "process 3 of 4: no prompt left for it" in capsys.readouterr().out
     assert not any(f.startswith("c") for f in os.listdir(tmp_path))
+
+
+def test_check_video_output_defaults_to_a_named_output_path(tmp_path):
+    """Called with a path alone (as edit.py does), the path is the user's --output: a file there may be replaced; a
+    derived path (named=False) only if we wrote it; refusals name the flag."""
+    from generate import check_video_output
+    foreign = tmp_path / "clip.mp4"
+    foreign.write_bytes(b"the user's")
+    check_video_output(str(foreign))
+    with pytest.raises(ValueError, match="exists and was not written by cogvideox-mini.* choose another --output"):
+        check_video_output(str(foreign), named=False)
+    with pytest.raises(ValueError, match=r"^--output \S*clip.avi: use .mp4, .gif, or a folder name"):
+        check_video_output(str(tmp_path / "clip.avi"))
+    with pytest.raises(ValueError, match=r"^--out \S*clip.avi"):
+        check_video_output(str(tmp_path / "clip.avi"), flag="--out")
 
 
 def test_a_size_the_learned_positions_lack_is_refused_before_loading(snapshots, tmp_path, monkeypatch, capsys):
