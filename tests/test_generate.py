@@ -1026,6 +1026,16 @@ def test_check_video_output_defaults_to_a_named_output_path(tmp_path):
         check_video_output(str(tmp_path / "clip.avi"))
     with pytest.raises(ValueError, match=r"^--out \S*clip.avi"):
         check_video_output(str(tmp_path / "clip.avi"), flag="--out")
+    for bad in ("clip.gifX", "frames.v2/"):  # the extension is what is left once trailing slashes go, and only they
+        with pytest.raises(ValueError, match="use .mp4, .gif, or a folder name"):
+            check_video_output(str(tmp_path / bad))
+    (tmp_path / "clip.png").write_bytes(b"the user's photo")  # the contact sheet's path is derived: never replaced
+    with pytest.raises(ValueError, match=r"clip.png exists and was not written by .* choose another --output"):
+        check_video_output(str(foreign))
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "notes.txt").write_text("the user's")
+    with pytest.raises(ValueError, match=r"^--output \S*frames"):
+        check_video_output(str(tmp_path / "frames"))
 
 
 def test_a_size_the_learned_positions_lack_is_refused_before_loading(snapshots, tmp_path, monkeypatch, capsys):
