@@ -985,6 +985,7 @@ def test_cli_prompt_file_under_torchrun_takes_every_world_th_prompt(snapshots, t
     (tmp_path / "b-0005.gif").write_bytes(b"not ours")  # a derived name is replaced only if we wrote it
     assert gen.main([*argv, "--output", str(tmp_path / "b.gif")]) == 2
     assert "b-0005.gif" in capsys.readouterr().err and (tmp_path / "b-0005.gif").read_bytes() == b"not ours"
+    assert not (tmp_path / "b-0001.gif").exists()  # refused before the first video, not after it
     os.remove(tmp_path / "b-0005.gif")
     assert gen.main([*argv, "--output", str(tmp_path / "b.gif")]) == 0
     out = capsys.readouterr().out
