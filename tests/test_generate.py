@@ -991,6 +991,12 @@ def test_cli_prompt_file_under_torchrun_takes_every_world_th_prompt(snapshots, t
     out = capsys.readouterr().out
     assert "[1/2] line 1: " + PROMPT in out and "[2/2] line 5: a green triangle" in out
     assert {"b-0001.gif", "b-0005.gif"} <= set(os.listdir(tmp_path)) and not (tmp_path / "b-0004.gif").exists()
+    assert f"wrote {tmp_path / 'b-0005.gif'}, {tmp_path / 'b-0005.png'}\n" in out
+    assert len(re.findall(r"text \d+\.\ds, denoise \d+\.\ds, decode \d+\.\ds, peak memory \d+\.\d\d GB", out)) == 2
+    named = tmp_path / "named.gif"  # the output the user names is theirs to replace, whoever wrote it
+    named.write_bytes(b"an older file of the user's")
+    assert gen.main(["--model", path, "--prompt", PROMPT, "--steps", "1", "--num-frames", "9", "--output", str(named)]) == 0
+    assert iio.imread(named, index=None).shape == (9, 32, 32, 3)
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
     real = gen.generate
