@@ -379,7 +379,12 @@ def cli_frames(path, out, *flags, size=("--num-frames", "9", "--height", "32", "
     """Run generate.main in-process writing PNG frames to `out`; returns them as (F, H, W, 3) uint8."""
     import generate as gen
     assert gen.main(["--model", path, "--prompt", PROMPT, *size, "--output", str(out), *flags]) == 0
-    return np.stack([iio.imread(out / f) for f in sorted(os.listdir(out)) if f.endswith(".png")])
+    return png_frames(out)
+
+
+def png_frames(folder):
+    """The PNG frames save_video wrote to `folder`, in order, as (F, H, W, 3) uint8."""
+    return np.stack([iio.imread(folder / f) for f in sorted(os.listdir(folder)) if f.endswith(".png")])
 
 
 def test_vae_tiling_through_generate_matches_peer_tiling(snapshots, tmp_path):
@@ -936,7 +941,7 @@ def test_cli_image_video_and_num_videos_give_the_api_frames(snapshots, tmp_path,
         want = generate(load_pipeline(path), PROMPT, num_inference_steps=3, progress=False, **size, **kw)
         assert len(outputs) == len(want)
         for out, frames in zip(outputs, want):
-            got = np.stack([iio.imread(out / f) for f in sorted(os.listdir(out)) if f.endswith(".png")])
+            got = png_frames(out)
             assert np.array_equal(got, gen.to_uint8(frames)), (flags, out)
         return want
 
@@ -977,7 +982,7 @@ def test_cli_prompt_file_under_torchrun_takes_every_world_th_prompt(snapshots, t
     assert gen.main([*argv, "--output", str(tmp_path / "a/")]) == 0
     assert sorted(os.listdir(tmp_path)) == ["a-0004", "a-0004.png", "prompts.txt"]
     assert "[1/1] line 4: blue square" in capsys.readouterr().out
-    got = np.stack([iio.imread(tmp_path / "a-0004" / f"{i:04d}.png") for i in range(9)])
+    got = png_frames(tmp_path / "a-0004")
     want = generate(pipe, NEGATIVE, num_frames=9, height=32, width=48, num_inference_steps=2, seed=3 + 1,
                     progress=False)
     assert np.array_equal(got, gen.to_uint8(want[0]))
