@@ -148,6 +148,29 @@ def test_transformer_with_lora_matches_peer(snap, tmp_path, alpha, scale):
     assert ("alpha 3.0 recorded" in summary) if alpha else ("no alpha recorded" in summary)
 
 
+def test_fuse_folds_into_plain_linears_and_unfused_keeps_the_base_weights(snap, tmp_path):
+    """Found by mutation testing (bench/MUTANTS.md): the default (what generate uses) folds the LoRA into plain
+    nn.Linear layers, no wrapper left; fuse=False wraps each target in a LoRALinear whose base weight is exactly the
+    loaded one and whose factors are frozen (inference must not make them trainable)."""
+    folder = random_lora_file(snap, str(tmp_path / "lora"), rank=2, alpha=1.0)
+    base = dict(load_transformer(snap).named_parameters())
+    fused = load_lora(load_transformer(snap), folder)  # the default
+    model = load_transformer(snap)
+    load_lora(model, folder)
+    targets = [n for n, _ in model.named_modules() if any(n.endswith("." + t) for t in TARGETS)]
+    assert targets and all(type(model.get_submodule(n)) is torch.nn.Linear for n in targets)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert any(not torch.equal(p, base[n]) for n, p in model.named_parameters())  # folded in
+    unfused = load_transformer(snap)
+    assert fused == load_lora(unfused, folder, fuse=False)
+    wrapped = {n: m for n, m in unfused.named_modules() if isinstance(m, LoRALinear)}
+    assert set(wrapped) == set(targets)
+    for n, p in unfused.named_parameters():
+        assert not p.requires_grad or ".lora_" not in n, n
+        if ".lora_" not in n:
+            assert torch.equal(p, base[n.replace(".base.", ".")]), n
+
+
 def test_metadata_is_what_diffusers_reads(tmp_path):
     from diffusers.utils.state_dict_utils import _load_sft_state_dict_metadata
     path = str(tmp_path / "l.safetensors")
