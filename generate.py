@@ -335,7 +335,8 @@ def check_request(info: ModelInfo, num_frames: int, height: int, width: int, ima
                          f"(e.g. {max(lo, 1)} or {max(lo, 1) + m})")
     for name, v in (("height", height), ("width", width)):
         if v < 16 or v % 16:
-            raise ValueError(f"{name}={v} is not a multiple of 16: use e.g. {max(16, v // 16 * 16)} or {v // 16 * 16 + 16}")
+            lo = max(16, v // 16 * 16)
+            raise ValueError(f"{name}={v} is not a positive multiple of 16: use e.g. {lo} or {lo + 16}")
     cfg, down = info.transformer, info.spatial_compression
     if cfg.use_learned_positional_embeddings and (height, width) != (cfg.sample_height * down, cfg.sample_width * down):
         # CogVideoX-5b-I2V adds a learned table of sample-size positions: the model (and diffusers) refuse other sizes

@@ -1050,6 +1050,49 @@ def test_check_video_output_defaults_to_a_named_output_path(tmp_path):
         check_video_output(str(tmp_path / "frames"))
 
 
+def test_check_request_takes_exactly_what_each_model_takes_and_suggests_values_it_takes():
+    """Found by mutation testing (bench/MUTANTS.md): the boundaries of check_request and the values its messages
+    suggest. Real configs (the presets, no weights): 1.0 takes 8k+1 frames and 1.5 16k+1, a single frame included;
+    sizes are positive multiples of 16, and only 5b-I2V's learned position table pins the size; an image is needed by
+    and only by the I2V models, a video by neither. Each refusal's suggestions are themselves accepted."""
+    import generate as gen
+    from model import PRESETS as T
+    from vae import PRESETS as V
+    t2v = gen.model_info("2b", T["cogvideox-2b"], V["cogvideox-2b"])
+    i2v = gen.model_info("5b-i2v", T["cogvideox-5b-i2v"], V["cogvideox-5b"])
+    v15 = gen.model_info("1.5", T["cogvideox1.5-5b"], V["cogvideox1.5-5b"])
+    image, video = torch.zeros(3, 480, 720), torch.zeros(9, 3, 480, 720)
+
+    def refusal(info, n=49, h=480, w=720, **inputs):
+        with pytest.raises(ValueError) as e:
+            gen.check_request(info, n, h, w, **inputs)
+        return str(e.value)
+
+    for info, m in ((t2v, 8), (v15, 16)):
+        for n in (1, m + 1, 6 * m + 1):
+            gen.check_request(info, n, 480, 720)
+        for n, lo in ((0, 1), (2, 1), (m, 1), (m + 2, m + 1), (2 * m - 1, m + 1), (5 * m, 4 * m + 1)):
+            assert refusal(info, n) == f"num_frames={n} is not valid for this model: use {m}k+1 frames (e.g. {lo} or {lo + m})"
+            for suggested in (lo, lo + m):
+                gen.check_request(info, suggested, 480, 720)
+    for v in (16, 32, 480, 720, 1360):
+        gen.check_request(t2v, 49, v, 720)
+        gen.check_request(t2v, 49, 480, v)
+    for v, lo in ((0, 16), (-16, 16), (8, 16), (100, 96), (470, 464)):
+        assert refusal(t2v, h=v) == f"height={v} is not a positive multiple of 16: use e.g. {lo} or {lo + 16}"
+        assert refusal(t2v, w=v) == f"width={v} is not a positive multiple of 16: use e.g. {lo} or {lo + 16}"
+    gen.check_request(t2v, 49, 256, 256)  # a table-free (RoPE or sincos) model takes any size
+    gen.check_request(i2v, 49, 480, 720, image=image)
+    assert refusal(i2v, h=480, w=736, image=image) == \
+        "height x width = 480 x 736: 5b-i2v has a learned position table for 480 x 720 only; leave out --height/--width"
+    gen.check_request(t2v, 49, 480, 720, video=video)
+    both = "give either an image (image-to-video) or a video (video-to-video), not both"
+    assert refusal(t2v, image=image, video=video) == both and refusal(i2v, image=image, video=video) == both
+    assert refusal(t2v, image=image) == \
+        "2b is a text-to-video model; image-to-video needs an I2V checkpoint (e.g. CogVideoX-5b-I2V)"
+    assert refusal(i2v) == refusal(i2v, video=video) == "5b-i2v is an image-to-video model: pass an image (--image PATH)"
+
+
 def test_a_size_the_learned_positions_lack_is_refused_before_loading(snapshots, tmp_path, monkeypatch, capsys):
     """5b-I2V's learned position table covers its sample size only; the peer pipeline refuses other sizes in the
     transformer, after loading and encoding. We refuse them from the configs, before any weight is read."""
