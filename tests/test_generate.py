@@ -1050,6 +1050,48 @@ def test_check_video_output_defaults_to_a_named_output_path(tmp_path):
         check_video_output(str(tmp_path / "frames"))
 
 
+def test_resolve_model_path_downloads_only_a_hub_id_and_says_how_to_get_a_folder(tmp_path, monkeypatch, capsys):
+    """Found by mutation testing (bench/MUTANTS.md): which --model values go to the Hub. Only an `owner/name` id
+    whose owner is not a local folder is downloaded (huggingface_hub's snapshot_download, faked here: no network);
+    a relative, absolute, deeper or local-owner path is a missing folder, refused with the download command for the
+    official repo its name matches (any case, trailing slash), CogVideoX-5b otherwise. A failed download is one
+    line; without huggingface_hub the id is a missing folder. None is the bundled demo model, said on stdout."""
+    import huggingface_hub
+    import generate as gen
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo: calls.append(repo) or f"/hub/{repo}")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    assert gen.resolve_model_path("THUDM/CogVideoX-2b") == "/hub/THUDM/CogVideoX-2b" and calls == ["THUDM/CogVideoX-2b"]
+    assert gen.resolve_model_path("models") == "models"  # a folder that exists is taken as it is
+
+    def missing(model):
+        with pytest.raises(ValueError) as e:
+            gen.resolve_model_path(model)
+        return str(e.value)
+
+    for model, repo in (("./THUDM/CogVideoX-2b", "CogVideoX-2b"), (".cache/cogvideox-5b-i2v", "CogVideoX-5b-I2V"),
+                        ("/CogVideoX1.5-5B", "CogVideoX1.5-5B"), ("a/THUDM/CogVideoX-2b", "CogVideoX-2b"),
+                        ("models/cogvideox1.5-5b-I2V/", "CogVideoX1.5-5B-I2V"), ("models/my-finetune", "CogVideoX-5b")):
+        assert missing(model) == (f"model folder not found: {model}. Download a snapshot first, e.g. "
+                                  f"`hf download THUDM/{repo} --local-dir {model}` (pip install huggingface_hub)")
+    assert calls == ["THUDM/CogVideoX-2b"]
+
+    def offline(repo):
+        raise OSError("offline")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert missing("THUDM/CogVideoX-5b") == "cannot download THUDM/CogVideoX-5b: offline"
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed: import fails
+    assert missing("THUDM/CogVideoX-5b").startswith("model folder not found: THUDM/CogVideoX-5b. Download")
+
+    assert gen.resolve_model_path(None) == gen.DEMO_MODEL
+    assert capsys.readouterr().out == (f"using the bundled demo model {os.path.relpath(gen.DEMO_MODEL)} (tiny, trained "
+                                       "on moving shapes); pass --model for a real one\n")
+    monkeypatch.setattr(gen, "DEMO_MODEL", str(tmp_path / "demo"))
+    assert missing(None) == (f"the bundled demo model is missing ({tmp_path / 'demo'}); "
+                             "pass --model PATH to a CogVideoX snapshot")
+
+
 def test_check_request_takes_exactly_what_each_model_takes_and_suggests_values_it_takes():
     """Found by mutation testing (bench/MUTANTS.md): the boundaries of check_request and the values its messages
     suggest. Real configs (the presets, no weights): 1.0 takes 8k+1 frames and 1.5 16k+1, a single frame included;
@@ -1061,6 +1103,7 @@ def test_check_request_takes_exactly_what_each_model_takes_and_suggests_values_i
     t2v = gen.model_info("2b", T["cogvideox-2b"], V["cogvideox-2b"])
     i2v = gen.model_info("5b-i2v", T["cogvideox-5b-i2v"], V["cogvideox-5b"])
     v15 = gen.model_info("1.5", T["cogvideox1.5-5b"], V["cogvideox1.5-5b"])
+    assert v15.is_v15 and not t2v.is_v15 and not i2v.is_v15
     image, video = torch.zeros(3, 480, 720), torch.zeros(9, 3, 480, 720)
 
     def refusal(info, n=49, h=480, w=720, **inputs):
