@@ -330,9 +330,8 @@ def check_request(info: ModelInfo, num_frames: int, height: int, width: int, ima
     """Reject what the model cannot take before any heavy work, with a message saying how to fix it."""
     m = info.frame_multiple
     if num_frames < 1 or (num_frames - 1) % m:
-        lo = (num_frames - 1) // m * m + 1
-        raise ValueError(f"num_frames={num_frames} is not valid for this model: use {m}k+1 frames "
-                         f"(e.g. {max(lo, 1)} or {max(lo, 1) + m})")
+        lo = max(1, (num_frames - 1) // m * m + 1)
+        raise ValueError(f"num_frames={num_frames} is not valid for this model: use {m}k+1 frames (e.g. {lo} or {lo + m})")
     for name, v in (("height", height), ("width", width)):
         if v < 16 or v % 16:
             lo = max(16, v // 16 * 16)

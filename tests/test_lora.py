@@ -154,9 +154,8 @@ def test_fuse_folds_into_plain_linears_and_unfused_keeps_the_base_weights(snap, 
     loaded one and whose factors are frozen (inference must not make them trainable)."""
     folder = random_lora_file(snap, str(tmp_path / "lora"), rank=2, alpha=1.0)
     base = dict(load_transformer(snap).named_parameters())
-    fused = load_lora(load_transformer(snap), folder)  # the default
     model = load_transformer(snap)
-    load_lora(model, folder)
+    fused = load_lora(model, folder)  # the default
     targets = [n for n, _ in model.named_modules() if any(n.endswith("." + t) for t in TARGETS)]
     assert targets and all(type(model.get_submodule(n)) is torch.nn.Linear for n in targets)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
