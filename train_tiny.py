@@ -42,6 +42,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -51,6 +52,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import cli
@@ -68,7 +70,7 @@ DIFFUSERS_VERSION = "0.32.0"  # written into the configs, as the official snapsh
 class TrainConfig:
     seed: int = 0
     # text
-    max_text_seq_length: int = 12       # "a red circle moving right on a black background" is 9 pieces + </s>
+    max_text_seq_length: int = 16       # 9 pieces + </s> for the training words; "cyan" alone takes 5 (the LoRA lesson)
     t5_width: int = 64
     t5_layers: int = 2
     # VAE
@@ -90,7 +92,7 @@ class TrainConfig:
     head_dim: int = 64
     layers: int = 4
     patch_size: int = 2                 # latent pixels per token side: 2 as every official model; 1 -> 4x tokens
-    dit_clips: int = 8000
+    dit_clips: int = 16000
     dit_steps: int = 14000
     dit_batch: int = 32
     dit_lr: float = 1e-3
@@ -193,12 +195,21 @@ def reconstruction_loss(x, y, background=None):
     return (weight * ((y - x).abs() + (y - x).square())).mean()
 
 
+def posterior_draw(mean, logvar, gen):
+    """z = mean + std * eps, the reparameterised sample of the VAE's Gaussian posterior (Kingma & Welling, eq. 10):
+    what the official pipelines encode to, so it is what the decoder must learn to decode and what the transformer
+    must learn to generate. eps comes from the CPU generator `gen`, so every device draws the same numbers."""
+    eps = torch.randn(mean.shape, generator=gen).to(mean.device)
+    return mean + (0.5 * logvar).exp() * eps
+
+
 def train_vae(cfg, clips, logfile, gen):
     """clips (N, 3, F, H, W) in [-1, 1]. Two phases: single frames (F=1 is a valid input of the causal VAE and 9x
     cheaper per sample) learn colours and shapes, then whole clips teach the temporal layers. The encoder and
-    decoder each see a clip in one frame batch (9 frames, 3 latent frames: the first batch of both). The decoder is
-    trained on the posterior mean, as generation only decodes: sampling the posterior would make it learn through
-    noise it never sees."""
+    decoder each see a clip in one frame batch (9 frames, 3 latent frames: the first batch of both). The decoder
+    decodes a posterior draw, not the mean: reconstruction then pays for every unit of posterior noise, so the
+    encoder shrinks its std until a draw decodes like the mean (v1 decoded the mean, so nothing constrained logvar:
+    its posterior std stayed ~1 while the means spread 0.6, and every sampling path saw mostly noise)."""
     vae = CogVideoXVAE(vae_config(cfg)).to(clips.device)
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
     first = last = None
@@ -217,7 +228,7 @@ def train_vae(cfg, clips, logfile, gen):
         i, j = (torch.randint(0, (n - c) // 8 + 1, (1,), generator=gen).item() * 8 for n in (H, W))
         x = x[..., i:i + c, j:j + c]  # a crop on the latent grid, (B, 3, F, c, c)
         mean, logvar = vae.encode(x)  # (B, C, T, h, w) each
-        y = vae.decode(mean)  # (B, 3, F, c, c)
+        y = vae.decode(posterior_draw(mean, logvar, gen))  # (B, 3, F, c, c)
         rec = reconstruction_loss(x, y, background)
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
         loss = rec + cfg.kl_weight * kl
@@ -234,9 +245,9 @@ def train_vae(cfg, clips, logfile, gen):
 
 
 def finetune_decoder(cfg, vae, clips, logfile, gen):
-    """Phase 3: train the decoder alone on whole clips, the encoder frozen. The latents (what the transformer learns)
-    stay exactly as they are, so this stage only sharpens what generation decodes: shape corners and the frames that
-    time compression packs four to a latent frame."""
+    """Phase 3: train the decoder alone on whole clips, the encoder frozen. The posterior (what the transformer
+    learns) stays exactly as it is, so this stage only sharpens what generation decodes: shape corners and the
+    frames that time compression packs four to a latent frame. It decodes posterior draws, as phases 1-2 do."""
     vae.decoder.requires_grad_(True)
     opt = torch.optim.Adam(vae.decoder.parameters(), lr=cfg.vae_lr / 2)
     bar = tqdm(range(cfg.decoder_steps), desc="decoder", file=sys.stdout, mininterval=2)
@@ -245,8 +256,8 @@ def finetune_decoder(cfg, vae, clips, logfile, gen):
             group["lr"] = schedule_lr(step, cfg.decoder_steps, cfg.vae_lr / 2)
         x = clips[torch.randint(len(clips), (cfg.vae_batch,), generator=gen)]  # (B, 3, F, H, W)
         with torch.no_grad():
-            mean = vae.encode(x)[0]  # (B, C, T, h, w)
-        y = vae.decode(mean)  # (B, 3, F, H, W)
+            z = posterior_draw(*vae.encode(x), gen)  # (B, C, T, h, w)
+        y = vae.decode(z)  # (B, 3, F, H, W)
         loss = reconstruction_loss(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -260,23 +271,34 @@ def finetune_decoder(cfg, vae, clips, logfile, gen):
 
 @torch.no_grad()
 def reconstruction_accuracy(vae, n=40, seed=5):
-    """shapes.evaluate on encode -> mean -> decode of n clips (held-out and training attributes): the ceiling of
-    what the transformer's samples can score."""
+    """shapes.evaluate on encode -> decode of n clips (held-out and training attributes), decoding the posterior
+    mean and a posterior draw: the ceiling of what the transformer's samples can score. Also the posterior's size:
+    its std (root mean square over the latents) against the spread of the means (their std), and the mean absolute
+    pixel error of each decode (pixels in [-1, 1])."""
     train_attrs, held_out = shapes.split()
     vids, caps = shapes.make_clips(n, seed, held_out + train_attrs)
     x = shapes.to_tensor(vids).transpose(1, 2).to(next(vae.parameters()).device)  # (n, 3, F, H, W)
-    y = vae.decode(vae.encode(x)[0])  # (n, 3, F, H, W)
-    return shapes.evaluate(shapes.from_tensor(y.transpose(1, 2)), caps)
+    mean, logvar = vae.encode(x)  # (n, C, T, h, w) each
+    out = {"posterior_std": round((logvar.exp().mean().sqrt()).item(), 4), "mean_spread": round(mean.std().item(), 4)}
+    for name, z in (("mean", mean), ("draw", posterior_draw(mean, logvar, torch.Generator().manual_seed(seed)))):
+        y = vae.decode(z)  # (n, 3, F, H, W)
+        out[f"{name}_error"] = round((y - x).abs().mean().item(), 4)
+        out[name] = shapes.evaluate(shapes.from_tensor(y.transpose(1, 2)), caps)
+    return out
 
 
 @torch.no_grad()
 def encode_clips(vae, videos, batch=16):
-    """Posterior means (N, T, C, h, w) in the transformer's (frames, channels) order. videos stay uint8 until a batch
-    is encoded: as float32 the 8,000 clips would take 3.5 GB."""
+    """Posterior means and stds (N, T, C, h, w) each, in the transformer's (frames, channels) order: the transformer
+    draws a fresh latent from them every step. videos stay uint8 until a batch is encoded: as float32 the 16,000
+    clips would take 7 GB."""
     dev = next(vae.parameters()).device
-    means = [vae.encode(shapes.to_tensor(videos[i:i + batch]).transpose(1, 2).to(dev))[0]  # (b, 3, F, H, W)
-             for i in tqdm(range(0, len(videos), batch), desc="encode", file=sys.stdout, mininterval=2)]
-    return torch.cat(means).permute(0, 2, 1, 3, 4).contiguous()  # (N, T, C, h, w)
+    means, stds = [], []
+    for i in tqdm(range(0, len(videos), batch), desc="encode", file=sys.stdout, mininterval=2):
+        mean, logvar = vae.encode(shapes.to_tensor(videos[i:i + batch]).transpose(1, 2).to(dev))  # (b, C, T, h, w)
+        means.append(mean.cpu())
+        stds.append((0.5 * logvar).exp().cpu())
+    return tuple(torch.cat(t).permute(0, 2, 1, 3, 4).contiguous() for t in (means, stds))  # (N, T, C, h, w) each
 
 
 # ---------------------------------------------------------------------------------------------------- 3. transformer
@@ -312,19 +334,22 @@ def fast_bf16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def train_transformer(cfg, latents, text, caption_ids, empty_id, logfile, gen):
-    """latents (N, T, C, h, w) scaled; text (K, L, D) one embedding per distinct caption, caption_ids (N,)."""
+def train_transformer(cfg, means, stds, scale, text, caption_ids, empty_id, logfile, gen):
+    """means, stds (N, T, C, h, w) the unscaled posteriors; text (K, L, D) one embedding per distinct caption,
+    caption_ids (N,). Each step draws a fresh latent from each clip's posterior and scales it, as the official
+    recipe encodes its training videos: the model learns the distribution the VAE's encoder actually produces."""
+    device = text.device
     schedule = SCHEDULERS["cogvideox-5b"]
-    bf16 = fast_bf16(latents.device)
-    model = init_transformer(CogVideoXTransformer(transformer_config(cfg, text.shape[-1]))).to(latents.device).train()
+    bf16 = fast_bf16(device)
+    model = init_transformer(CogVideoXTransformer(transformer_config(cfg, text.shape[-1]))).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.dit_lr, weight_decay=0.01)
     first = last = None
     bar = tqdm(range(cfg.dit_steps), desc="transformer", file=sys.stdout, mininterval=2)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = schedule_lr(step, cfg.dit_steps, cfg.dit_lr)
-        idx = torch.randint(len(latents), (cfg.dit_batch,), generator=gen)
-        x0 = latents[idx]  # (B, T, C, h, w)
+        idx = torch.randint(len(means), (cfg.dit_batch,), generator=gen)
+        x0 = scale * (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)).to(device)  # (B, T, C, h, w)
         drop = torch.rand(cfg.dit_batch, generator=gen) < cfg.text_drop
         c = text[torch.where(drop, empty_id, caption_ids[idx]).to(text.device)]  # (B, L, D)
         t = torch.randint(0, schedule.num_train_timesteps, (cfg.dit_batch,), generator=gen).to(x0.device)
@@ -376,19 +401,66 @@ def save_snapshot(root, t5, vae, transformer):
 
 # ---------------------------------------------------------------------------------------------------------- main
 
-def train(cfg: TrainConfig, out: str, evaluate_after: bool = True, vae_from: str | None = None, device="cpu"):
-    """vae_from: reuse the VAE of an existing snapshot instead of training one (transformer ablations); each stage
-    seeds its own generator, so the transformer comes out the same either way. Random draws come from CPU
-    generators on any device, so a GPU run sees the same batches, timesteps and noise as a CPU run."""
+def stage_folder(out: str) -> str:
+    """Where the stages of an unfinished run are kept, beside the output: `runs/shapes-tiny.partial`."""
+    return out.rstrip(os.sep) + ".partial"
+
+
+def check_stages(cfg: TrainConfig, out: str, resume: bool, vae_from: str | None) -> dict | None:
+    """Before any work: a run without --resume needs no earlier unfinished run beside `out` (its stages would be
+    silently lost); with --resume there must be one, of the same recipe. Returns the recorded run, or None."""
+    stages = stage_folder(out)
+    if not resume:
+        if os.path.lexists(stages):
+            raise ValueError(f"--output {out}: an interrupted run's stages are in {stages}; add --resume to continue "
+                             f"it, or delete that folder to start over")
+        return None
+    if not os.path.isdir(stages):
+        raise ValueError(f"--resume: there is no interrupted run for --output {out} ({stages} does not exist); "
+                         f"run without --resume")
+    cli.check_folder(stages, "--resume")  # ours, with nothing added
+    run = json.loads(open(os.path.join(stages, "run.json")).read())
+    want = {"recipe": json.loads(json.dumps(asdict(cfg))), "vae_from": vae_from}
+    if {k: run.get(k) for k in want} != want:
+        raise ValueError(f"--resume: {stages} was started with another recipe, seed or --vae-from; rerun that "
+                         f"command with --resume, or delete {stages} to start over")
+    return run
+
+
+def save_stage(stages: str, name: str, tensors: dict, **record) -> None:
+    """One finished stage: its tensors in `<name>.safetensors` (atomically), then its record in run.json, which is
+    what --resume trusts: a stage listed there is complete."""
+    cli.atomic_write(os.path.join(stages, f"{name}.safetensors"),
+                     lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp))
+    run = json.loads(open(os.path.join(stages, "run.json")).read())
+    run["done"][name] = record
+    cli.atomic_write(os.path.join(stages, "run.json"), lambda tmp: write_json(tmp, run))
+    cli.write_marker(stages, "train_tiny.py")
+
+
+def train(cfg: TrainConfig, out: str, evaluate_after: bool = True, vae_from: str | None = None, device="cpu",
+          resume: bool = False):
+    """vae_from: reuse the VAE of an existing snapshot instead of training one (transformer ablations). Each stage
+    seeds its own generators, so a stage gives the same result whether the run went straight through or resumed
+    from `<out>.partial`, where every finished stage is kept until the snapshot is in place; and the transformer
+    comes out the same with or without vae_from. Random draws come from CPU generators on any device, so a GPU run
+    sees the same batches, timesteps and noise as a CPU run."""
     device = torch.device(device)
     t_start, c_start = time.perf_counter(), time.process_time()
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
     out = os.path.abspath(out)
     cli.check_folder(out, "--output")  # new, or a snapshot this script wrote with nothing added: checked now and at the end
-    summary = {}
+    run = check_stages(cfg, out, resume, vae_from)
+    stages = stage_folder(out)
+    if run is None:
+        run = {"recipe": asdict(cfg), "vae_from": vae_from, "done": {}}
+        os.makedirs(stages)
+        cli.atomic_write(os.path.join(stages, "run.json"), lambda tmp: write_json(tmp, run))
+        cli.write_marker(stages, "train_tiny.py")
+    done = run["done"]
+    load = lambda name: load_file(os.path.join(stages, f"{name}.safetensors"))
+    if done:
+        print(f"resuming from {stages}: " + ", ".join(done) + " done")
+    summary = {k: tuple(v["first_last"]) for k, v in done.items() if "first_last" in v}
     with cli.output_folder(out, "train_tiny.py") as tmp:
         logfile = open(os.path.join(tmp, "train_log.jsonl"), "w")
         log(logfile, stage="config", **{f.name: getattr(cfg, f.name) for f in fields(cfg)})
@@ -397,27 +469,48 @@ def train(cfg: TrainConfig, out: str, evaluate_after: bool = True, vae_from: str
         print("1/5 tokenizer and text encoder")
         tok = train_tokenizer(os.path.join(tmp, "tokenizer"), [shapes.caption(a) for a in train_attrs], cfg,
                               random.Random(cfg.seed))
+        torch.manual_seed(cfg.seed)
         t5 = init_t5(T5Encoder(t5_config(tok.vocab_size, cfg)))
 
         print("2/5 VAE" + (f" from {vae_from}" if vae_from else ""))
         if vae_from:
             vae = load_vae(vae_from, device=device)
         else:
-            vids, _ = shapes.make_clips(cfg.vae_clips, cfg.seed + 1, train_attrs)
-            clips = shapes.to_tensor(vids).transpose(1, 2).contiguous().to(device)  # (N, 3, F, H, W)
-            vae, first, last = train_vae(cfg, clips, logfile, gen)
-            summary["vae_rec"] = (first, last)
-            vae = finetune_decoder(cfg, vae, clips, logfile, gen)
+            vae = CogVideoXVAE(vae_config(cfg))
+            if "vae" not in done or "decoder" not in done:
+                vids, _ = shapes.make_clips(cfg.vae_clips, cfg.seed + 1, train_attrs)
+                clips = shapes.to_tensor(vids).transpose(1, 2).contiguous().to(device)  # (N, 3, F, H, W)
+            if "vae" in done:
+                vae.load_state_dict(load("decoder" if "decoder" in done else "vae"))
+                vae = vae.to(device).eval().requires_grad_(False)
+            else:
+                torch.manual_seed(cfg.seed + 1)
+                vae, first, last = train_vae(cfg, clips, logfile, torch.Generator().manual_seed(cfg.seed + 1))
+                summary["vae_rec"] = (first, last)
+                save_stage(stages, "vae", vae.state_dict(), first_last=[first, last])
+            if "decoder" not in done:
+                vae = finetune_decoder(cfg, vae, clips, logfile, torch.Generator().manual_seed(cfg.seed + 3))
+                save_stage(stages, "decoder", vae.state_dict())
         acc = reconstruction_accuracy(vae)
         log(logfile, stage="vae_reconstruction", **acc)
-        print("VAE reconstruction accuracy (40 clips): " + ", ".join(f"{k} {100 * acc[k]:.0f}%" for k in
-                                                                      ("colour", "shape", "motion", "background")))
+        print(f"VAE posterior std {acc['posterior_std']:.4f} against a spread of the means of {acc['mean_spread']:.4f}"
+              f"; reconstruction (40 clips), mean | draw: " + ", ".join(
+                  f"{k} {100 * acc['mean'][k]:.0f}% | {100 * acc['draw'][k]:.0f}%"
+                  for k in ("colour", "shape", "motion", "background"))
+              + f"; pixel error {acc['mean_error']:.4f} | {acc['draw_error']:.4f}")
 
-        print("3/5 latents and text embeddings, cached once")
+        print("3/5 posteriors and text embeddings, cached once")
         vids, caps = shapes.make_clips(cfg.dit_clips, cfg.seed + 2, train_attrs)
-        latents = encode_clips(vae, vids)  # (N, T, C, h, w)
-        vae.config.scaling_factor = round(1.0 / latents.std().item(), 4)
-        latents = latents * vae.config.scaling_factor
+        if "latents" in done:
+            cached = load("latents")
+            means, stds = cached["means"], cached["stds"]
+        else:
+            means, stds = encode_clips(vae, vids)  # (N, T, C, h, w) each
+            save_stage(stages, "latents", {"means": means, "stds": stds})
+        del vids
+        # 1 / the std of a posterior draw over all clips, latents and channels (the spread of the means and the
+        # posterior noise together), so the transformer sees unit-variance latents
+        vae.config.scaling_factor = round(1.0 / (means.var() + stds.square().mean()).sqrt().item(), 4)
         distinct = sorted(set(caps)) + [""]  # "" is the unconditional (negative) prompt
         with torch.no_grad():
             text = t5(tok(distinct, max_length=cfg.max_text_seq_length)).to(device)  # (K, L, D)
@@ -425,19 +518,27 @@ def train(cfg: TrainConfig, out: str, evaluate_after: bool = True, vae_from: str
 
         print("4/5 transformer, " + ("bf16 autocast" if fast_bf16(device) else
                                      "fp32 (no bf16 units here; see train_tiny.fast_bf16)"))
-        torch.manual_seed(cfg.seed + 4)
-        gen = torch.Generator().manual_seed(cfg.seed + 4)
-        transformer, first, last = train_transformer(cfg, latents, text, caption_ids, len(distinct) - 1, logfile, gen)
-        summary["transformer_loss"] = (first, last)
+        transformer = CogVideoXTransformer(transformer_config(cfg, text.shape[-1]))
+        if "transformer" in done:
+            transformer.load_state_dict(load("transformer"))
+        else:
+            torch.manual_seed(cfg.seed + 4)
+            transformer, first, last = train_transformer(cfg, means, stds, vae.config.scaling_factor, text,
+                                                         caption_ids, len(distinct) - 1, logfile,
+                                                         torch.Generator().manual_seed(cfg.seed + 4))
+            summary["transformer_loss"] = (first, last)
+            save_stage(stages, "transformer", transformer.state_dict(), first_last=[first, last])
 
         print("5/5 snapshot")
         save_snapshot(tmp, t5, vae.cpu(), transformer.cpu())
         wall, cpu = time.perf_counter() - t_start, time.process_time() - c_start
         log(logfile, stage="done", wall_s=round(wall, 1), cpu_s=round(cpu, 1), scaling_factor=vae.config.scaling_factor,
-            vae_from=vae_from, transformer_bf16=fast_bf16(device), **{f"{k}_first_last": v for k, v in summary.items()})
+            vae_from=vae_from, transformer_bf16=fast_bf16(device), resumed=sorted(done),
+            **{f"{k}_first_last": v for k, v in summary.items()})
         logfile.close()
-    print(f"wrote {out} in {wall / 60:.1f} min ({cpu / 60:.1f} CPU-min); " + ", ".join(
-        f"{k} {first:.4f} -> {last:.4f}" for k, (first, last) in summary.items()))
+    shutil.rmtree(stages)  # the snapshot is in place: the stages are ours, and no longer needed
+    print(f"wrote {out} in {wall / 60:.1f} min ({cpu / 60:.1f} CPU-min" + (", resumed" if done else "") + "); "
+          + ", ".join(f"{k} {first:.4f} -> {last:.4f}" for k, (first, last) in summary.items()))
     if evaluate_after and cfg.eval_per_combo > 0:
         import evaluate
         evaluate.report(out, per_combo=cfg.eval_per_combo, steps=cfg.eval_steps, device=device)
@@ -456,6 +557,9 @@ def main(argv=None):
                                                     "(4,000 transformer steps: ~6 min on an H100 shared by 3 runs)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     p.add_argument("--vae-from", default=None, help="reuse the VAE of this snapshot (skip stage 2)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last finished stage (kept in <output>.partial); "
+                        "same command otherwise")
     args = p.parse_args(argv)
 
     def work():
@@ -465,7 +569,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
         cfg = replace(PRESETS["smoke" if args.smoke else "default"], seed=args.seed)
         out = args.output or os.path.join(tempfile.gettempdir() if args.smoke else "runs", "shapes-tiny" + "-smoke" * args.smoke)
-        summary = train(cfg, out, evaluate_after=not args.no_eval, vae_from=args.vae_from, device=device)
+        summary = train(cfg, out, evaluate_after=not args.no_eval, vae_from=args.vae_from, device=device,
+                        resume=args.resume)
         if args.smoke:
             for key, (first, last) in summary.items():
                 if not last < first:
