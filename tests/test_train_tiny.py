@@ -6,6 +6,7 @@
   the same seed, fp32 CPU, within 1e-4 max abs (the issue's bound), and its configs must make generate.py default
   to 9 frames of 64x64 at 8 fps.
 """
+import json
 import os
 
 import pytest
@@ -58,6 +59,59 @@ def test_smoke_losses_go_down(smoke):
                 "scheduler/scheduler_config.json"):
         assert os.path.isfile(os.path.join(out, sub)), sub
     assert not [f for f in os.listdir(os.path.dirname(out)) if f.startswith(".")]  # the temp folder was renamed
+    assert not os.path.exists(out + ".partial")  # the stages of a finished run are removed
+
+
+def weights(folder):
+    return {name: open(os.path.join(folder, name, "diffusion_pytorch_model.safetensors"), "rb").read()
+            for name in ("transformer", "vae")}
+
+
+@pytest.mark.parametrize("stage", ["decoder", "transformer"])
+def test_interrupted_run_resumes_from_its_last_finished_stage(smoke, tmp_path, monkeypatch, stage):
+    """A run stopped inside a stage (Ctrl-C) keeps the stages before it in <output>.partial; the same command with
+    --resume skips them and writes the same snapshot as the uninterrupted smoke run. Without --resume, an unfinished
+    run beside the output is refused before any work (its stages would be lost), and --resume with nothing to
+    resume is refused too."""
+    out = str(tmp_path / "shapes-tiny")
+    real = {"decoder": train_tiny.finetune_decoder, "transformer": train_tiny.train_transformer}[stage]
+    calls = []
+
+    def stop(*args, **kw):
+        calls.append(stage)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_tiny, {"decoder": "finetune_decoder", "transformer": "train_transformer"}[stage], stop)
+    argv = ["--smoke", "--output", out, "--no-eval", "--threads", str(torch.get_num_threads())]
+    assert train_tiny.main(argv) != 0
+    assert not os.path.exists(out) and os.path.isdir(out + ".partial")
+    before = sorted(os.listdir(out + ".partial"))
+    assert train_tiny.main(argv) == 2  # no --resume: refused, the stages untouched
+    assert sorted(os.listdir(out + ".partial")) == before and not os.path.exists(out)
+
+    monkeypatch.setattr(train_tiny, {"decoder": "finetune_decoder", "transformer": "train_transformer"}[stage], real)
+    assert train_tiny.main(argv + ["--resume"]) == 0
+    logged = {json.loads(line)["stage"] for line in open(os.path.join(out, "train_log.jsonl"))}
+    assert "vae" not in logged and stage in logged  # the finished VAE stage was not trained again
+    assert weights(out) == weights(smoke[0])
+    assert not os.path.exists(out + ".partial")
+    assert train_tiny.main(argv + ["--resume", "--output", str(tmp_path / "other")]) == 2  # nothing to resume
+    assert not os.path.exists(tmp_path / "other")
+
+
+def test_resume_refuses_another_recipe(tmp_path, monkeypatch):
+    out = str(tmp_path / "shapes-tiny")
+    monkeypatch.setattr(train_tiny, "train_transformer", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert train_tiny.main(["--smoke", "--output", out, "--no-eval"]) != 0
+    assert train_tiny.main(["--smoke", "--output", out, "--no-eval", "--resume", "--seed", "1"]) == 2
+    assert not os.path.exists(out)
+
+
+def test_shipped_vae_has_a_real_posterior():
+    """The posterior std is small against the spread of the latent means, so that a posterior draw (what the official
+    pipelines encode to, and what LoRA training and video-to-video start from) decodes like the mean."""
+    acc = train_tiny.reconstruction_accuracy(load_pipeline(DEMO_MODEL).vae, n=12)
+    assert acc["posterior_std"] <= 0.1 * acc["mean_spread"], acc
+    assert acc["draw_error"] <= 1.5 * acc["mean_error"], acc
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -73,10 +127,10 @@ def test_transformer_trains_in_bf16_only_where_it_is_fast(monkeypatch, bf16):
         model.proj_out.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
         return init(model)
     monkeypatch.setattr(train_tiny, "init_transformer", spy)
-    latents = torch.randn(4, 3, cfg.latent_channels, 8, 8)  # (N, T, C, h, w)
+    means = torch.randn(4, 3, cfg.latent_channels, 8, 8)  # (N, T, C, h, w)
     text = torch.randn(2, cfg.max_text_seq_length, cfg.t5_width)  # (K, L, D)
-    train_tiny.train_transformer(train_tiny.replace(cfg, dit_steps=2), latents, text, torch.tensor([0, 0, 0, 0]), 1,
-                                 io.StringIO(), torch.Generator().manual_seed(0))
+    train_tiny.train_transformer(train_tiny.replace(cfg, dit_steps=2), means, 0.1 * torch.ones_like(means), 1.0, text,
+                                 torch.tensor([0, 0, 0, 0]), 1, io.StringIO(), torch.Generator().manual_seed(0))
     assert seen == {torch.bfloat16 if bf16 else torch.float32}
 
 
