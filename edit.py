@@ -26,8 +26,9 @@ import torch
 import cli
 import model
 from generate import (Pipeline, add_video_arguments, check_request, check_video_output, decode_latents,
-                      encode_frames, encode_text, load_pipeline, on_device, pad_front, peak_memory_gb, prologue,
-                      read_video, resize, save_video, worth_tiling)
+                      encode_frames, encode_text, load_pipeline, pad_front, peak_memory_gb, prologue, read_video,
+                      resize, save_video, worth_tiling)
+from offload import on_device
 from sampler import denoise, invert, make_sampler
 
 METHODS = ("inject", "plain")

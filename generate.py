@@ -19,12 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import cli
 from checkpoint import CheckpointError, config_from_dict, read_json
-from model import BlockStream, CogVideoXTransformer, StepCache, TransformerConfig, load_transformer
+from model import CogVideoXTransformer, TransformerConfig, load_transformer
+from offload import OFFLOAD, on_device
+from quantize import quantize_int8
 from sampler import SAMPLERS, SchedulerConfig, add_noise, denoise, load_scheduler_config, make_sampler
 from text_encoder import T5Encoder, Tokenizer, load_text_encoder
 from vae import CogVideoXVAE, VAEConfig, load_vae, sample_posterior
@@ -69,7 +70,6 @@ class Pipeline:
     offload: str | None = None  # "model": each stage on the CPU until it runs; "blocks": the blocks stream too
 
 
-OFFLOAD = ("model", "blocks")  # load_pipeline(offload=...) and --offload
 OFFICIAL_REPOS = ("CogVideoX-2b", "CogVideoX-5b", "CogVideoX-5b-I2V", "CogVideoX1.5-5B", "CogVideoX1.5-5B-I2V")
 
 
@@ -134,7 +134,7 @@ def load_pipeline(path: str | ModelInfo | None = None, dtype: torch.dtype | None
     CPU. The tokenizer and configs are read first, so a broken snapshot fails before any weight is read.
     offload: "model" (or True) keeps every stage on the CPU and moves each to the device only while it runs (T5,
     then the transformer, then the VAE); "blocks" does the same, except that the blocks of T5 and the transformer
-    never move as a whole: they are streamed to the device one block ahead of the compute (model.BlockStream)."""
+    never move as a whole: they are streamed to the device one block ahead of the compute (offload.BlockStream)."""
     if offload is True:
         offload = "model"
     if offload not in (None, False, *OFFLOAD):
@@ -153,59 +153,6 @@ def load_pipeline(path: str | ModelInfo | None = None, dtype: torch.dtype | None
     return Pipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
                     scheduler=scheduler, info=info, device=device,
                     dtype=dtype, offload=offload)
-
-
-@contextlib.contextmanager
-def on_device(pipe: Pipeline, module: nn.Module):
-    """With offload, move a stage to the compute device for the duration of a `with` block, then back to the CPU.
-    With offload="blocks" the blocks of T5 and the transformer stay on the CPU and stream in one at a time
-    (model.BlockStream)."""
-    streamed = pipe.offload == "blocks" and module in (pipe.transformer, pipe.text_encoder)
-    if pipe.offload and not streamed:
-        module.to(pipe.device)
-    try:
-        if streamed:
-            with BlockStream(module, pipe.device, None if module is pipe.transformer else module.encoder.block):
-                yield module
-        else:
-            yield module
-    finally:
-        if pipe.offload:
-            if not streamed:
-                module.to("cpu")
-            if pipe.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Weight-only int8: about half the memory of bf16 for the transformer's linear layers
-
-
-class Int8Linear(nn.Module):
-    """A Linear whose weight is stored as int8 with one scale per output channel (symmetric, absmax/127); it is
-    dequantized to the activation dtype one layer at a time, so only one layer's full-precision weight is ever live."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0                   # (out,)
-        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8))
-        self.register_buffer("scale", scale.to(linear.weight.dtype))
-        self.bias = linear.bias
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None], self.bias)
-
-
-def quantize_int8(module: nn.Module) -> nn.Module:
-    """Replace every nn.Linear inside `module` by an Int8Linear, in place."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear(child))
-        else:
-            quantize_int8(child)
-    return module
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -409,6 +356,59 @@ def worth_tiling(vae: CogVideoXVAE, height: int, width: int) -> bool:
     return height >= vae.config.sample_height or width >= vae.config.sample_width  # tiles are half the sample size
 
 
+class StepCache:
+    """Opt-in reuse of the block stack's work across adjacent sampling steps (TeaCache, Liu et al. 2024).
+    The blocks' total effect on the video tokens, output - input, changes slowly between adjacent steps, and how
+    much it changes is predicted by how much the first block's modulated input changes. So each call measures
+    the relative L1 change of that input since the previous call and adds it up; while the sum stays below
+    `threshold`, the blocks are skipped and the residual of the last full evaluation is added instead. The first
+    call (and call `num_steps` - 1, the last step, when given) always evaluates. One cache per generation; the
+    decision is taken for the whole batch (the CFG pair shares it), the residual is per sample.
+
+        with on_device(pipe, transformer), StepCache(transformer, 0.2, num_steps):  # inside the stream, if any
+            latents = denoise(...)
+
+    While active, the transformer's forward gets its whole block stack as one callable, run_blocks, from
+    `transformer.block_source` (model.CogVideoXTransformer.blocks)."""
+
+    def __init__(self, model: CogVideoXTransformer, threshold: float, num_steps: int | None = None):
+        self.model, self.threshold, self.num_steps = model, threshold, num_steps
+        self.calls, self.evaluations, self.accumulated = 0, 0, 0.0
+        self.previous = self.residual = None
+
+    def __enter__(self):
+        self.outer = self.model.block_source  # None (the block list), or an offload.BlockStream entered before
+        self.model.block_source = [self.run_blocks]
+        return self
+
+    def __exit__(self, *exc):
+        self.model.block_source = self.outer
+
+    def run_blocks(self, x, c, emb, rope):
+        """All the blocks, or none of them: x (B, N, D) video and c (B, L, D) text tokens -> (x, c)."""
+        x_in = x
+        for i, block in enumerate(self.outer or self.model.transformer_blocks):
+            if i == 0 and self.skip(block.norm1(x, c, emb)[0]):
+                return x + self.residual, c  # the blocks' effect at the last full evaluation (a stream stops here)
+            x, c = block(x, c, emb, rope)
+        self.residual = x - x_in  # (B, N, D)
+        return x, c
+
+    def skip(self, signal) -> bool:
+        """signal: the first block's modulated video input (B, N, D) at this call."""
+        last = self.num_steps is not None and self.calls == self.num_steps - 1
+        self.calls += 1
+        if self.previous is not None and self.previous.shape == signal.shape:
+            self.accumulated += ((signal - self.previous).abs().mean() / self.previous.abs().mean()).item()
+        fresh = self.residual is None or self.residual.shape != signal.shape
+        self.previous = signal
+        if fresh or last or self.accumulated >= self.threshold:
+            self.accumulated = 0.0
+            self.evaluations += 1
+            return False
+        return True
+
+
 @torch.no_grad()
 def generate(pipe: Pipeline, prompt: str | list[str], *, negative_prompt: str | list[str] = "",
              num_frames: int | None = None, height: int | None = None, width: int | None = None,
@@ -424,7 +424,7 @@ def generate(pipe: Pipeline, prompt: str | list[str], *, negative_prompt: str | 
     image: image-to-video (I2V checkpoints): a path or a (3, H, W) tensor in [0, 1], the first frame.
     video: video-to-video: a path or an (F, 3, H, W) tensor in [0, 1]; `strength` in (0, 1] is how much of the
       schedule is re-run (1 = ignore the input video, small = stay close to it).
-    step_cache: a threshold for model.StepCache (e.g. 0.1-0.3): skip the transformer blocks on steps whose input
+    step_cache: a threshold for StepCache (e.g. 0.1-0.3): skip the transformer blocks on steps whose input
       changed little, reusing the last evaluation's residual; faster, slightly different. None: every step runs.
       `timings["evaluations"]` receives the number of full transformer evaluations.
     The same seed gives the same video as the diffusers pipeline on the same checkpoint: one CPU generator, seeded
@@ -493,13 +493,13 @@ def generate(pipe: Pipeline, prompt: str | list[str], *, negative_prompt: str | 
         latents = add_noise(pipe.scheduler, start, latents, schedule.timesteps[0]).to(dtype)
     ofs = torch.full((text.shape[0],), 2.0, device=dev, dtype=dtype) if pipe.transformer.config.ofs_embed_dim else None
 
-    cache = StepCache(step_cache, num_steps=len(schedule.timesteps)) if step_cache is not None else None
+    cache = StepCache(pipe.transformer, step_cache, len(schedule.timesteps)) if step_cache is not None else None
 
     def model(x, t):
         x = x if cond is None else torch.cat([x, cond], dim=2)                       # (B', F, 2C, h, w) for I2V
-        return pipe.transformer(x, text, t, ofs, cache=cache)
+        return pipe.transformer(x, text, t, ofs)
 
-    with on_device(pipe, pipe.transformer):
+    with on_device(pipe, pipe.transformer), cache or contextlib.nullcontext():
         latents = denoise(model, latents, schedule, guidance_scale=guidance_scale, dynamic_cfg=use_dynamic_cfg,
                           generator=generator, progress=progress)
     timings["denoise"] = time.perf_counter() - t0

@@ -16,6 +16,7 @@ What makes CogVideoX different from a plain DiT:
 Shape legend: B batch, F latent frames, C latent channels, H/W latent height/width, p/pt spatial/temporal
 patch size, N video tokens, L text tokens, S = L + N, D hidden width, h heads, d head dim, E time_embed_dim.
 """
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from checkpoint import component_folder, config_from_dict, load_weights, read_json
+from offload import sdpa
 
 
 @dataclass
@@ -96,31 +98,294 @@ PRESETS = {
 }
 
 
+class CogVideoXTransformer(nn.Module):
+    """(noisy latents, text embeddings, timestep) -> the prediction at the latents' shape: embed both modalities,
+    run the blocks over [text; video], read the video tokens back out as latents. The forward only calls the blocks;
+    how they run (streamed from host memory, skipped on some sampling steps, compiled) is set up outside it: see
+    blocks() and compile()."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.config = cfg
+        D, E, p = cfg.inner_dim, cfg.time_embed_dim, cfg.patch_size
+        self.patch_embed = PatchEmbed(cfg)
+        self.time_embedding = MLPEmbedder(D, E)
+        self.ofs_embedding = MLPEmbedder(cfg.ofs_embed_dim, E) if cfg.ofs_embed_dim else None
+        self.transformer_blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.norm_final = nn.LayerNorm(D, eps=cfg.norm_eps, elementwise_affine=cfg.norm_elementwise_affine)
+        self.norm_out = AdaLayerNorm(E, D, cfg.norm_elementwise_affine, cfg.norm_eps)
+        self.proj_out = nn.Linear(D, (cfg.patch_size_t or 1) * p * p * cfg.out_channels)
+        self.gradient_checkpointing = False  # recompute each block in backward (for training)
+        self.block_source = None  # while a wrapper is active, what it supplies the blocks from: see blocks()
+        self._tables = {}  # position tables per (shape, device, dtype); plain dict, never in the state dict
+
+    def forward(self, x, text, t, ofs=None):
+        """x (B, F, C_in, H, W) latents (I2V: image latents already concatenated on C; 1.5: F already padded
+        to a multiple of patch_size_t); text (B, L, text_embed_dim); t (B,) timesteps; ofs (1,) or (B,) for
+        1.5-I2V (the pipeline passes 2.0). Returns (B, F, C_out, H, W)."""
+        cfg = self.config
+        B, F_, C, H, W = x.shape
+        L, p, pt = text.shape[1], cfg.patch_size, cfg.patch_size_t or 1
+        if C != cfg.in_channels or H % p or W % p or F_ % pt:
+            raise ValueError(f"latents {tuple(x.shape)} do not fit the config: need C == in_channels "
+                             f"({cfg.in_channels}), H and W divisible by patch_size ({p}), F divisible by {pt}")
+        if (ofs is None) != (self.ofs_embedding is None):
+            raise ValueError(f"ofs must be given exactly when ofs_embed_dim is set (it is {cfg.ofs_embed_dim})")
+        pos_c, pos_x = self.absolute_positions(F_, H, W, x.dtype, x.device) or (None, None)
+        if pos_x is not None and L != cfg.max_text_seq_length:
+            raise ValueError(f"this model adds absolute positions to [text; video], so the text length must be "
+                             f"max_text_seq_length={cfg.max_text_seq_length}, got {L}")
+
+        t = torch.as_tensor(t, device=x.device).reshape(-1)
+        emb = self.time_embedding(timestep_embedding(t, cfg.inner_dim, cfg.flip_sin_to_cos, cfg.freq_shift).to(x.dtype))
+        if self.ofs_embedding is not None:
+            ofs = torch.as_tensor(ofs, device=x.device).reshape(-1)
+            ofs = timestep_embedding(ofs, cfg.ofs_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift).to(x.dtype)
+            emb = emb + self.ofs_embedding(ofs)  # (B, E)
+
+        c = self.patch_embed.text_proj(text)  # (B, L, D)
+        x = self.patch_embed(x)  # (B, N, D)
+        if pos_x is not None:
+            x = x + pos_x
+        if pos_c is not None:
+            c = c + pos_c
+        rope = self.rope(F_, H, W, L, x.device)
+
+        for block in self.blocks():
+            x, c = block(x, c, emb, rope)  # (B, N, D), (B, L, D)
+
+        x = self.norm_out(self.norm_final(x), emb)
+        x = self.proj_out(x)  # (B, N, pt*p*p*C_out)
+        return unpatchify(x, F_, H, W, p, pt)  # (B, F, C_out, H, W)
+
+    def blocks(self):
+        """The blocks as forward calls them, each (x, c, emb, rope) -> (x, c): the list itself or, while a wrapper is
+        active, what it put in `block_source`: offload.BlockStream hands out the blocks one by one, each copied to the
+        GPU just before it runs; generate.StepCache, one callable that runs them all or skips them on this step.
+        Under gradient_checkpointing each is recomputed in backward instead of keeping its activations."""
+        blocks = self.block_source or self.transformer_blocks
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return (functools.partial(checkpoint, block, use_reentrant=False) for block in blocks)
+        return blocks
+
+    def compile(self, *args, **kwargs):
+        """torch.compile one block's forward and run every block through it, instead of the whole model: all blocks
+        share their code, and since torch 2.5 (inline_inbuilt_nn_modules) their weights are inputs of the graph, so
+        the one graph serves all 42 blocks. Compile time is that of one block, not of 42 unrolled; the parts around
+        the blocks (embeddings, the step cache's decision, block streaming) stay eager. Arguments go to
+        torch.compile."""
+        forward = torch.compile(Block.forward, *args, **kwargs)
+        for block in self.transformer_blocks:
+            block.forward = functools.partial(forward, block)
+
+    def absolute_positions(self, F_: int, H: int, W: int, dtype, device):
+        """Additive (text, video) position embeddings, or None for pure-RoPE variants. Mirrors the original:
+        the learned table (5b-I2V) is used only at the sample size; other frame counts fall back to sincos
+        (with zero text rows), other H/W are refused."""
+        cfg = self.config
+        if cfg.use_rotary_positional_embeddings and not cfg.use_learned_positional_embeddings:
+            return None
+        if cfg.use_learned_positional_embeddings:
+            if (H, W) != (cfg.sample_height, cfg.sample_width):
+                raise ValueError(f"the learned position table of this model only supports latent H x W = "
+                                 f"{cfg.sample_height} x {cfg.sample_width}, got {H} x {W}")
+            if (F_ - 1) * cfg.temporal_compression_ratio + 1 == cfg.sample_frames:
+                table = self.patch_embed.pos_embedding.to(dtype)  # (1, L + N, D)
+                L = cfg.max_text_seq_length
+                return table[:, :L], table[:, L:]
+        p = cfg.patch_size
+        table = self._cached(("sincos", F_, H, W, dtype, device), lambda: sincos_3d(
+            cfg.inner_dim, F_, H // p, W // p, cfg.spatial_interpolation_scale, cfg.temporal_interpolation_scale,
+            device).to(dtype)[None])  # (1, N, D); float64 until the cast
+        return None, table
+
+    def rope(self, F_: int, H: int, W: int, L: int, device):
+        """(cos, sin), each (S, 1, d/2) fp32, or None. Text rows hold the identity rotation (cos 1, sin 0),
+        so the whole joint sequence is rotated in one pass and RoPE acts on video tokens only."""
+        cfg = self.config
+        if not cfg.use_rotary_positional_embeddings:
+            return None
+
+        def make():
+            p, Hg, Wg = cfg.patch_size, H // cfg.patch_size, W // cfg.patch_size
+            if cfg.patch_size_t is None:  # 1.0: positions span the crop region of the training grid
+                T = F_
+                (top, left), (bottom, right) = crop_region(Hg, Wg, cfg.sample_height // p, cfg.sample_width // p)
+                pos_h = torch.linspace(top, bottom * (Hg - 1) / Hg, Hg, dtype=torch.float32, device=device)
+                pos_w = torch.linspace(left, right * (Wg - 1) / Wg, Wg, dtype=torch.float32, device=device)
+                pos_t = torch.linspace(0, T * (T - 1) / T, T, dtype=torch.float32, device=device)
+            else:  # 1.5: integer positions (the original slices them from a sample_height/p x sample_width/p grid)
+                T = F_ // cfg.patch_size_t
+                pos_t, pos_h, pos_w = (torch.arange(n, dtype=torch.float32, device=device) for n in (T, Hg, Wg))
+            angles = rope_3d(cfg.attention_head_dim, pos_t, pos_h, pos_w)  # (N, d/2)
+            angles = torch.cat([angles.new_zeros(L, angles.shape[1]), angles])[:, None]  # (S, 1, d/2)
+            return torch.cos(angles), torch.sin(angles)
+        return self._cached(("rope", F_, H, W, L, device), make)
+
+    def _cached(self, key, make):
+        if key not in self._tables:
+            with torch.inference_mode(False):  # usable by autograd later even if first built while sampling
+                self._tables[key] = make()
+        return self._tables[key]
+
+
+def load_transformer(path: str, dtype=torch.float32, device="cpu",
+                     config: TransformerConfig | None = None) -> CogVideoXTransformer:
+    """Build from `<path>/config.json` (or `config`, that file already read) on the meta device and assign the
+    (sharded) safetensors weights. `path` is the `transformer/` folder or the snapshot root that contains it."""
+    folder = component_folder(path, "transformer")
+    cfg = config or config_from_dict(TransformerConfig, read_json(os.path.join(folder, "config.json")))
+    with torch.device("meta"):
+        model = CogVideoXTransformer(cfg)
+    return load_weights(model, folder, "diffusion_pytorch_model", dtype=dtype, device=device)
+
+
+def flops_per_forward(config: TransformerConfig, num_video_tokens: int, num_text_tokens: int = 226) -> float:
+    """Matmul FLOPs of one forward at batch 1: per layer 24*D^2 per token (q, k, v, out: 4D^2 MACs; FF 8D^2)
+    plus 4*S^2*D for QK^T and PV over the joint sequence. AdaLN, embeddings and proj_out (<0.1%) are ignored."""
+    S, D = num_video_tokens + num_text_tokens, config.inner_dim
+    return float(config.num_layers * (24 * D * D * S + 4 * S * S * D))
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Small pure functions for the math
+# Modules (attribute names = checkpoint keys), in the order forward uses them
 
 
-# The SDPA kernels tried on CUDA, fastest first. Attention is about half of a 5b step at 480x720 (S = 17,776 tokens,
-# head_dim 64), and PyTorch's own order puts cuDNN after math, so it would never be picked, while on Hopper cuDNN's
-# fused attention is the fastest kernel for head_dim 64 (bench/gpu.py times each). A kernel that cannot take the
-# inputs (cuDNN or flash on fp32, flash before Ampere, a build without cuDNN) is skipped for the next; math takes
-# anything. sdpa_kernel's priority order needs torch 2.6 (and 2.7 under torch.compile); older: PyTorch's choice.
-if torch.__version__ >= "2.6":
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    CUDA_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                       SDPBackend.MATH]
-else:
-    CUDA_SDPA_ORDER = None
+class PatchEmbed(nn.Module):
+    """Video patches and text embeddings to width D. The 1.0 projection is stored as a stride-p Conv2d,
+    which is the same linear map as the 1.5 Linear on (c, ph, pw)-ordered patches, so both run as one
+    patchify + matmul."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        D, p, C = cfg.inner_dim, cfg.patch_size, cfg.in_channels
+        if cfg.patch_size_t is None:
+            self.proj = nn.Conv2d(C, D, kernel_size=p, stride=p, bias=cfg.patch_bias)
+        else:
+            self.proj = nn.Linear(C * cfg.patch_size_t * p * p, D)
+        self.text_proj = nn.Linear(cfg.text_embed_dim, D)
+        self.p, self.pt = p, cfg.patch_size_t or 1
+        if cfg.use_learned_positional_embeddings:  # (1, L + N, D) at the sample size, text rows included
+            T = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
+            N = T * (cfg.sample_height // p) * (cfg.sample_width // p)
+            self.register_buffer("pos_embedding", torch.zeros(1, cfg.max_text_seq_length + N, D))
+
+    def forward(self, x):  # (B, F, C, H, W) -> (B, N, D)
+        return F.linear(patchify(x, self.p, self.pt), self.proj.weight.flatten(1), self.proj.bias)
+
+
+class MLPEmbedder(nn.Module):
+    """Timestep (or ofs) sinusoid -> conditioning vector: Linear, SiLU, Linear."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        D, E = cfg.inner_dim, cfg.time_embed_dim
+        self.norm1 = LayerNormZero(E, D, cfg.norm_elementwise_affine, cfg.norm_eps)
+        self.attn1 = Attention(D, cfg.num_attention_heads, cfg.attention_head_dim, cfg.attention_bias)
+        self.norm2 = LayerNormZero(E, D, cfg.norm_elementwise_affine, cfg.norm_eps)
+        self.ff = FeedForward(D)
+
+    def forward(self, x, c, emb, rope):  # x (B, N, D) video, c (B, L, D) text, emb (B, E)
+        L = c.shape[1]
+        nx, nc, gate, c_gate = self.norm1(x, c, emb)
+        a = self.attn1(torch.cat([nc, nx], dim=1), rope)  # (B, S, D), text first
+        x = torch.addcmul(x, gate, a[:, L:])  # x + gate * attn
+        c = torch.addcmul(c, c_gate, a[:, :L])
+        nx, nc, gate, c_gate = self.norm2(x, c, emb)
+        x = torch.addcmul(x, gate, self.ff(nx))  # the FF is per token: no need to concatenate
+        c = torch.addcmul(c, c_gate, self.ff(nc))
+        return x, c
+
+
+class LayerNormZero(nn.Module):
+    """Expert AdaLN: one LayerNorm shared by both modalities, separate shift/scale/gate for video and text."""
+
+    def __init__(self, cond_dim: int, dim: int, affine: bool, eps: float):
+        super().__init__()
+        self.linear = nn.Linear(cond_dim, 6 * dim)
+        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
+
+    def forward(self, x, c, emb):
+        shift, scale, gate, c_shift, c_scale, c_gate = self.linear(F.silu(emb))[:, None].chunk(6, dim=2)  # (B, 1, D)
+        return modulate(self.norm(x), shift, scale), modulate(self.norm(c), c_shift, c_scale), gate, c_gate
+
+
+class Attention(nn.Module):
+    """Joint self-attention over [text; video] with per-head QK LayerNorm and (optionally) RoPE."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.norm_q = nn.LayerNorm(head_dim, eps=1e-6)
+        self.norm_k = nn.LayerNorm(head_dim, eps=1e-6)
+        self.to_q = nn.Linear(dim, heads * head_dim, bias=bias)
+        self.to_k = nn.Linear(dim, heads * head_dim, bias=bias)
+        self.to_v = nn.Linear(dim, heads * head_dim, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])
+
+    def qkv(self, s):
+        """q, k, v from one matmul with the three weights stacked for this call only: nothing extra stays in
+        memory, and weights changed in place (a merged LoRA) are always current. Projections wrapped by
+        something else (LoRA training, int8) run one by one."""
+        projections = (self.to_q, self.to_k, self.to_v)
+        if not all(type(m) is nn.Linear for m in projections):
+            return [m(s) for m in projections]
+        bias = torch.cat([m.bias for m in projections]) if self.to_q.bias is not None else None
+        return F.linear(s, torch.cat([m.weight for m in projections]), bias).chunk(3, dim=-1)  # 3 x (B, S, h*d)
+
+    def forward(self, s, rope):
+        B, S, _ = s.shape
+        q, k, v = (y.view(B, S, self.heads, -1) for y in self.qkv(s))  # (B, S, h, d)
+        q, k = self.norm_q(q), self.norm_k(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, h, S, d)
+        return self.to_out[0](o.transpose(1, 2).reshape(B, S, -1))  # (B, S, D)
 
 
 def attention(q, k, v):
     """Full (non-causal, unmasked) attention; q, k, v (B, h, S, d). Replace this one function (e.g.
-    `model.attention = sageattn`) to try another kernel. On CUDA the kernel is the first of CUDA_SDPA_ORDER that
-    takes these inputs; elsewhere PyTorch's choice (all compute the same result up to rounding)."""
-    if q.is_cuda and CUDA_SDPA_ORDER:
-        with sdpa_kernel(CUDA_SDPA_ORDER, set_priority=True):
-            return F.scaled_dot_product_attention(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v)
+    `model.attention = sageattn`) to try another kernel; on CUDA, offload.sdpa tries the fastest kernels first."""
+    return sdpa(q, k, v)
+
+
+class FeedForward(nn.Module):
+    """D -> 4D -> D with tanh-GELU. Index 1 of `net` was a dropout in the original; keys are net.0.proj, net.2."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.ModuleList([nn.Module(), nn.Identity(), nn.Linear(4 * dim, dim)])
+        self.net[0].proj = nn.Linear(dim, 4 * dim)
+
+    def forward(self, x):
+        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+
+
+class AdaLayerNorm(nn.Module):
+    """Final modulation of the video tokens: LayerNorm, then shift/scale from the conditioning vector."""
+
+    def __init__(self, cond_dim: int, dim: int, affine: bool, eps: float):
+        super().__init__()
+        self.linear = nn.Linear(cond_dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
+
+    def forward(self, x, emb):
+        shift, scale = self.linear(F.silu(emb))[:, None].chunk(2, dim=2)  # (B, 1, D), shift first
+        return modulate(self.norm(x), shift, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small pure functions for the math
 
 
 def timestep_embedding(t, dim: int, flip_sin_to_cos: bool, freq_shift: int, max_period: float = 10000.0):
@@ -207,405 +472,3 @@ def unpatchify(x, F_: int, H: int, W: int, p: int, pt: int):
     x = x.reshape(B, F_ // pt, H // p, W // p, -1, pt, p, p)
     x = x.permute(0, 1, 5, 4, 2, 6, 3, 7)  # (B, F/pt, pt, C, H/p, p, W/p, p)
     return x.reshape(B, F_, -1, H, W)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Modules (attribute names = checkpoint keys)
-
-
-class MLPEmbedder(nn.Module):
-    """Timestep (or ofs) sinusoid -> conditioning vector: Linear, SiLU, Linear."""
-
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, out_dim)
-        self.linear_2 = nn.Linear(out_dim, out_dim)
-
-    def forward(self, x):
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
-class PatchEmbed(nn.Module):
-    """Video patches and text embeddings to width D. The 1.0 projection is stored as a stride-p Conv2d,
-    which is the same linear map as the 1.5 Linear on (c, ph, pw)-ordered patches, so both run as one
-    patchify + matmul."""
-
-    def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        D, p, C = cfg.inner_dim, cfg.patch_size, cfg.in_channels
-        if cfg.patch_size_t is None:
-            self.proj = nn.Conv2d(C, D, kernel_size=p, stride=p, bias=cfg.patch_bias)
-        else:
-            self.proj = nn.Linear(C * cfg.patch_size_t * p * p, D)
-        self.text_proj = nn.Linear(cfg.text_embed_dim, D)
-        self.p, self.pt = p, cfg.patch_size_t or 1
-        if cfg.use_learned_positional_embeddings:  # (1, L + N, D) at the sample size, text rows included
-            T = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
-            N = T * (cfg.sample_height // p) * (cfg.sample_width // p)
-            self.register_buffer("pos_embedding", torch.zeros(1, cfg.max_text_seq_length + N, D))
-
-    def forward(self, x):  # (B, F, C, H, W) -> (B, N, D)
-        return F.linear(patchify(x, self.p, self.pt), self.proj.weight.flatten(1), self.proj.bias)
-
-
-class LayerNormZero(nn.Module):
-    """Expert AdaLN: one LayerNorm shared by both modalities, separate shift/scale/gate for video and text."""
-
-    def __init__(self, cond_dim: int, dim: int, affine: bool, eps: float):
-        super().__init__()
-        self.linear = nn.Linear(cond_dim, 6 * dim)
-        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
-
-    def forward(self, x, c, emb):
-        shift, scale, gate, c_shift, c_scale, c_gate = self.linear(F.silu(emb))[:, None].chunk(6, dim=2)  # (B, 1, D)
-        return modulate(self.norm(x), shift, scale), modulate(self.norm(c), c_shift, c_scale), gate, c_gate
-
-
-class Attention(nn.Module):
-    """Joint self-attention over [text; video] with per-head QK LayerNorm and (optionally) RoPE."""
-
-    def __init__(self, dim: int, heads: int, head_dim: int, bias: bool):
-        super().__init__()
-        self.heads = heads
-        self.norm_q = nn.LayerNorm(head_dim, eps=1e-6)
-        self.norm_k = nn.LayerNorm(head_dim, eps=1e-6)
-        self.to_q = nn.Linear(dim, heads * head_dim, bias=bias)
-        self.to_k = nn.Linear(dim, heads * head_dim, bias=bias)
-        self.to_v = nn.Linear(dim, heads * head_dim, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])
-
-    def qkv(self, s):
-        """q, k, v from one matmul with the three weights stacked for this call only: nothing extra stays in
-        memory, and weights changed in place (a merged LoRA) are always current. Projections wrapped by
-        something else (LoRA training, int8) run one by one."""
-        projections = (self.to_q, self.to_k, self.to_v)
-        if not all(type(m) is nn.Linear for m in projections):
-            return [m(s) for m in projections]
-        bias = torch.cat([m.bias for m in projections]) if self.to_q.bias is not None else None
-        return F.linear(s, torch.cat([m.weight for m in projections]), bias).chunk(3, dim=-1)  # 3 x (B, S, h*d)
-
-    def forward(self, s, rope):
-        B, S, _ = s.shape
-        q, k, v = (y.view(B, S, self.heads, -1) for y in self.qkv(s))  # (B, S, h, d)
-        q, k = self.norm_q(q), self.norm_k(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, h, S, d)
-        return self.to_out[0](o.transpose(1, 2).reshape(B, S, -1))  # (B, S, D)
-
-
-class FeedForward(nn.Module):
-    """D -> 4D -> D with tanh-GELU. Index 1 of `net` was a dropout in the original; keys are net.0.proj, net.2."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.net = nn.ModuleList([nn.Module(), nn.Identity(), nn.Linear(4 * dim, dim)])
-        self.net[0].proj = nn.Linear(dim, 4 * dim)
-
-    def forward(self, x):
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        D, E = cfg.inner_dim, cfg.time_embed_dim
-        self.norm1 = LayerNormZero(E, D, cfg.norm_elementwise_affine, cfg.norm_eps)
-        self.attn1 = Attention(D, cfg.num_attention_heads, cfg.attention_head_dim, cfg.attention_bias)
-        self.norm2 = LayerNormZero(E, D, cfg.norm_elementwise_affine, cfg.norm_eps)
-        self.ff = FeedForward(D)
-
-    def forward(self, x, c, emb, rope):  # x (B, N, D) video, c (B, L, D) text, emb (B, E)
-        L = c.shape[1]
-        nx, nc, gate, c_gate = self.norm1(x, c, emb)
-        a = self.attn1(torch.cat([nc, nx], dim=1), rope)  # (B, S, D), text first
-        x = torch.addcmul(x, gate, a[:, L:])  # x + gate * attn
-        c = torch.addcmul(c, c_gate, a[:, :L])
-        nx, nc, gate, c_gate = self.norm2(x, c, emb)
-        x = torch.addcmul(x, gate, self.ff(nx))  # the FF is per token: no need to concatenate
-        c = torch.addcmul(c, c_gate, self.ff(nc))
-        return x, c
-
-
-class AdaLayerNorm(nn.Module):
-    """Final modulation of the video tokens: LayerNorm, then shift/scale from the conditioning vector."""
-
-    def __init__(self, cond_dim: int, dim: int, affine: bool, eps: float):
-        super().__init__()
-        self.linear = nn.Linear(cond_dim, 2 * dim)
-        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
-
-    def forward(self, x, emb):
-        shift, scale = self.linear(F.silu(emb))[:, None].chunk(2, dim=2)  # (B, 1, D), shift first
-        return modulate(self.norm(x), shift, scale)
-
-
-class StepCache:
-    """Opt-in reuse of the block stack's work across adjacent sampling steps (TeaCache, Liu et al. 2024).
-    The blocks' total effect on the video tokens, output - input, changes slowly between adjacent steps, and how
-    much it changes is predicted by how much the first block's modulated input changes. So each call measures
-    the relative L1 change of that input since the previous call and adds it up; while the sum stays below
-    `threshold`, the blocks are skipped and the residual of the last full evaluation is added instead. The first
-    call (and call `num_steps` - 1, the last step, when given) always evaluates. One cache per generation; the
-    decision is taken for the whole batch (the CFG pair shares it), the residual is per sample."""
-
-    def __init__(self, threshold: float, num_steps: int | None = None):
-        self.threshold, self.num_steps = threshold, num_steps
-        self.calls, self.evaluations, self.accumulated = 0, 0, 0.0
-        self.previous = self.residual = None
-
-    def skip(self, signal) -> bool:
-        """signal: the first block's modulated video input (B, N, D) at this call."""
-        last = self.num_steps is not None and self.calls == self.num_steps - 1
-        self.calls += 1
-        if self.previous is not None and self.previous.shape == signal.shape:
-            self.accumulated += ((signal - self.previous).abs().mean() / self.previous.abs().mean()).item()
-        fresh = self.residual is None or self.residual.shape != signal.shape
-        self.previous = signal
-        if fresh or last or self.accumulated >= self.threshold:
-            self.accumulated = 0.0
-            self.evaluations += 1
-            return False
-        return True
-
-
-def run_block(block, x, c, emb, rope):
-    """One block, as a plain function: the unit CogVideoXTransformer.compile hands to torch.compile."""
-    return block(x, c, emb, rope)
-
-
-class BlockStream:
-    """Run a transformer whose blocks stay in host memory, each copied to `device` just before it runs.
-
-        with BlockStream(model, "cuda"):   # all but the blocks move to the device until the with-block ends
-            out = model(x, text, t)
-
-    `blocks` is the list streamed: `model.transformer_blocks` by default; T5's is `encoder.block` (generate.py
-    streams both: T5-XXL is 9.5 GB in bf16, more than the rest of a 5b run needs at a time). The model's forward
-    iterates over `model.streaming` instead of its list while one is active.
-
-    Why: the 42 blocks of a 5b model are 11 GB in bf16, 99% of its weights, but a forward needs one at a time. So
-    the blocks stay in (pinned) CPU memory and model.forward iterates over this object instead of its block list:
-    while block i runs on the compute stream, block i + 1 is copied on a side CUDA stream (an event makes the
-    compute stream wait for it; record_stream keeps the caching allocator from reusing a copy's memory before the
-    kernels that read it have run). After block i has run, its parameters point at the host tensors again and the
-    copies are dropped, so at most two blocks' copies exist at any time (about 0.5 GB for 5b; a dropped copy's memory
-    goes back to the allocator once the kernels that read it have run). A 5b block at 480x720 with guidance is 16
-    TFLOP, about 30 ms on an H100, and its 264 MB cross PCIe in 5-10 ms, so one block ahead is enough for the copies
-    to hide behind the compute (estimates; bench/gpu.py measures the whole). On the CPU the same code runs with plain
-    copies, no streams, events or pinning, so the CPU tests check the logic (the output is bit-identical: the same
-    kernels on the same values)."""
-
-    def __init__(self, model: nn.Module, device, blocks: nn.ModuleList | None = None):
-        self.model, self.device = model, torch.device(device)
-        self.blocks = model.transformer_blocks if blocks is None else blocks
-        self.cuda = self.device.type == "cuda"
-        self.side = torch.cuda.Stream(self.device) if self.cuda else None
-
-    def __enter__(self):
-        self._move_the_rest(self.device)
-        if self.cuda:  # once per pipeline: later enters find them pinned (new LoRA or int8 tensors get pinned then)
-            self._pack([t for t in self._tensors(self.blocks) if not t.is_pinned()])
-        self.model.streaming = self
-        return self.model
-
-    def __exit__(self, *exc):
-        self.model.streaming = None
-        self._move_the_rest("cpu")
-
-    def _move_the_rest(self, device):
-        """Everything outside the blocks (embeddings, norms, projections: small) moves as a whole."""
-        streamed = {id(t) for t in self._tensors(self.blocks)}
-        for t in self._tensors(self.model):
-            if id(t) not in streamed:
-                t.data = t.data.to(device)
-
-    @staticmethod
-    def _tensors(module):
-        return list(module.parameters()) + list(module.buffers())
-
-    def _pack(self, tensors, chunk: int = 2**30):
-        """Move tensors into shared host buffers of at most `chunk` bytes (pinned on CUDA), each tensor a view at a
-        512-byte aligned offset. Why not t.pin_memory() per tensor: PyTorch's pinned allocator rounds every request
-        up to a power of two, which costs 1.7x for the 5b blocks' 19-75 MB tensors (19 GB of pinned RAM for 11 GB
-        of weights); a full 1 GiB buffer is a power of two, and only the last, smaller one is rounded up."""
-        sizes = [-(-t.numel() * t.element_size() // 512) * 512 for t in tensors]
-        left, buffer, used = sum(sizes), None, 0
-        for t, size in zip(tensors, sizes):
-            if buffer is None or used + size > len(buffer):
-                buffer, used = torch.empty(max(min(chunk, left), size), dtype=torch.uint8, pin_memory=self.cuda), 0
-            nbytes = t.numel() * t.element_size()
-            t.data = buffer[used:used + nbytes].view(t.dtype).view(t.shape).copy_(t.data)
-            used, left = used + size, left - size
-
-    def _fetch(self, block):
-        """Start copying a block's tensors to the device: (copies, event that marks their arrival)."""
-        with torch.cuda.stream(self.side):  # no-op for None (CPU)
-            copies = [t.to(self.device, copy=True, non_blocking=True) for t in self._tensors(block)]
-        return copies, self.side.record_event() if self.cuda else None
-
-    def __iter__(self):
-        """Yield each block with its weights on the device; the next block's copy is under way meanwhile."""
-        blocks = self.blocks
-        pending = self._fetch(blocks[0])
-        for i, block in enumerate(blocks):
-            copies, arrived = pending
-            if self.cuda:
-                compute = torch.cuda.current_stream(self.device)
-                compute.wait_event(arrived)
-                for t in copies:
-                    t.record_stream(compute)
-            pending = self._fetch(blocks[i + 1]) if i + 1 < len(blocks) else None  # overlaps block i's compute
-            tensors = self._tensors(block)
-            host = [t.data for t in tensors]
-            for t, copy in zip(tensors, copies):
-                t.data = copy
-            try:
-                yield block
-            finally:
-                for t, h in zip(tensors, host):
-                    t.data = h
-            del copies  # block i's copies go now, before block i + 2's are fetched
-
-
-class CogVideoXTransformer(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        self.config = cfg
-        D, E, p = cfg.inner_dim, cfg.time_embed_dim, cfg.patch_size
-        self.patch_embed = PatchEmbed(cfg)
-        self.time_embedding = MLPEmbedder(D, E)
-        self.ofs_embedding = MLPEmbedder(cfg.ofs_embed_dim, E) if cfg.ofs_embed_dim else None
-        self.transformer_blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
-        self.norm_final = nn.LayerNorm(D, eps=cfg.norm_eps, elementwise_affine=cfg.norm_elementwise_affine)
-        self.norm_out = AdaLayerNorm(E, D, cfg.norm_elementwise_affine, cfg.norm_eps)
-        self.proj_out = nn.Linear(D, (cfg.patch_size_t or 1) * p * p * cfg.out_channels)
-        self.gradient_checkpointing = False  # recompute each block in backward (for training)
-        self._tables = {}  # position tables per (shape, device, dtype); plain dict, never in the state dict
-        self.run_block = run_block  # torch.compile'd by compile()
-        self.streaming = None  # a BlockStream while one is active: the blocks come from it
-
-    def compile(self, *args, **kwargs):
-        """torch.compile one block and run every block through it, instead of the whole model: all blocks share
-        their code, and since torch 2.5 (inline_inbuilt_nn_modules) their weights are inputs of the graph, so the one
-        graph serves all 42 blocks. Compile time is that of one block, not of 42 unrolled; the parts around the
-        blocks (embeddings, the step cache's decision, block streaming) stay eager. Arguments go to torch.compile."""
-        self.run_block = torch.compile(run_block, *args, **kwargs)
-
-    def absolute_positions(self, F_: int, H: int, W: int, dtype, device):
-        """Additive (text, video) position embeddings, or None for pure-RoPE variants. Mirrors the original:
-        the learned table (5b-I2V) is used only at the sample size; other frame counts fall back to sincos
-        (with zero text rows), other H/W are refused."""
-        cfg = self.config
-        if cfg.use_rotary_positional_embeddings and not cfg.use_learned_positional_embeddings:
-            return None
-        if cfg.use_learned_positional_embeddings:
-            if (H, W) != (cfg.sample_height, cfg.sample_width):
-                raise ValueError(f"the learned position table of this model only supports latent H x W = "
-                                 f"{cfg.sample_height} x {cfg.sample_width}, got {H} x {W}")
-            if (F_ - 1) * cfg.temporal_compression_ratio + 1 == cfg.sample_frames:
-                table = self.patch_embed.pos_embedding.to(dtype)  # (1, L + N, D)
-                L = cfg.max_text_seq_length
-                return table[:, :L], table[:, L:]
-        p = cfg.patch_size
-        table = self._cached(("sincos", F_, H, W, dtype, device), lambda: sincos_3d(
-            cfg.inner_dim, F_, H // p, W // p, cfg.spatial_interpolation_scale, cfg.temporal_interpolation_scale,
-            device).to(dtype)[None])  # (1, N, D); float64 until the cast
-        return None, table
-
-    def rope(self, F_: int, H: int, W: int, L: int, device):
-        """(cos, sin), each (S, 1, d/2) fp32, or None. Text rows hold the identity rotation (cos 1, sin 0),
-        so the whole joint sequence is rotated in one pass and RoPE acts on video tokens only."""
-        cfg = self.config
-        if not cfg.use_rotary_positional_embeddings:
-            return None
-
-        def make():
-            p, Hg, Wg = cfg.patch_size, H // cfg.patch_size, W // cfg.patch_size
-            if cfg.patch_size_t is None:  # 1.0: positions span the crop region of the training grid
-                T = F_
-                (top, left), (bottom, right) = crop_region(Hg, Wg, cfg.sample_height // p, cfg.sample_width // p)
-                pos_h = torch.linspace(top, bottom * (Hg - 1) / Hg, Hg, dtype=torch.float32, device=device)
-                pos_w = torch.linspace(left, right * (Wg - 1) / Wg, Wg, dtype=torch.float32, device=device)
-                pos_t = torch.linspace(0, T * (T - 1) / T, T, dtype=torch.float32, device=device)
-            else:  # 1.5: integer positions (the original slices them from a sample_height/p x sample_width/p grid)
-                T = F_ // cfg.patch_size_t
-                pos_t, pos_h, pos_w = (torch.arange(n, dtype=torch.float32, device=device) for n in (T, Hg, Wg))
-            angles = rope_3d(cfg.attention_head_dim, pos_t, pos_h, pos_w)  # (N, d/2)
-            angles = torch.cat([angles.new_zeros(L, angles.shape[1]), angles])[:, None]  # (S, 1, d/2)
-            return torch.cos(angles), torch.sin(angles)
-        return self._cached(("rope", F_, H, W, L, device), make)
-
-    def _cached(self, key, make):
-        if key not in self._tables:
-            with torch.inference_mode(False):  # usable by autograd later even if first built while sampling
-                self._tables[key] = make()
-        return self._tables[key]
-
-    def forward(self, x, text, t, ofs=None, cache: StepCache | None = None):
-        """x (B, F, C_in, H, W) latents (I2V: image latents already concatenated on C; 1.5: F already padded
-        to a multiple of patch_size_t); text (B, L, text_embed_dim); t (B,) timesteps; ofs (1,) or (B,) for
-        1.5-I2V (the pipeline passes 2.0); cache: a StepCache to skip the blocks on some sampling steps.
-        Returns (B, F, C_out, H, W)."""
-        cfg = self.config
-        B, F_, C, H, W = x.shape
-        L, p, pt = text.shape[1], cfg.patch_size, cfg.patch_size_t or 1
-        if C != cfg.in_channels or H % p or W % p or F_ % pt:
-            raise ValueError(f"latents {tuple(x.shape)} do not fit the config: need C == in_channels "
-                             f"({cfg.in_channels}), H and W divisible by patch_size ({p}), F divisible by {pt}")
-        if (ofs is None) != (self.ofs_embedding is None):
-            raise ValueError(f"ofs must be given exactly when ofs_embed_dim is set (it is {cfg.ofs_embed_dim})")
-        pos_c, pos_x = self.absolute_positions(F_, H, W, x.dtype, x.device) or (None, None)
-        if pos_x is not None and L != cfg.max_text_seq_length:
-            raise ValueError(f"this model adds absolute positions to [text; video], so the text length must be "
-                             f"max_text_seq_length={cfg.max_text_seq_length}, got {L}")
-
-        t = torch.as_tensor(t, device=x.device).reshape(-1)
-        emb = self.time_embedding(timestep_embedding(t, cfg.inner_dim, cfg.flip_sin_to_cos, cfg.freq_shift).to(x.dtype))
-        if self.ofs_embedding is not None:
-            ofs = torch.as_tensor(ofs, device=x.device).reshape(-1)
-            ofs = timestep_embedding(ofs, cfg.ofs_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift).to(x.dtype)
-            emb = emb + self.ofs_embedding(ofs)  # (B, E)
-
-        c = self.patch_embed.text_proj(text)  # (B, L, D)
-        x = self.patch_embed(x)  # (B, N, D)
-        if pos_x is not None:
-            x = x + pos_x
-        if pos_c is not None:
-            c = c + pos_c
-        rope = self.rope(F_, H, W, L, x.device)
-
-        x_in = x
-        for i, block in enumerate(self.transformer_blocks if self.streaming is None else self.streaming):
-            if i == 0 and cache is not None and cache.skip(block.norm1(x, c, emb)[0]):
-                x = x + cache.residual  # the blocks' effect at the last full evaluation
-                break
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, c = checkpoint(block, x, c, emb, rope, use_reentrant=False)
-            else:
-                x, c = self.run_block(block, x, c, emb, rope)
-        else:
-            if cache is not None:
-                cache.residual = x - x_in  # (B, N, D)
-
-        x = self.norm_out(self.norm_final(x), emb)
-        x = self.proj_out(x)  # (B, N, pt*p*p*C_out)
-        return unpatchify(x, F_, H, W, p, pt)  # (B, F, C_out, H, W)
-
-
-def load_transformer(path: str, dtype=torch.float32, device="cpu",
-                     config: TransformerConfig | None = None) -> CogVideoXTransformer:
-    """Build from `<path>/config.json` (or `config`, that file already read) on the meta device and assign the
-    (sharded) safetensors weights. `path` is the `transformer/` folder or the snapshot root that contains it."""
-    folder = component_folder(path, "transformer")
-    cfg = config or config_from_dict(TransformerConfig, read_json(os.path.join(folder, "config.json")))
-    with torch.device("meta"):
-        model = CogVideoXTransformer(cfg)
-    return load_weights(model, folder, "diffusion_pytorch_model", dtype=dtype, device=device)
-
-
-def flops_per_forward(config: TransformerConfig, num_video_tokens: int, num_text_tokens: int = 226) -> float:
-    """Matmul FLOPs of one forward at batch 1: per layer 24*D^2 per token (q, k, v, out: 4D^2 MACs; FF 8D^2)
-    plus 4*S^2*D for QK^T and PV over the joint sequence. AdaLN, embeddings and proj_out (<0.1%) are ignored."""
-    S, D = num_video_tokens + num_text_tokens, config.inner_dim
-    return float(config.num_layers * (24 * D * D * S + 4 * S * S * D))

@@ -161,12 +161,12 @@ class T5Encoder(nn.Module):
         self.encoder = nn.ModuleDict(dict(
             block=nn.ModuleList([Block(cfg, has_relative_bias=i == 0) for i in range(cfg.num_layers)]),
             final_layer_norm=RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)))
-        self.streaming = None  # a model.BlockStream while one is active: the blocks come from it
+        self.block_source = None  # while a wrapper is active (offload.BlockStream), what it supplies the blocks from
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         blocks = self.encoder.block
         x = self.shared(ids).to(blocks[0].layer[1].DenseReluDense.wo.weight.dtype)  # (B, L, D)
-        for i, block in enumerate(blocks if self.streaming is None else self.streaming):
+        for i, block in enumerate(self.block_source or blocks):
             if i == 0:  # the relative-position table lives in block 0 (on the device only while it runs)
                 bias = block.layer[0].SelfAttention.position_bias(ids.shape[1], ids.device)  # (1, h, L, L)
             x = block(x, bias)

@@ -3,14 +3,14 @@
 One run, in this order, prints the markdown tables for bench/RESULTS.md (with the GPU, torch version and date):
   1. a bf16 matmul peak (8192^3 torch.mm, timed at the start and the end; the better is used) for the MFU column;
   2. each SDPA kernel alone on the 5b attention shape (CFG batch 2, 48 heads, 17,776 tokens, head_dim 64), and
-     model.attention (the first of model.CUDA_SDPA_ORDER that takes the inputs);
+     model.attention (the first of offload.CUDA_SDPA_ORDER that takes the inputs);
   3. per model (5b, then 2b), one CFG step = one transformer forward at batch 2, 49 frames 480x720 (13 x 60 x 90
      latents, 226 text tokens): random weights built on the GPU (the peer's modules, weights normal(0, 0.02) and
      LayerNorm scales around 1), shared by ours (same tensors, same key names); first an fp32 forward of the peer
      (TF32 off) as the reference, then bf16: peer and ours eager, alternating, best of 3; both compiled (ours:
      CogVideoXTransformer.compile, one graph for all blocks; the peer: each block's nn.Module.compile, the same
      regional compilation, since compiling its whole 42-block forward would not fit the time); ours with the blocks
-     streamed from pinned host memory (model.BlockStream), eager and compiled. Columns: seconds per step, ratio,
+     streamed from pinned host memory (offload.BlockStream), eager and compiled. Columns: seconds per step, ratio,
      MFU (model.flops_per_forward x 2 / time / matmul peak), weights on the GPU, peak GPU memory of the step
      (weights + torch.cuda.max_memory_allocated increase; streamed: the increase alone, the blocks live on the
      host), and the max relative difference max|out - ref| / max|ref| against the fp32 reference;
@@ -38,6 +38,7 @@ from transformer import matmul_peak, peer_rope, timed  # bench/transformer.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
+from offload import CUDA_SDPA_ORDER, BlockStream  # noqa: E402
 from text_encoder import PRESETS as T5_PRESETS, T5Encoder  # noqa: E402
 from vae import CogVideoXVAE, VAEConfig  # noqa: E402
 
@@ -129,7 +130,7 @@ def sdpa_part(cfg, size, dev, dtype, repeat):
         except RuntimeError as e:
             rows.append(f"| {name} | unavailable: {str(e).splitlines()[0][:80]} | |")
     head = (f"Attention alone, q/k/v (2, {cfg.num_attention_heads}, {S}, {cfg.attention_head_dim}) {dtype}, best of "
-            f"{repeat}; the order model.attention tries: {', '.join(b.name for b in M.CUDA_SDPA_ORDER or [])}\n\n"
+            f"{repeat}; the order model.attention tries: {', '.join(b.name for b in CUDA_SDPA_ORDER or [])}\n\n"
             "| kernel | ms | TFLOP/s |\n|---|---:|---:|")
     return "\n".join([head] + rows)
 
@@ -193,18 +194,17 @@ def transformer_part(name, cfg, size, dev, dtype, clock, compile_backend):
             host = M.CogVideoXTransformer(cfg)
         host.load_state_dict({k: v.to("cpu") for k, v in ours.state_dict().items()}, strict=True, assign=True)
         host.eval()
-        stream = M.BlockStream(host, dev)
+        stream = BlockStream(host, dev)
         t0 = time.perf_counter()
         with stream:  # the first enter packs (and, on CUDA, pins) the host blocks
             print(f"    blocks packed in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        cases = {"ours streamed eager": M.run_block}
-        if "ours compiled" in results:
-            cases["ours streamed compiled"] = ours.run_block  # the compiled block function: the same graph
+        step, repeat = lambda: host(x, text, t), max(size["repeat"] - 1, 1)  # noqa: E731
+        gpu_weights = nbytes(host) - nbytes(host.transformer_blocks)
         with stream:
-            for k, block_fn in cases.items():
-                host.run_block = block_fn
-                run({k: lambda: host(x, text, t)}, max(size["repeat"] - 1, 1),
-                    nbytes(host) - nbytes(host.transformer_blocks))
+            run({"ours streamed eager": step}, repeat, gpu_weights)
+            if "ours compiled" in results:
+                host.compile(backend=compile_backend)  # as ours: one graph for every block
+                run({"ours streamed compiled": step}, repeat, gpu_weights)
     clock.part(f"{name} streamed", streamed)
     return results
 
@@ -234,7 +234,7 @@ def stages_part(size, dev, dtype):
     t5.to("cpu")
 
     def stage():  # what on_device does with --offload blocks: T5's blocks stream in, one ahead of the compute
-        with M.BlockStream(t5, dev, t5.encoder.block):
+        with BlockStream(t5, dev, t5.encoder.block):
             return t5(ids)
     with torch.no_grad():
         stage()  # the first entry packs the blocks into pinned host memory, once per pipeline

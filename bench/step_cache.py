@@ -1,4 +1,4 @@
-"""Benchmark: the opt-in step cache (model.StepCache, TeaCache-like) on the shapes demo model: transformer
+"""Benchmark: the opt-in step cache (generate.StepCache, TeaCache-like) on the shapes demo model: transformer
 evaluations, denoising time, evaluator accuracy and pixel difference from the uncached videos.
 
 For each threshold, every held-out prompt and every `--train-every`-th training prompt of shapes.split() is

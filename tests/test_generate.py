@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from generate import Int8Linear, generate, load_pipeline
+from generate import generate, load_pipeline
+from quantize import Int8Linear, quantize_int8
 from tiny import MAX_TEXT
 
 TOL = 1e-4
@@ -141,7 +142,6 @@ def test_offload_gives_identical_output(snapshots):
 
 
 def test_int8_halves_weight_memory_and_stays_close(snapshots):
-    from generate import quantize_int8
     path = snapshots("5b")
     kw = dict(num_frames=9, height=32, width=32, num_inference_steps=3, max_sequence_length=MAX_TEXT, progress=False)
     pipe = load_pipeline(path, dtype=torch.bfloat16)
@@ -286,25 +286,25 @@ def test_offload_moves_each_stage_in_just_for_its_use(snapshots, monkeypatch):
 
 
 def test_offload_blocks_gives_identical_frames_and_ends_on_the_cpu(snapshots, monkeypatch):
-    """offload="blocks": the blocks of T5 and the transformer are streamed (model.BlockStream, checked block by
+    """offload="blocks": the blocks of T5 and the transformer are streamed (offload.BlockStream, checked block by
     block in tests/test_perf.py), the VAE moves as a stage. Same frames bit for bit, also when the step cache skips (the
     stream is left after block 0), and everything ends on the CPU."""
-    import model as M
+    from offload import BlockStream
     path = snapshots("5b")
     kw = dict(num_frames=9, height=32, width=32, num_inference_steps=3, max_sequence_length=MAX_TEXT, progress=False)
     plain = load_pipeline(path)
     pipe = load_pipeline(path, offload="blocks")
     assert pipe.offload == "blocks" and load_pipeline(path, offload=True).offload == "model"
     streams = []
-    real_enter = M.BlockStream.__enter__
-    monkeypatch.setattr(M.BlockStream, "__enter__", lambda self: streams.append(self) or real_enter(self))
+    real_enter = BlockStream.__enter__
+    monkeypatch.setattr(BlockStream, "__enter__", lambda self: streams.append(self) or real_enter(self))
     assert torch.equal(generate(plain, PROMPT, **kw), generate(pipe, PROMPT, **kw))
     a, b = ({} for _ in range(2))
     assert torch.equal(generate(plain, PROMPT, step_cache=100.0, timings=a, **kw),
                        generate(pipe, PROMPT, step_cache=100.0, timings=b, **kw))
     assert a["evaluations"] == b["evaluations"] == 2  # first and last steps only
     assert [s.model for s in streams] == [pipe.text_encoder, pipe.transformer] * 2  # T5 streams too
-    assert pipe.transformer.streaming is None and pipe.text_encoder.streaming is None
+    assert pipe.transformer.block_source is None and pipe.text_encoder.block_source is None
     for module in (pipe.text_encoder, pipe.transformer, pipe.vae):
         assert all(t.device.type == "cpu" for t in list(module.parameters()) + list(module.buffers()))
     with pytest.raises(ValueError, match="offload='block' is unknown"):
@@ -1194,7 +1194,7 @@ def test_cli_quantize_and_compile_reach_the_transformer(snapshots, tmp_path, mon
     path = snapshots("2b")
     png = cli_frames(path, tmp_path / "int8", "--steps", "2", "--quantize", "int8")
     pipe = load_pipeline(path)
-    gen.quantize_int8(pipe.transformer)
+    quantize_int8(pipe.transformer)
     want = gen.to_uint8(generate(pipe, PROMPT, num_frames=9, height=32, width=48, num_inference_steps=2,
                                  progress=False)[0])
     assert not np.array_equal(want, api_frames(path)), "int8 gives fp32's frames here: the test cannot tell"

@@ -2,6 +2,7 @@
 cache (off or never skipping = identical, skipping = exact residual reuse and close outputs), torch.compile (one
 graph for all blocks), block streaming (bit-identical, two blocks at a time), the memory-mapped checkpoint reader
 (one copy when casting, none otherwise), and bench/gpu.py's smoke mode."""
+import contextlib
 import os
 import sys
 import weakref
@@ -13,6 +14,8 @@ from safetensors.torch import save_file
 
 import model as M
 from checkpoint import read_tensors
+from generate import StepCache
+from offload import BlockStream
 from sampler import denoise, make_sampler, SchedulerConfig
 from test_model import TINY, inputs, peer_forward, random_peer, rel_err
 
@@ -80,15 +83,15 @@ def step_inputs(steps):
 
 
 def run(model, seq, cache):
-    with torch.no_grad():
-        return [model(x, text, t, cache=cache) for x, text, t in seq]
+    with torch.no_grad(), cache or contextlib.nullcontext():
+        return [model(x, text, t) for x, text, t in seq]
 
 
 def test_step_cache_off_or_never_skipping_is_identical(pair):
     _, ours = pair
     seq = step_inputs(5)
     plain = run(ours, seq, None)
-    cache = M.StepCache(threshold=0.0)
+    cache = StepCache(ours, threshold=0.0)
     for a, b in zip(plain, run(ours, seq, cache)):
         assert torch.equal(a, b)
     assert cache.evaluations == cache.calls == 5
@@ -99,10 +102,9 @@ def test_step_cache_reuses_the_residual_exactly(pair):
     full evaluation gave, per sample."""
     _, ours = pair
     x, text, t, _ = inputs(CFG, SHAPE, L)
-    cache = M.StepCache(threshold=0.1)
-    with torch.no_grad():
-        full = ours(x, text, t, cache=cache)
-        skipped = ours(x, text, t, cache=cache)
+    with torch.no_grad(), StepCache(ours, threshold=0.1) as cache:
+        full = ours(x, text, t)
+        skipped = ours(x, text, t)
     assert cache.evaluations == 1 and cache.calls == 2
     assert (full[0] - full[1]).abs().max() > 1e-3
     torch.testing.assert_close(skipped, full, rtol=0, atol=1e-5 * full.abs().max().item())
@@ -112,13 +114,13 @@ def test_step_cache_skips_and_stays_close(pair):
     _, ours = pair
     seq = step_inputs(12)
     plain = run(ours, seq, None)
-    cache = M.StepCache(threshold=0.3, num_steps=len(seq))
+    cache = StepCache(ours, threshold=0.3, num_steps=len(seq))
     cached = run(ours, seq, cache)
     assert 1 < cache.evaluations < 12
     errs = [rel_err(a, b) for a, b in zip(cached, plain)]
     assert errs[0] == 0 and errs[-1] == 0  # first and last calls always evaluate
     assert 0 < max(errs) < 1.0  # a random tiny model is sensitive; bench/step_cache.py measures a trained one
-    more = M.StepCache(threshold=0.6, num_steps=len(seq))
+    more = StepCache(ours, threshold=0.6, num_steps=len(seq))
     cached_more = run(ours, seq, more)
     assert more.evaluations < cache.evaluations
     assert sum(rel_err(a, b) for a, b in zip(cached_more, plain)) > sum(errs)  # skipping more costs more
@@ -132,11 +134,10 @@ def test_step_cache_in_the_sampling_loop_is_reset_per_generation(pair):
     sched = SchedulerConfig()
     results = []
     for threshold in (None, 2.0, 2.0):  # 10 steps are far apart: a high threshold to skip some
-        cache = M.StepCache(threshold, num_steps=10) if threshold is not None else None
+        cache = StepCache(ours, threshold, num_steps=10) if threshold is not None else None
         sampler = make_sampler("ddim", sched, 10)
-        with torch.no_grad():
-            out = denoise(lambda z, t: ours(z, text, t, cache=cache), x[:1], sampler, guidance_scale=5.0,
-                          progress=False)
+        with torch.no_grad(), cache or contextlib.nullcontext():
+            out = denoise(lambda z, t: ours(z, text, t), x[:1], sampler, guidance_scale=5.0, progress=False)
         results.append((out, cache.evaluations if cache else 10))
     (plain, n0), (cached, n1), (again, n2) = results
     assert n0 == 10 and 1 < n1 < 10 and n1 == n2
@@ -167,9 +168,9 @@ def test_compile_makes_one_graph_for_all_blocks():
         ref = model(x, text, t)
         model.compile(backend=counter)
         out = model(x, text, t)
-        cache = M.StepCache(threshold=10.0)
-        model(x, text, t, cache=cache), model(x, text, t, cache=cache)
-        with M.BlockStream(model, "cpu"):
+        with StepCache(model, threshold=10.0) as cache:
+            model(x, text, t), model(x, text, t)
+        with BlockStream(model, "cpu"):
             streamed = model(x, text, t)
     assert counter.frame_count == 1 and torch.equal(out, ref) and torch.equal(streamed, ref)
     assert cache.calls == 2 and cache.evaluations == 1
@@ -181,9 +182,9 @@ def stream_spy(blocks, monkeypatch):
     (block index, indices of the blocks whose copies are alive) and checks that this block computes with its copies
     and every other block's parameters are their own host tensors again."""
     blocks = list(blocks)
-    host = [[t.data_ptr() for t in M.BlockStream._tensors(b)] for b in blocks]
+    host = [[t.data_ptr() for t in BlockStream._tensors(b)] for b in blocks]
     live, seen = {}, []
-    real_fetch = M.BlockStream._fetch
+    real_fetch = BlockStream._fetch
 
     def fetch(self, block):
         copies, event = real_fetch(self, block)
@@ -193,13 +194,13 @@ def stream_spy(blocks, monkeypatch):
     def before(block, args):
         i = blocks.index(block)
         seen.append((i, [j for j, refs in sorted(live.items()) if any(r() is not None for r in refs)]))
-        assert [t.data_ptr() for t in M.BlockStream._tensors(block)] == [r().data_ptr() for r in live[i]]
-        assert all([t.data_ptr() for t in M.BlockStream._tensors(b)] == host[j] for j, b in enumerate(blocks) if j != i)
+        assert [t.data_ptr() for t in BlockStream._tensors(block)] == [r().data_ptr() for r in live[i]]
+        assert all([t.data_ptr() for t in BlockStream._tensors(b)] == host[j] for j, b in enumerate(blocks) if j != i)
 
-    monkeypatch.setattr(M.BlockStream, "_fetch", fetch)
+    monkeypatch.setattr(BlockStream, "_fetch", fetch)
     for b in blocks:
         b.register_forward_pre_hook(before)
-    return seen, lambda: all([t.data_ptr() for t in M.BlockStream._tensors(b)] == host[j] for j, b in enumerate(blocks))
+    return seen, lambda: all([t.data_ptr() for t in BlockStream._tensors(b)] == host[j] for j, b in enumerate(blocks))
 
 
 def test_block_stream_is_bit_identical_with_two_blocks_on_the_device(monkeypatch):
@@ -212,16 +213,15 @@ def test_block_stream_is_bit_identical_with_two_blocks_on_the_device(monkeypatch
     with torch.no_grad():
         ref = model(x, text, t)
         seen, restored = stream_spy(model.transformer_blocks, monkeypatch)
-        with M.BlockStream(model, "cpu"):
+        with BlockStream(model, "cpu"):
             out = model(x, text, t)
         assert torch.equal(out, ref)
         assert seen == [(0, [0, 1]), (1, [1, 2]), (2, [2, 3]), (3, [3, 4]), (4, [4])], seen
-        assert restored() and model.streaming is None
-        cache = M.StepCache(threshold=10.0)
-        with M.BlockStream(model, "cpu"):
-            assert torch.equal(model(x, text, t, cache=cache), ref)
-            model(x, text, t, cache=cache)
-        assert cache.evaluations == 1 and cache.calls == 2 and restored()
+        assert restored() and model.block_source is None
+        with BlockStream(model, "cpu"), StepCache(model, threshold=10.0) as cache:
+            assert torch.equal(model(x, text, t), ref)
+            model(x, text, t)
+        assert cache.evaluations == 1 and cache.calls == 2 and restored() and model.block_source is None
 
 
 def test_block_stream_runs_t5_block_by_block(monkeypatch):
@@ -237,11 +237,11 @@ def test_block_stream_runs_t5_block_by_block(monkeypatch):
     with torch.no_grad():
         ref = t5(ids)
         seen, restored = stream_spy(t5.encoder.block, monkeypatch)
-        with M.BlockStream(t5, "cpu", t5.encoder.block):
+        with BlockStream(t5, "cpu", t5.encoder.block):
             out = t5(ids)
     assert torch.equal(out, ref)
     assert seen == [(0, [0, 1]), (1, [1, 2]), (2, [2, 3]), (3, [3])], seen
-    assert restored() and t5.streaming is None
+    assert restored() and t5.block_source is None
 
 
 def test_block_stream_packs_host_tensors_into_shared_buffers():
@@ -250,12 +250,12 @@ def test_block_stream_packs_host_tensors_into_shared_buffers():
     buffers filled in order; the model computes the same output from the packed weights."""
     model = M.CogVideoXTransformer(M.TransformerConfig(**dict(CFG, num_layers=2))).eval()
     x, text, t, _ = inputs(CFG, SHAPE, L)
-    tensors = M.BlockStream._tensors(model.transformer_blocks)
+    tensors = BlockStream._tensors(model.transformer_blocks)
     before = [t.clone() for t in tensors]
     with torch.no_grad():
         ref = model(x, text, t)
         chunk = 8192
-        M.BlockStream(model, "cpu")._pack(tensors, chunk=chunk)
+        BlockStream(model, "cpu")._pack(tensors, chunk=chunk)
         assert torch.equal(model(x, text, t), ref)
     storages = set()
     for w, b in zip(tensors, before):
