@@ -26,6 +26,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import warnings
 import zlib
 
 import numpy as np
@@ -72,7 +73,19 @@ def _number(cast, ok, need: str):
 positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
 nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 seed = _number(int, lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2**63)")
-pixels = _number(int, lambda v: v >= 16 and v % 16 == 0, "a positive multiple of 16, e.g. 480 or 720")
+
+
+def pixels(text: str) -> int:
+    """A height or width: a positive multiple of 16; a refusal suggests the two nearest (any model's defaults are
+    its own size, so the suggestion is never another model's)."""
+    value = _number(int, lambda v: True, "")(text)
+    if value < 16 or value % 16:
+        lo = max(16, value // 16 * 16)
+        raise argparse.ArgumentTypeError(f"{text} is out of range: use a positive multiple of 16, e.g. {lo} or "
+                                         f"{lo + 16} (leave it out for the model's own size)")
+    return value
+
+
 positive_float = _number(float, lambda v: v > 0, "a number > 0")
 nonnegative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 strength = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
@@ -118,11 +131,28 @@ def pick_dtype(name: str | None, device: torch.device, gpu_dtype: torch.dtype) -
     return torch.float32 if device.type == "cpu" else gpu_dtype
 
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _one_line(default):
+    """A warning this project's code gives (a prompt cut to the text length, a word the model never learned) as one
+    line on stderr, "warning: ..."; anyone else's as `default` shows it."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(ROOT + os.sep):
+            print(f"warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show
+
+
 def run(work) -> int:
     """Run a command's body: a ValueError or OSError becomes one line on stderr and exit status 2 (CheckpointError is
-    a ValueError), Ctrl-C one line and 130. Temporary files are removed by the writers themselves on the way out."""
+    a ValueError), Ctrl-C one line and 130; this project's own warnings are one line each (`_one_line`). Temporary
+    files are removed by the writers themselves on the way out."""
     try:
-        return work() or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line(warnings.showwarning)
+            return work() or 0
     except KeyboardInterrupt:
         print("interrupted: nothing unfinished was written", file=sys.stderr)
         return 130
@@ -183,9 +213,57 @@ def check_file(path: str, flag: str, named: bool) -> None:
     check_parent(path, flag)
 
 
-def check_folder(path: str, flag: str, exact: bool = True) -> None:
+def listing(folder: str, top: bool = True) -> list[str]:
+    """Every file and folder below `folder` at any depth, as relative paths with '/' separators, folders ending in
+    '/'; top: `folder` is the one a marker signs, so its own MARKER_FILE is left out. A link is an entry of its own
+    (never followed)."""
+    out = []
+    for base, dirs, files in os.walk(folder):
+        rel = os.path.relpath(base, folder)
+        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        out += [prefix + d + ("" if os.path.islink(os.path.join(base, d)) else "/") for d in dirs]
+        out += [prefix + f for f in files]
+    return sorted(p for p in out if p != MARKER_FILE or not top)
+
+
+def _entry(folder: str, name: str) -> str:
+    """`name` in a folder as listing() writes it: with a trailing '/' for a folder (not a link to one)."""
+    p = os.path.join(folder, name)
+    return name + "/" if os.path.isdir(p) and not os.path.islink(p) else name
+
+
+def foreign(folder: str, marker: dict, parts=None) -> tuple[str, bool] | None:
+    """The first thing below `folder` (or only inside its top-level entries `parts`) that this project did not write,
+    as (relative path, verifiable), or None. The marker's "tree" lists everything we put there, at any depth; a file
+    outside it that carries MARK (one of our PNGs, videos) is ours too. A marker written before trees were recorded
+    ("files": top-level names only, or no list at all) cannot vouch for what is inside a subfolder: such a subfolder
+    comes back with verifiable=False."""
+    names = sorted(os.listdir(folder)) if parts is None else sorted(
+        n for n in parts if os.path.lexists(os.path.join(folder, n)))
+    names = [n for n in names if n != MARKER_FILE]
+    tree = marker.get("tree")
+    if tree is None:
+        files = marker.get("files")
+        for n in names:
+            folder_entry = _entry(folder, n).endswith("/")
+            if not folder_entry and (n in (files or ()) or written_by_us(os.path.join(folder, n))):
+                continue
+            return n, files is not None and n not in files
+        return None
+    ours = set(tree)
+    for n in names:
+        top = _entry(folder, n)
+        below = [top] + ([top + p for p in listing(os.path.join(folder, n), top=False)] if top.endswith("/") else [])
+        for p in below:
+            if p not in ours and (p.endswith("/") or not written_by_us(os.path.join(folder, p))):
+                return p.rstrip("/"), True
+    return None
+
+
+def check_folder(path: str, flag: str, exact: bool = True, parts=None) -> None:
     """A folder output: new, empty, or one this project created. exact: it must also hold nothing but what we put
-    there (it is about to be replaced whole); otherwise the tool only writes its own files inside it."""
+    there, at any depth (it is about to be replaced whole); otherwise the tool only writes its own entries inside
+    it, and `parts` names those it will replace (each must hold nothing but what we put there)."""
     here = os.path.abspath(path)
     if here == os.getcwd() or os.getcwd().startswith(here.rstrip(os.sep) + os.sep):
         raise ValueError(f"{flag} {path} is the current folder or holds it; choose a new folder name")
@@ -198,10 +276,14 @@ def check_folder(path: str, flag: str, exact: bool = True) -> None:
     if entries and marker is None:
         raise ValueError(f"{flag} {path} is an existing folder that cogvideox-mini did not create; it is never "
                          f"replaced or written into: choose a new folder name")
-    foreign = sorted(entries - set(marker.get("files", entries)) - {MARKER_FILE}) if marker and exact else []
-    if foreign:
-        raise ValueError(f"{flag} {path} holds {foreign[0]!r}, which cogvideox-mini did not write; move it away or "
+    bad = foreign(path, marker, None if exact else parts) if marker and (exact or parts) else None
+    if bad and bad[1]:
+        raise ValueError(f"{flag} {path} holds {bad[0]!r}, which cogvideox-mini did not write; move it away or "
                          f"choose a new folder name")
+    if bad:
+        raise ValueError(f"{flag} {path}: {bad[0]!r} was written by an older cogvideox-mini, which did not record what "
+                         f"it put inside, so it is not replaced: check it and delete it yourself, or choose a new "
+                         f"folder name")
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path}: the folder is not writable")
 
@@ -217,8 +299,15 @@ def _umask() -> int:
 
 
 def ordinary_permissions(path: str) -> None:
-    """What open()/mkdir() would have given, instead of mkstemp's 0600 / mkdtemp's 0700."""
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+    """What open()/mkdir() would have given, instead of mkstemp's 0600 / mkdtemp's 0700 (or safetensors' save_file,
+    which creates its files 0600): for a folder, everything inside it too (links are left alone)."""
+    mask = _umask()
+    if os.path.isdir(path) and not os.path.islink(path):
+        for base, dirs, files in os.walk(path):
+            for name in files + dirs:
+                if not os.path.islink(p := os.path.join(base, name)):
+                    os.chmod(p, (0o777 if name in dirs else 0o666) & ~mask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
 
 
 def atomic_write(path: str, write) -> None:
@@ -239,19 +328,59 @@ def atomic_write(path: str, write) -> None:
         raise
 
 
+def _save_marker(folder: str, marker: dict) -> None:
+    marker["files"] = sorted({p.split("/")[0] for p in marker["tree"]})  # the top level, as earlier versions read it
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(marker, f, indent=1)
+            f.write("\n")
+    atomic_write(os.path.join(folder, MARKER_FILE), write)
+
+
+def _tree(folder: str, marker: dict | None) -> set:
+    """The marker's tree; from a marker of before trees, the top-level files it listed (its folders stay unknown)."""
+    if marker is None:
+        return set()
+    if "tree" in marker:
+        return set(marker["tree"])
+    return {n for n in marker.get("files") or [] if not _entry(folder, n).endswith("/")}
+
+
 def write_marker(folder: str, tool: str, listed: bool = True) -> None:
-    """Sign a folder as ours. listed: record its entries, so that a later replacement can see anything added since."""
-    marker = {"written_by": "cogvideox-mini", "tool": tool}
-    if listed:
-        marker["files"] = sorted(n for n in os.listdir(folder) if n != MARKER_FILE)
-    with open(os.path.join(folder, MARKER_FILE), "w") as f:
-        json.dump(marker, f, indent=1)
-        f.write("\n")
+    """Sign a folder as ours. listed: record everything in it, at any depth ("tree"), so that a later replacement can
+    see anything added since; otherwise (a folder a tool writes its own entries into) record nothing yet: `record`
+    adds each entry as it is written."""
+    _save_marker(folder, {"written_by": "cogvideox-mini", "tool": tool, "tree": listing(folder) if listed else []})
 
 
-def claim_folder(path: str, tool: str, flag: str) -> None:
-    """Create (or reuse) a folder a tool writes its own files into (train_lora's runs, convert's output)."""
-    check_folder(path, flag, exact=False)
+def record(folder: str, paths, tool: str, relist: bool = False) -> None:
+    """Add entries to the tree of our folder's marker: the relative paths given (a folder as 'name/'), their parent
+    folders, and everything now below any of them. Called before writing them (so an interrupted write leaves
+    nothing unlisted) and again after (for what a writer put inside a folder). relist: first forget what was
+    recorded at and below those paths, so the tree holds exactly what is there now."""
+    marker = read_marker(folder) or {"written_by": "cogvideox-mini", "tool": tool}
+    tree = _tree(folder, marker)
+    if relist:
+        gone = [p.rstrip("/") for p in paths]
+        tree = {t for t in tree if not any(t.rstrip("/") == g or t.startswith(g + "/") for g in gone)}
+    for p in paths:
+        parts = p.rstrip("/").split("/")
+        full = os.path.join(folder, *parts)
+        if relist and not os.path.lexists(full):
+            continue
+        tree.update("/".join(parts[:i]) + "/" for i in range(1, len(parts)))
+        tree.add(_entry(folder, p.rstrip("/")) if os.path.lexists(full) else p)
+        if os.path.isdir(full) and not os.path.islink(full):
+            tree.update(p.rstrip("/") + "/" + q for q in listing(full, top=False))
+    marker["tree"] = sorted(tree)
+    _save_marker(folder, marker)
+
+
+def claim_folder(path: str, tool: str, flag: str, parts=None) -> None:
+    """Create (or reuse) a folder a tool writes its own entries into (train_lora's runs, convert's output, the tour);
+    `parts`: the entries it will replace, which must be ours (check_folder)."""
+    check_folder(path, flag, exact=False, parts=parts)
     os.makedirs(path, exist_ok=True)
     if read_marker(path) is None:
         write_marker(path, tool, listed=False)

@@ -253,21 +253,33 @@ def parse_size(text):
     return int(float(m[1]) * 1000 ** "BKMG".index(m[2][0]))
 
 
-def write_atomically(out, writers):
+def write_atomically(out, writers, tool="convert.py"):
     """Run each writer(path) into a temporary folder inside `out`, then rename the results into place: a failed or
     interrupted conversion never leaves a half-written component behind. `out` is a folder this tool created (or a
-    new one): main() refuses any other before reading a checkpoint, so the components replaced here are ours."""
-    cli.claim_folder(out, "convert.py", "--out")
+    new one), and each component it replaces holds nothing but what this tool wrote there: main() checks both before
+    reading a checkpoint, and they are checked again here, before anything is replaced. The marker in `out` records
+    every file of every component, so that a file added to one later is seen (and refused) by the next run.
+    Prints what it wrote."""
+    cli.claim_folder(out, tool, "--out", parts=writers)
     tmp = tempfile.mkdtemp(prefix=".convert-", dir=out)
     try:
         for name, write in writers.items():
-            write(os.path.join(tmp, name))  # makedirs/open inside: ordinary permissions already
+            write(os.path.join(tmp, name))
+            cli.ordinary_permissions(os.path.join(tmp, name))  # safetensors creates its files 0600
+        cli.check_folder(out, "--out", exact=False, parts=writers)  # nothing of the user's appeared meanwhile
+        new = [f"{name}/{p}" for name in writers if os.path.isdir(os.path.join(tmp, name))
+               for p in cli.listing(os.path.join(tmp, name), top=False)]
+        cli.record(out, [*writers, *new], tool)  # before the rename: an interrupted run leaves nothing unlisted
         for name in writers:
-            if os.path.exists(final := os.path.join(out, name)):
+            if os.path.lexists(final := os.path.join(out, name)):
                 os.rename(final, os.path.join(tmp, name + ".old"))
             os.rename(os.path.join(tmp, name), final)
+        cli.record(out, list(writers), tool, relist=True)  # exactly what is there now
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    files = [os.path.join(out, name, *p.split("/")) for name in writers for p in
+             (cli.listing(os.path.join(out, name), top=False) if os.path.isdir(os.path.join(out, name)) else [""])]
+    print("wrote " + ", ".join(os.path.normpath(f) for f in files if not os.path.isdir(f)))
 
 
 def cmd_sat2hf(a):
@@ -314,6 +326,15 @@ def cmd_hf2sat(a):
     write_atomically(a.out, writers)
 
 
+def components(a):
+    """What a command will write into --out (and replace there), known from its arguments alone."""
+    if a.command == "sat2hf":
+        return [name for name in ("transformer", "vae") if getattr(a, name)]
+    if a.command == "hf2sat":
+        return [name for name in ("transformer", "vae") if os.path.isdir(os.path.join(a.snapshot, name))]
+    return [lora.WEIGHT_NAME]
+
+
 def cmd_lora(a):
     sd, rank = sat_lora_to_diffusers(load_sat(a.lora))
     sd = {k: t.to(DTYPES.get(a.dtype, t.dtype)).contiguous() for k, t in sd.items()}
@@ -348,7 +369,7 @@ def main(argv=None):
                 cli.existing_path(f"--{flag}", getattr(a, flag))
         if a.command == "sat2hf":
             a.max_shard_size = parse_size(a.max_shard_size)
-        cli.check_folder(a.out, "--out", exact=False)
+        cli.check_folder(a.out, "--out", exact=False, parts=components(a))
         {"sat2hf": cmd_sat2hf, "hf2sat": cmd_hf2sat, "lora": cmd_lora}[a.command](a)
     return cli.run(work)  # ConvertError, CheckpointError, or a config the model refuses: one line, exit 2
 

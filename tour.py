@@ -33,7 +33,7 @@ import cli
 import model
 import shapes
 import vae
-from generate import DEMO_MODEL, decode_latents, encode_text, load_pipeline
+from generate import decode_latents, encode_text, load_pipeline, read_model_info, resolve_model_path
 from sampler import guidance, make_sampler
 
 PROMPT = "a red circle moving right on a black background"
@@ -166,25 +166,48 @@ def uint8_frames(frames: torch.Tensor) -> np.ndarray:
 # The tour
 
 
+SHOW_STEPS = (0, 2, 5, 10, 20, 30, 49)   # x0.png's rows at the default 50 steps; fewer steps keep those below
+PICTURES = ("x0.png", "attention.png")
+
+
+def check_choices(cfg, steps: int, show_steps, attn_step, attn_block: int, attn_head: int, flags: bool = False):
+    """The steps, block and head the pictures show -> (sorted show_steps, attn_step, attn_block >= 0), or ValueError
+    naming the value that is out of range (as the command line's flag when `flags`). show_steps None: SHOW_STEPS
+    below `steps`, and the last step; attn_step None: the middle step."""
+    name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
+    run, blocks = f"the run has {steps} step(s)", f"the model has {cfg.num_layers} blocks"
+    for n, values, lo, hi, what in (("show_steps", show_steps or (), -steps, steps, run),
+                                    ("attn_step", [attn_step], 0, steps, run),
+                                    ("attn_block", [attn_block], -cfg.num_layers, cfg.num_layers, blocks),
+                                    ("attn_head", [attn_head], 0, cfg.num_attention_heads,
+                                     f"a block has {cfg.num_attention_heads} heads")):
+        for v in values:
+            if v is not None and not lo <= v < hi:
+                raise ValueError(f"{name(n)} {v} is out of range: {what}; use {lo} to {hi - 1}"
+                                 + (" (negative: from the end)" if lo < 0 else ""))
+    shown = [s for s in SHOW_STEPS if s < steps] if show_steps is None else show_steps
+    shown = sorted({s % steps for s in shown} | {steps - 1})
+    return shown, steps // 2 if attn_step is None else attn_step, attn_block % cfg.num_layers
+
+
 @torch.no_grad()
 def tour(pipe, prompt: str = PROMPT, out: str = "tour", steps: int = 50, guidance_scale: float = 6.0, seed: int = 42,
-         show_steps=(0, 2, 5, 10, 20, 30, 49), attn_step: int = 25, attn_block: int = -1, attn_head: int = 0,
+         show_steps=None, attn_step: int | None = None, attn_block: int = -1, attn_head: int = 0,
          printer: Printer | None = None) -> dict:
     """Run one generation stage by stage, printing as it goes; write x0.png and attention.png into `out`.
-    Returns {"shapes": name -> shape of every tensor printed, "frames": (1, F, 3, H, W), "pngs": [paths],
-    "attention": (L,) attention of the chosen head from video tokens to each text token, "pieces": text tokens}."""
+    show_steps: the steps whose x0 x0.png shows (default SHOW_STEPS below `steps`, and the last step); attn_step:
+    the step attention.png shows (default: the middle one). Returns {"shapes": name -> shape of every tensor
+    printed, "frames": (1, F, 3, H, W), "pngs": [paths], "attention": (L,) attention of the chosen head from video
+    tokens to each text token, "pieces": text tokens}."""
     p = printer or Printer()
     tr, cfg, info = pipe.transformer, pipe.transformer.config, pipe.info
     L = cfg.max_text_seq_length
     use_cfg = guidance_scale > 1
     B = 2 if use_cfg else 1
-    show_steps = sorted({s if s >= 0 else steps + s for s in show_steps if -steps <= s < steps} | {steps - 1})
-    if not (0 <= attn_step < steps and -cfg.num_layers <= attn_block < cfg.num_layers
-            and 0 <= attn_head < cfg.num_attention_heads):
-        raise ValueError(f"attn_step must be in [0, {steps}), attn_block in [-{cfg.num_layers}, {cfg.num_layers}), "
-                         f"attn_head in [0, {cfg.num_attention_heads})")
-    attn_block %= cfg.num_layers
-    cli.claim_folder(out, "tour.py", "--out")  # new, empty or ours: never another folder's x0.png
+    show_steps, attn_step, attn_block = check_choices(cfg, steps, show_steps, attn_step, attn_block, attn_head)
+    # new, empty or ours, and never another's x0.png: what is replaced must be ours; other files are left alone
+    cli.claim_folder(out, "tour.py", "--out", parts=PICTURES)
+    cli.record(out, PICTURES, "tour.py")
 
     # 1. Tokens
     prompts = ["", prompt] if use_cfg else [prompt]
@@ -216,7 +239,8 @@ def tour(pipe, prompt: str = PROMPT, out: str = "tour", steps: int = 50, guidanc
             f"Gaussian noise from seed {seed}")
     p.shape("latents", x, "(1, F, C, h, w)")
     ts = sampler.timesteps
-    p.line(f"{steps} timesteps {ts[0]}, {ts[1]}, {ts[2]}, ..., {ts[-1]}; alpha_bar({ts[0]}) = "
+    shown = ", ".join(map(str, ts[:3])) + (f", ..., {ts[-1]}" if len(ts) > 3 else "")
+    p.line(f"{steps} timestep{'s' * (steps > 1)} {shown}; alpha_bar({ts[0]}) = "
            f"{float(sampler.alpha(ts[0])):.3g} (zero terminal SNR: step 0 sees pure noise, so the model predicts v)")
 
     # The sampling loop: sampler.denoise written out, with probes on step 0 and attention recorded at attn_step
@@ -374,24 +398,30 @@ def tour(pipe, prompt: str = PROMPT, out: str = "tour", steps: int = 50, guidanc
 
 def main(argv=None) -> dict:
     ap = cli.ArgumentParser(description="A guided tour through one CogVideoX generation on the demo model.")
-    ap.add_argument("--model", default=DEMO_MODEL, help="a snapshot folder (default: the bundled demo model)")
+    ap.add_argument("--model", default=None, help="a snapshot folder (default: the bundled demo model)")
     ap.add_argument("--prompt", default=PROMPT, help="what the video shows")
-    ap.add_argument("--out", default="tour", help="folder for x0.png and attention.png: new, empty, or one tour.py wrote")
+    ap.add_argument("--out", default="tour", help="folder for x0.png and attention.png: new, empty, or one tour.py "
+                                                   "wrote (other files in it are left alone)")
     ap.add_argument("--steps", type=cli.positive_int, default=50, help="DDIM steps")
     ap.add_argument("--guidance", type=cli.nonnegative_float, default=6.0, help="classifier-free guidance scale")
     ap.add_argument("--seed", type=cli.seed, default=42, help="the same seed gives generate.py's video")
-    ap.add_argument("--show-steps", type=int, nargs="+", default=[0, 2, 5, 10, 20, 30, 49],
-                    help="the steps whose x0 prediction x0.png shows (negative: from the end)")
-    ap.add_argument("--attn-step", type=int, default=25, help="the step attention.png shows")
+    ap.add_argument("--show-steps", type=int, nargs="+", default=None,
+                    help="the steps whose x0 prediction x0.png shows, counted from 0 (negative: from the end; "
+                         f"default: {' '.join(map(str, SHOW_STEPS))} below --steps, and the last step)")
+    ap.add_argument("--attn-step", type=int, default=None,
+                    help="the step attention.png shows, counted from 0 (default: the middle one, --steps / 2)")
     ap.add_argument("--attn-block", type=int, default=-1, help="the block attention.png shows (-1: the last)")
-    ap.add_argument("--attn-head", type=int, default=0, help="the head attention.png shows")
+    ap.add_argument("--attn-head", type=int, default=0, help="the head attention.png shows (default: 0)")
     ap.add_argument("--threads", type=cli.positive_int, default=2, help="torch CPU threads")
     args = ap.parse_args(argv)
-    cli.check_folder(args.out, "--out", exact=False)
+    info = read_model_info(resolve_model_path(args.model))  # configs only: every value is checked before loading
+    check_choices(info.transformer, args.steps, args.show_steps, args.attn_step, args.attn_block, args.attn_head,
+                  flags=True)
+    cli.check_folder(args.out, "--out", exact=False, parts=PICTURES)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.model)
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s  --  generate.py:load_pipeline")
+    pipe = load_pipeline(info)
+    print(f"loaded {os.path.relpath(info.path)} in {time.perf_counter() - t0:.1f} s  --  generate.py:load_pipeline")
     result = tour(pipe, args.prompt, args.out, args.steps, args.guidance, args.seed, args.show_steps,
                   args.attn_step, args.attn_block, args.attn_head)
     print(f"\ntour done in {time.perf_counter() - t0:.1f} s; pictures: {', '.join(result['pngs'])}")

@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -278,10 +279,13 @@ def save_checkpoint(output: str, step: int, model, optimizer, args) -> str:
     """checkpoint-<step>/ with the LoRA file (usable as is by --lora) and the optimizer state; written to a temporary
     folder and renamed, so a crash never leaves a half checkpoint."""
     final = checkpoint_dir(output, step)
-    with cli.output_folder(final, "train_lora.py") as tmp:
+    name = os.path.basename(final)
+    cli.record(output, [f"{name}/{n}" for n in (WEIGHT_NAME, "training_state.pt", cli.MARKER_FILE)], TOOL)
+    with cli.output_folder(final, TOOL) as tmp:
         save_lora(os.path.join(tmp, WEIGHT_NAME), lora_state_dict(model), args.rank, args.alpha)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args)},
                    os.path.join(tmp, "training_state.pt"))
+    cli.record(output, [name], TOOL, relist=True)
     return final
 
 
@@ -292,6 +296,44 @@ def find_resume(output: str, resume: str) -> str:
     if not found:
         raise ValueError(f"--resume latest: no checkpoint-* folder in {output}")
     return os.path.join(output, found[-1])
+
+
+TOOL = "train_lora.py"
+RUN_FILES = ("loss.jsonl", "loss.png", WEIGHT_NAME, "validation")  # besides checkpoint-*/ and cache/
+
+
+def run_entries(output: str) -> list[str]:
+    """What a run writes into --output and a later run replaces: checkpoint-*/ and RUN_FILES (not the cache, whose
+    files are keyed on their content and reused)."""
+    found = sorted(n for n in os.listdir(output) if n.startswith("checkpoint-")) if os.path.isdir(output) else []
+    return found + list(RUN_FILES)
+
+
+def check_output(args) -> None:
+    """Before any work. A run without --resume starts clean: --output must be new, empty, or an earlier run's folder
+    holding nothing but what this tool wrote there, at any depth (its files are removed once the dataset is cached,
+    so `--resume latest` can never pick up the earlier run's checkpoints). With --resume the run continues in its
+    folder: what it may replace (checkpoint-*/, the log, the LoRA, validation/) must be ours; files of the user's
+    elsewhere in it are left alone."""
+    if args.resume:
+        cli.check_folder(args.output, "--output", exact=False, parts=run_entries(args.output))
+    else:
+        cli.check_folder(args.output, "--output")
+    if args.cache_dir:
+        cli.check_folder(args.cache_dir, "--cache-dir", exact=False)
+
+
+def start_clean(output: str) -> list[str]:
+    """Remove an earlier run's files from `output` (checked again now: nothing but ours), keeping its cache; -> the
+    names removed."""
+    cli.check_folder(output, "--output")
+    gone = [n for n in sorted(os.listdir(output)) if n not in ("cache", cli.MARKER_FILE)]
+    for n in gone:
+        p = os.path.join(output, n)
+        shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+    if gone:
+        cli.record(output, gone, TOOL, relist=True)
+    return gone
 
 
 # Settings that must not change across a resume, or it would not continue the same run.
@@ -363,6 +405,7 @@ class Renderer:
                           seed=a.seed, max_sequence_length=a.max_text_len, progress=False)
         for m in (pipe.text_encoder, pipe.vae):
             m.to("cpu")
+        cli.record(a.output, [f"validation/step-{step:06d}.{ext}" for ext in ("mp4", "png")], TOOL)
         return save_video(frames[0], os.path.join(a.output, "validation", f"step-{step:06d}.mp4"), pipe.info.fps)[0]
 
 
@@ -440,9 +483,7 @@ def check_args(args, info, world: int) -> None:
     cli.existing_path("--data", args.data, "folder")
     if args.resume and args.resume != "latest":
         cli.existing_path("--resume", args.resume, "folder")
-    cli.check_folder(args.output, "--output", exact=False)
-    if args.cache_dir:
-        cli.check_folder(args.cache_dir, "--cache-dir", exact=False)
+    check_output(args)
 
 
 def main(argv=None) -> int:
@@ -482,12 +523,19 @@ def train(args, world: int, rank: int, local: int, device) -> int:
                   + "\n  ".join(problems), file=sys.stderr)
             ok = False
         else:
-            cli.claim_folder(args.output, "train_lora.py", "--output")
+            check_output(args)  # again: nothing of the user's appeared while the clips were read
+            cli.claim_folder(args.output, TOOL, "--output")
             if args.cache_dir:
-                cli.claim_folder(args.cache_dir, "train_lora.py", "--cache-dir")
+                cli.claim_folder(args.cache_dir, TOOL, "--cache-dir")
+            root, prefix = (args.cache_dir, "") if args.cache_dir else (args.output, "cache/")
+            cli.record(root, [f"{prefix}{kind}/{k}.safetensors" for s, lat, txt in good
+                              for kind, k in (("latents", lat), ("text", txt))], TOOL)
             build_cache(args, good, cache, device, dtype)
     if not all_ok(ok, world, device):
         return 2
+    if rank == 0 and not args.resume and (gone := start_clean(args.output)):
+        say(f"a new run in {args.output}: removed the earlier run's {', '.join(gone)} (the cache is kept; "
+            f"--resume continues a run instead)")
     if local != 0:  # the cache is complete now: list the same samples (cheap: every clip is cached)
         good, _ = validate(*find_samples(args.data), cache, settings, args.num_frames)
     say(f"{len(good)} samples, cache {cache}")
@@ -508,6 +556,7 @@ def train(args, world: int, rank: int, local: int, device) -> int:
     log = os.path.join(args.output, "loss.jsonl")
     if rank == 0:
         os.makedirs(args.output, exist_ok=True)
+        cli.record(args.output, ["loss.jsonl"], TOOL)
         if start:
             log_step(log, {}, truncate_after=start)
         else:
@@ -555,6 +604,7 @@ def train(args, world: int, rank: int, local: int, device) -> int:
     # 4. The result.
     if rank == 0:
         out = os.path.join(args.output, WEIGHT_NAME)
+        cli.record(args.output, [WEIGHT_NAME, "loss.png"], TOOL)
         atomic_write(out, lambda p: save_lora(p, lora_state_dict(model), args.rank, args.alpha))
         png = os.path.join(args.output, "loss.png")
         plotted = plot_losses(log, png)

@@ -646,3 +646,48 @@ def test_variant_signature_tells_the_variants_apart():
     assert [v for v, s in sig.items() if s["ofs embedding"]] == ["cogvideox1.5-5b-i2v"]
     deeper = convert.signature(convert.expected_shapes("transformer", {**TINY, "num_layers": 3}))
     assert deeper["layers"] == 3 and deeper != sig["cogvideox-2b"]
+
+
+# ---- re-runs ------------------------------------------------------------------------------------------------
+
+def files_below(folder):
+    return {os.path.relpath(os.path.join(b, f), folder): open(os.path.join(b, f), "rb").read()
+            for b, _, fs in os.walk(folder) for f in fs}
+
+
+def test_rerun_refuses_a_user_file_inside_a_component_and_keeps_one_beside(tmp_path, tiny_presets, fails, capsys):
+    """hf2sat / sat2hf / lora write their components (transformer/, vae/, the LoRA file) into --out and replace them
+    on a re-run: a file of the user's at any depth inside one is refused before anything is read or written, and
+    the folder is left byte for byte; a user's file beside the components is left alone. Each run says what it
+    wrote; every file gets the umask's permissions (safetensors creates its files 0600)."""
+    official_transformer("cogvideox-2b", tmp_path / "snap" / "transformer")
+    official_vae(tmp_path / "snap" / "vae")
+    hf2sat = ["hf2sat", "--snapshot", str(tmp_path / "snap"), "--out", str(tmp_path / "sat")]
+    sat2hf = ["sat2hf", "--transformer", str(tmp_path / "sat/transformer"),
+              "--vae", str(tmp_path / "sat/vae/3d-vae.pt"), "--variant", "cogvideox-2b", "--out", str(tmp_path / "back")]
+    old = os.umask(0o022)
+    try:
+        for argv, out in ((hf2sat, tmp_path / "sat"), (sat2hf, tmp_path / "back")):
+            assert convert.main(argv) == 0
+            written = capsys.readouterr().out
+            for nested, named in (("transformer/mine.txt", "transformer/mine.txt"), ("vae/mine.txt", "vae/mine.txt"),
+                                  ("transformer/sub/mine.txt", "transformer/sub")):  # a new folder is named itself
+                (out / nested).parent.mkdir(exist_ok=True)
+                (out / nested).write_text("the user's\n")
+                before = files_below(out)
+                assert repr(named) in fails(argv)
+                assert files_below(out) == before
+                (out / nested).unlink()
+                if named.endswith("sub"):
+                    (out / named).rmdir()
+            (out / "README.txt").write_text("the user's, beside the components\n")
+            assert convert.main(argv) == 0
+            assert (out / "README.txt").read_text() == "the user's, beside the components\n"
+            assert written.startswith("wrote ") and all(str(out / p) in written for p in files_below(out)
+                                                        if not p.startswith(".") and p != "README.txt")
+            for base, dirs, fs in os.walk(out):
+                for name in dirs + fs:
+                    assert os.stat(os.path.join(base, name)).st_mode & 0o777 == (0o755 if name in dirs else 0o644)
+            capsys.readouterr()
+    finally:
+        os.umask(old)

@@ -979,3 +979,43 @@ def test_resume_latest_needs_a_checkpoint(tmp_path):
         (tmp_path / "empty" / f"checkpoint-{step:06d}").mkdir()
     assert train_lora.find_resume(str(tmp_path / "empty"), "latest") == str(tmp_path / "empty" / "checkpoint-001000")
     assert train_lora.find_resume(str(tmp_path / "empty"), "elsewhere/checkpoint-7") == "elsewhere/checkpoint-7"
+
+
+def run_files(folder):
+    return {os.path.relpath(os.path.join(b, f), folder): open(os.path.join(b, f), "rb").read()
+            for b, _, fs in os.walk(folder) for f in fs}
+
+
+def test_a_rerun_starts_clean_or_resumes_and_never_touches_a_users_file(snap, data, trained, tmp_path):
+    """Without --resume a run starts clean, and only in a folder holding nothing but an earlier run's files: a file
+    of the user's at the top or inside a checkpoint is refused before any work (the folder byte for byte as it was,
+    loss.jsonl included); otherwise the earlier run's checkpoints, log and renders are removed, so `--resume latest`
+    can only pick up this run's. With --resume the run continues, and a user's file beside its own is left alone
+    (one inside a checkpoint it may replace is refused). Every file is written with the umask's permissions."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    for user, resume in (("notes.txt", ()), ("checkpoint-000015/notes.txt", ()),
+                         ("checkpoint-000015/notes.txt", ("--resume", "latest"))):
+        (run / user).write_text("the user's\n")
+        before = run_files(run)
+        assert train_lora.main(train_args(snap, data, run, "--steps", "2", *resume)) == 2, (user, resume)
+        assert run_files(run) == before, (user, resume)
+        (run / user).unlink()
+    old = os.umask(0o022)
+    try:
+        assert train_lora.main(train_args(snap, data, run, "--steps", "4", "--checkpoint-every", "2")) == 0
+        assert sorted(os.listdir(run)) == [".cogvideox-mini.json", "checkpoint-000002", "checkpoint-000004",
+                                           "loss.jsonl", "pytorch_lora_weights.safetensors"]
+        assert [json.loads(line)["step"] for line in open(run / "loss.jsonl")] == [1, 2, 3, 4]
+        for base, dirs, files in os.walk(run):
+            for name in dirs + files:
+                mode = os.stat(os.path.join(base, name)).st_mode & 0o777
+                assert mode == (0o755 if name in dirs else 0o644), (os.path.join(base, name), oct(mode))
+        (run / "notes.txt").write_text("the user's\n")
+        assert train_lora.main(train_args(snap, data, run, "--steps", "6", "--checkpoint-every", "2",
+                                          "--resume", "latest")) == 0
+    finally:
+        os.umask(old)
+    assert (run / "notes.txt").read_text() == "the user's\n"
+    assert "checkpoint-000006" in os.listdir(run)
+    assert [json.loads(line)["step"] for line in open(run / "loss.jsonl")] == [1, 2, 3, 4, 5, 6]

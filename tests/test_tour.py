@@ -117,3 +117,31 @@ def test_every_cookbook_ablation_changes_the_video_and_is_undone(pipe):
     assert ablations.shape_swapped(caption) == "a green circle moving down on a black background"
     held_out, train = ablations.prompt_sets()
     assert (len(held_out), len(train), len(set(train))) == (28, 84, 84)
+
+
+def test_short_runs_refusals_and_reruns(tmp_path, capsys):
+    """--steps 1 runs with the default pictures (the middle step is step 0); a step, block or head out of range is
+    refused by its flag before the model is loaded (never clamped); --help says each default once; a re-run replaces
+    the tour's own pictures and leaves a user's file beside them."""
+    import subprocess
+    out = tmp_path / "tour"
+    result = tour.main(["--steps", "1", "--out", str(out), "--threads", "1"])
+    assert [os.path.basename(p) for p in result["pngs"]] == ["x0.png", "attention.png"]
+    (out / "notes.txt").write_text("the user's\n")
+    tour.main(["--steps", "2", "--out", str(out), "--threads", "1"])
+    assert (out / "notes.txt").read_text() == "the user's\n"
+    for argv, flag in ((["--show-steps", "99"], "--show-steps 99"), (["--steps", "5", "--attn-step", "5"],
+                       "--attn-step 5"), (["--attn-block", "99"], "--attn-block 99"), (["--attn-head", "-1"],
+                       "--attn-head -1")):
+        r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tour.py"),
+                            *argv, "--out", str(tmp_path / "never")], capture_output=True, text=True, timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and flag in lines[0] and "loaded" not in r.stdout, r
+    assert not (tmp_path / "never").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        tour.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    text = text[text.index("options:"):]
+    model_help = text[text.index("--model MODEL"):text.index("--prompt PROMPT")]
+    assert model_help.count("default") == 1, model_help

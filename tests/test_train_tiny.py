@@ -157,3 +157,24 @@ def test_shipped_defaults_and_tokenizer():
     # every caption fits without truncation: its last token is </s> or padding follows it
     ids = pipe.tokenizer([shapes.caption(a) for a in train + held_out], max_length=L)
     assert ((ids == 1).sum(1) == 1).all()
+
+
+def test_a_snapshot_with_a_users_file_inside_is_never_replaced(smoke, tmp_path):
+    """--output names a snapshot this script wrote: it is replaced only if it holds nothing else at any depth. A
+    user's file at the top or inside a component folder is refused before any work (no stage folder is made, the
+    snapshot unchanged). The snapshot's files carry the umask's permissions (safetensors creates them 0600)."""
+    import shutil
+    out = tmp_path / "shapes-tiny"
+    shutil.copytree(smoke[0], out)
+    for user in ("transformer/mine.txt", "tokenizer/sub/mine.txt", "mine.txt"):
+        (out / user).parent.mkdir(exist_ok=True)
+        (out / user).write_text("the user's\n")
+        assert train_tiny.main(["--smoke", "--output", str(out), "--no-eval", "--threads", "1"]) == 2, user
+        assert (out / user).read_text() == "the user's\n" and not os.path.exists(str(out) + ".partial")
+        assert weights(out) == weights(smoke[0])
+    mask = os.umask(0)
+    os.umask(mask)
+    for base, dirs, files in os.walk(smoke[0]):
+        for name in dirs + files:
+            mode = os.stat(os.path.join(base, name)).st_mode & 0o777
+            assert mode == (0o777 if name in dirs else 0o666) & ~mask, (os.path.join(base, name), oct(mode))
