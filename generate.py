@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,13 +160,22 @@ def load_pipeline(path: str | ModelInfo | None = None, dtype: torch.dtype | None
 # Inputs and outputs
 
 
+def unreadable(what: str, path: str, e: Exception) -> ValueError:
+    """imageio's failure as one line of ours (its own "Could not find a backend to open `x`` with iomode `r`" has a
+    stray backtick and says little)."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if text.startswith("Could not find a backend"):
+        text = f"imageio has no reader for it: not an {what} file, or a format imageio does not know"
+    return ValueError(f"cannot read {what} {path}: {text}")
+
+
 def read_image(path: str) -> torch.Tensor:
     """An image file -> (3, H, W) float in [0, 1]."""
     import imageio.v3 as iio
     try:
         pixels = np.asarray(iio.imread(path))
     except Exception as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        raise unreadable("image", path, e) from None
     return to_rgb(pixels, 2, f"image {path}").permute(2, 0, 1)                       # (3, H, W)
 
 
@@ -175,7 +185,7 @@ def read_video(path: str) -> torch.Tensor:
     try:
         frames = np.asarray(iio.imread(path, index=None))
     except Exception as e:
-        raise ValueError(f"cannot read video {path}: {e}") from None
+        raise unreadable("video", path, e) from None
     return to_rgb(frames, 3, f"video {path}").permute(0, 3, 1, 2)                    # (F, 3, H, W)
 
 
@@ -409,6 +419,31 @@ class StepCache:
         return True
 
 
+LISTED_VOCABULARY = 200  # a tokenizer with at most this many whole words (the demo's: its captions') lists them
+
+
+def prompt_notes(tokenizer: Tokenizer, prompts: list[str]) -> list[str]:
+    """Readable notes on prompts the model cannot follow as written: an empty one, and words its tokenizer has no
+    piece for (spelled letter by letter, or <unk>): words the model never learned. Where the vocabulary is small
+    (the demo's), the note lists the words the model knows."""
+    sp, notes = tokenizer.sp, []
+    n = sp.get_piece_size()
+    single = lambda i: i == sp.unk_id() or (i < n and len(sp.id_to_piece(i).lstrip("\u2581")) <= 1)  # noqa: E731
+    for prompt in dict.fromkeys(prompts):
+        if not prompt.strip():
+            notes.append("the prompt is empty: the video follows no text")
+            continue
+        unknown = [w for w, ids in tokenizer.words(prompt)
+                   if sp.unk_id() in ids or (len(ids) > 1 and all(single(i) for i in ids))]
+        if unknown:
+            words = sorted({p[1:] for p in map(sp.id_to_piece, range(n)) if p.startswith("\u2581") and len(p) > 1})
+            known = (f"it knows only: {' '.join(words)}" if len(words) <= LISTED_VOCABULARY else
+                     "the video may not follow them")
+            notes.append(f"the model never learned {', '.join(map(repr, dict.fromkeys(unknown)))} (its tokenizer "
+                         f"spells {'it' if len(set(unknown)) == 1 else 'them'} letter by letter): {known}")
+    return notes
+
+
 @torch.no_grad()
 def generate(pipe: Pipeline, prompt: str | list[str], *, negative_prompt: str | list[str] = "",
              num_frames: int | None = None, height: int | None = None, width: int | None = None,
@@ -436,6 +471,8 @@ def generate(pipe: Pipeline, prompt: str | list[str], *, negative_prompt: str | 
     if not prompts or len(negatives) != len(prompts):
         raise ValueError(f"{len(prompts)} prompt(s) and {len(negatives)} negative prompt(s): give one negative prompt "
                          f"per prompt, or a single string for all")
+    for note in prompt_notes(pipe.tokenizer, prompts):  # a prompt too long for the model: the tokenizer's warning
+        warnings.warn(note)
     for name, value, ok in (("num_inference_steps", num_inference_steps, num_inference_steps >= 1),
                             ("num_videos", num_videos, num_videos >= 1),
                             ("guidance_scale", guidance_scale, guidance_scale >= 0),

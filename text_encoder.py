@@ -238,27 +238,46 @@ class Tokenizer:
         self.special.update({f"<extra_id_{i}>": n + 99 - i for i in range(100)})
         self.special_split = re.compile("(" + "|".join(map(re.escape, self.special)) + ")")
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of one prompt, without `</s>`."""
-        ids = []
+    def words(self, text: str) -> list[tuple[str, list[int]]]:
+        """One prompt as (word, its token ids) pairs, in order: a special token is a word of its own."""
+        out = []
         for i, part in enumerate(self.special_split.split(text)):  # odd parts are special tokens
             if i % 2:
-                ids.append(self.special[part])
+                out.append((part, [self.special[part]]))
             else:
                 words = [w for w in self.WORD_SPLIT.split(self.sp.normalize(part)) if w]
-                ids += [t for word in self.sp.encode(words) for t in word]
-        return ids
+                out += zip(words, self.sp.encode(words))
+        return out
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one prompt, without `</s>`."""
+        return [t for _, ids in self.words(text) for t in ids]
+
+    def cut_note(self, prompt: str, max_length: int) -> str | None:
+        """One readable line when `prompt` does not fit in max_length tokens (with `</s>`): how many tokens it has and
+        the words lost (whole, or their end); None when it fits."""
+        words, n, kept = self.words(prompt), 0, 0
+        for word, ids in words:
+            if n + len(ids) > max_length - 1:
+                break
+            n, kept = n + len(ids), kept + 1
+        total = sum(len(ids) for _, ids in words) + 1
+        if total <= max_length:
+            return None
+        lost = " ".join(w for w, _ in words[kept:])
+        short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        return (f"the prompt {short!r} is {total} tokens with </s>, and the model reads {max_length}: the words "
+                f"{lost!r} are cut (in whole or part); shorten the prompt")
 
     def __call__(self, prompts: str | list[str], max_length: int = 226) -> torch.Tensor:
-        """prompts -> ids (B, max_length): each prompt's tokens, cut to max_length-1 if longer, then
-        `</s>`, then `<pad>` up to max_length."""
+        """prompts -> ids (B, max_length): each prompt's tokens, cut to max_length-1 if longer (with a warning that
+        names the words lost), then `</s>`, then `<pad>` up to max_length."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         out = torch.full((len(prompts), max_length), self.pad_id, dtype=torch.long)  # (B, L)
         for b, prompt in enumerate(prompts):
             ids = self.encode(prompt)
             if len(ids) > max_length - 1:
-                warnings.warn(f"prompt {b} has {len(ids) + 1} tokens with </s>; {len(ids) + 1 - max_length} were cut "
-                              f"to fit max_length={max_length}")
+                warnings.warn(self.cut_note(prompt, max_length))
                 ids = ids[:max_length - 1]
             out[b, :len(ids) + 1] = torch.tensor(ids + [self.eos_id])
         return out

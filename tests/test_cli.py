@@ -385,3 +385,156 @@ def test_a_run_reads_each_model_config_once(tmp_path, monkeypatch, capsys):
     assert generate.main(["--prompt", PROMPT, *FAST, "--output", str(tmp_path / "v.gif")]) == 0
     for component in ("transformer", "vae", "text_encoder"):
         assert reads.count(os.path.join(DEMO_MODEL, component, "config.json")) == 1, component
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Re-runs: what a folder output replaces must be ours at every depth
+
+
+def test_a_folder_is_checked_at_every_depth(tmp_path):
+    """A folder we wrote, with subfolders: the marker records every file in it, at any depth, so a file or folder
+    the user adds anywhere inside is seen and refuses the replacement; entries a tool only writes into (`parts`) are
+    checked the same way, other entries left alone; a file that carries our mark is ours wherever it is."""
+    out = tmp_path / "snap"
+    with cli.output_folder(str(out), "test") as tmp:
+        os.makedirs(os.path.join(tmp, "transformer", "deep"))
+        open(os.path.join(tmp, "transformer", "deep", "weights.bin"), "w").write("ours")
+        open(os.path.join(tmp, "config.json"), "w").write("{}")
+    cli.check_folder(str(out), "--output")                     # ours, nothing added: may be replaced
+    for added in ("transformer/notes.txt", "transformer/deep/notes.txt", "transformer/deep/more/x.txt", "notes.txt"):
+        path = out / added
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("the user's\n")
+        with pytest.raises(ValueError, match="did not write"):
+            cli.check_folder(str(out), "--output")
+        with pytest.raises(ValueError, match="did not write"):
+            cli.check_folder(str(out), "--output", exact=False, parts=[added.split("/")[0]])
+        cli.check_folder(str(out), "--output", exact=False, parts=["config.json"])  # the user's file is elsewhere
+        path.unlink()
+        if path.parent.name == "more":
+            path.parent.rmdir()
+    cli.check_folder(str(out), "--output")
+    cli.write_png(str(out / "transformer" / "sheet.png"), np.zeros((4, 4, 3), np.uint8))  # marked: ours anywhere
+    cli.check_folder(str(out), "--output")
+    (out / "config.json").unlink()
+    (out / "config.json").mkdir()                              # the user's folder where we wrote a file
+    with pytest.raises(ValueError, match="did not write"):
+        cli.check_folder(str(out), "--output")
+
+
+def test_folders_of_other_tools_and_of_older_versions_are_not_replaced_with_user_files(tmp_path, capsys):
+    """generate.py --output FOLDER on a folder another of our tools writes into, signed without a list (as tour.py
+    and convert.py signed theirs), with a user's file beside our picture, and on a snapshot signed by an older
+    version (top-level names only, like the shipped demo's) with a user's file in a subfolder: refused, nothing
+    changed."""
+    tour_out = tmp_path / "tour"
+    tour_out.mkdir()
+    (tour_out / cli.MARKER_FILE).write_text('{"written_by": "cogvideox-mini", "tool": "tour.py"}')  # no list at all
+    cli.write_png(str(tour_out / "x0.png"), np.zeros((4, 4, 3), np.uint8))
+    (tour_out / "notes.txt").write_text("the user's\n")
+    old = tmp_path / "old-snapshot"
+    (old / "transformer").mkdir(parents=True)
+    (old / "transformer" / "config.json").write_text("{}")
+    (old / cli.MARKER_FILE).write_text('{"written_by": "cogvideox-mini", "tool": "train_tiny.py", '
+                                       '"files": ["transformer"]}')
+    (old / "transformer" / "mine.txt").write_text("the user's\n")
+    before = tree(tmp_path)
+    for folder, needle in ((tour_out, "'notes.txt'"), (old, "older cogvideox-mini")):
+        capsys.readouterr()
+        assert generate.main(["--prompt", PROMPT, *FAST, "--output", str(folder)]) == 2
+        assert_refused(subprocess.CompletedProcess([], 2, "", capsys.readouterr().err), needle)
+    assert tree(tmp_path) == before
+
+
+def test_umask_permissions_for_every_file_a_folder_output_holds(tmp_path):
+    """Files written inside a temporary folder (safetensors' save_file creates them 0600) get what the umask gives
+    once the folder is installed, at every depth."""
+    old = os.umask(0o022)
+    try:
+        from safetensors.torch import save_file
+        with cli.output_folder(str(tmp_path / "out"), "test") as tmp:
+            os.makedirs(os.path.join(tmp, "sub"))
+            save_file({"a": torch.zeros(2)}, os.path.join(tmp, "sub", "w.safetensors"))
+    finally:
+        os.umask(old)
+    for base, dirs, files in os.walk(tmp_path / "out"):
+        for name in dirs + files:
+            mode = os.stat(os.path.join(base, name)).st_mode & 0o777
+            assert mode == (0o755 if name in dirs else 0o644), (name, oct(mode))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompts the demo cannot follow as written
+
+
+def test_a_cut_prompt_an_unknown_word_and_an_empty_prompt_each_get_one_readable_line(tmp_path, capsys):
+    """The demo reads max_text_seq_length tokens (from its config) and knows only its captions' words: a prompt with
+    a word it spells letter by letter is cut; each gets one "warning:" line (no Python UserWarning), the cut one
+    naming its token count and the lost words, the unknown-word one listing the words the demo knows."""
+    L = generate.read_model_info(DEMO_MODEL).max_text_seq_length
+    prompt = "a magenta circle moving right on a black background" + " on a black background" * (L // 4)
+    assert generate.main(["--prompt", prompt, *FAST, "--output", str(tmp_path / "m.gif")]) == 0
+    lines = [line for line in error_lines(capsys.readouterr().err) if "warning" in line.lower()]
+    assert len(lines) == 2 and all(line.startswith("warning: ") for line in lines), lines
+    cut = next(line for line in lines if "tokens" in line)
+    n = len(generate.Tokenizer(os.path.join(DEMO_MODEL, "tokenizer")).encode(prompt)) + 1
+    assert f"{n} tokens" in cut and str(L) in cut and "background" in cut
+    unknown = next(line for line in lines if "magenta" in line)
+    assert all(word in unknown.split() for word in ("circle", "square", "triangle", "red", "left", "gray"))
+    for empty in ("", "   "):
+        assert generate.main(["--prompt", empty, *FAST, "--output", str(tmp_path / "e.gif")]) == 0
+        lines = [line for line in error_lines(capsys.readouterr().err) if "warning" in line.lower()]
+        assert len(lines) == 1 and lines[0].startswith("warning: ") and "empty" in lines[0], lines
+    assert generate.main(["--prompt", PROMPT, *FAST, "--output", str(tmp_path / "p.gif")]) == 0
+    assert not [line for line in error_lines(capsys.readouterr().err) if "warning" in line.lower()]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Every command-line argument has its Python keyword, as the README's table says
+
+
+def test_every_flag_maps_to_a_python_keyword_as_the_readme_table_says():
+    import inspect
+    import lora
+    text = open(os.path.join(ROOT, "README.md")).read()
+    table = re.search(r"^\| command line \| Python \|\n\|[-| ]+\|\n((?:\|.*\|\n)+)", text, re.M)[1]
+    mapped = {}
+    for row in table.splitlines():
+        flags_cell, python_cell = row.strip("|").split("|")[:2]
+        flags = re.findall(r"--[a-z-]+", flags_cell)
+        calls = re.findall(r"(\w+)\(([^)]*)\)", python_cell)
+        assert flags and calls, row
+        for name, args in calls:
+            keywords = re.findall(r"(\w+)=", args)
+            if not keywords:  # a method call (--compile): torch's Module has it
+                assert callable(getattr(torch.nn.Module, name)), row
+                keywords = [""]
+            else:
+                fn = getattr(generate, name, None) or getattr(lora, name)
+                params = inspect.signature(fn).parameters
+                for kw in keywords:
+                    assert kw in params, (row, name, kw)
+            for flag in flags:
+                mapped.setdefault(flag, []).extend(f"{name}({kw}=)" for kw in keywords)
+    dests = vars(generate.parse_args(["--prompt", "x"]))
+    flags = {"--" + d.replace("_", "-") for d in dests}
+    assert set(mapped) == flags, (sorted(flags - set(mapped)), sorted(set(mapped) - flags))
+    # the names that differ from the flag are diffusers' (the pipelines' keywords), shown in the table
+    for flag, kw in (("--steps", "num_inference_steps"), ("--guidance", "guidance_scale"),
+                     ("--dynamic-cfg", "use_dynamic_cfg")):
+        assert f"generate({kw}=)" in mapped[flag], (flag, mapped[flag])
+
+
+def test_refusals_suggest_what_fits_this_model_and_read_cleanly(tmp_path, capsys):
+    """A bad --height on the 64x64 demo suggests sizes near it (never 480 or 720, the big models' sizes); a file
+    imageio cannot read is named once, without imageio's stray doubled backtick."""
+    with pytest.raises(SystemExit) as e:  # argparse's refusal
+        generate.main(["--prompt", PROMPT, *FAST, "--height", "50", "--output", str(tmp_path / "o.gif")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert "--height" in err and "48 or 64" in err and "480" not in err
+    (tmp_path / "bad.png").write_text("not an image\n")
+    for reader in (generate.read_image, generate.read_video):
+        with pytest.raises(ValueError) as e:
+            reader(str(tmp_path / "bad.png"))
+        assert "``" not in str(e.value) and str(tmp_path / "bad.png") in str(e.value)

@@ -217,10 +217,12 @@ def test_tokenizer_parity(tokenizers):
     assert out.dtype == torch.long and out.shape == (len(ps), 226)
     for p, a, b in zip(ps, out.tolist(), ref.tolist()):
         assert a == b, repr(p)
-    # the long prompts were cut, and the warnings say by how much
+    # the long prompts were cut, and each warning says how long the prompt was, against the limit
     full = [len(peer(p).input_ids) for p in ps]
-    cut = [f"prompt {i} has {n} tokens with </s>; {n - 226} were cut" for i, n in enumerate(full) if n > 226]
-    assert len(cut) >= 2 and [str(w.message).split(" to fit")[0] for w in caught] == cut
+    cut = [n for n in full if n > 226]
+    notes = [str(w.message) for w in caught]
+    assert len(cut) >= 2 and len(notes) == len(cut)
+    assert all(f"{n} tokens" in note and "226" in note for n, note in zip(cut, notes)), notes
     assert all(row[-1] == 1 for row, n in zip(out.tolist(), full) if n > 226)  # truncation keeps </s>
 
 
@@ -325,3 +327,36 @@ def test_train_tiny_tokenizer_is_the_shipped_one(tmp_path):
     assert made.normalizer_spec == ours.normalizer_spec and ours.normalizer_spec.name == "nmt_nfkc_cf"
     a, b = Tokenizer(str(tmp_path)), Tokenizer(shipped)
     assert all(a.encode(c) == b.encode(c) for c in demo_captions())
+
+
+def test_a_cut_prompt_is_named_with_its_token_count_and_lost_words():
+    """The tokenizer's warning on a prompt longer than max_length: its token count (with </s>) and the words that
+    do not fit, whole or in part; none for a prompt that fits exactly."""
+    import warnings
+    from generate import DEMO_MODEL
+    tok = Tokenizer(DEMO_MODEL)
+    prompt = "a red circle moving right on a black background"   # one token per word, 9 + </s>
+    assert tok.cut_note(prompt, 10) is None
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ids = tok([prompt], max_length=7)
+    assert ids[0, -1] == tok.eos_id and len(seen) == 1
+    note = str(seen[0].message)
+    assert "10 tokens" in note and "'a black background'" in note  # 6 tokens kept, then </s>
+    note = tok.cut_note("a magenta circle", 5)  # 'magenta' is spelled letter by letter: cut in the middle
+    assert "'magenta circle'" in note
+
+
+def test_readme_lists_the_demo_vocabulary():
+    """The README's list of the words the demo knows is its tokenizer's whole-word pieces, which are the words of
+    shapes.py's training captions."""
+    import re
+    import shapes
+    from generate import DEMO_MODEL
+    sp = Tokenizer(DEMO_MODEL).sp
+    words = {p[1:] for p in map(sp.id_to_piece, range(sp.get_piece_size())) if p.startswith("\u2581") and len(p) > 1}
+    captions = {w for a in shapes.split()[0] for w in shapes.caption(a).split()}
+    assert words == captions
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    listed = re.search(r"The demo knows these words only: ([^.]*)\.", " ".join(readme.split()))[1]
+    assert set(re.findall(r"`(\w+)`", listed)) == words
