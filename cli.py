@@ -7,11 +7,13 @@ write) once turned `--output .` into an `rm -rf` of a checkout. The rules, which
   - a file the user names (`--output clip.mp4`) may be replaced, as any command-line tool does, and atomically:
     it is written under a temporary name in the same folder and renamed over the old one, so a crash or Ctrl-C
     leaves the old file or the new one, never half of one;
-  - every other path is replaced only if this project wrote it: folders we create hold MARKER_FILE, listing what we
-    put there; files at derived paths (the contact sheet beside a video, numbered videos) carry MARK in their
+  - every other path is replaced only if this project wrote it: folders we create hold MARKER_FILE, listing every
+    file and folder we put there at any depth (a file the user adds inside a subfolder is as foreign as one at the
+    top); files at derived paths (the contact sheet beside a video, numbered videos) carry MARK in their
     metadata (a PNG text chunk, the mp4's or GIF's comment). A path that fails the test is refused, with one line,
     before any work starts;
-  - new files and folders get the permissions the umask gives (a temporary file is created 0600 and then widened).
+  - new files and folders get the permissions the umask gives (a temporary file is created 0600 and then widened,
+    and so is everything inside a folder we install, where safetensors creates its files 0600).
 
 Errors: every check raises ValueError (or argparse's error) with one line that names the value and the fix; `run`
 turns them into that line on stderr and exit status 2, and Ctrl-C into one line and 130.
