@@ -50,6 +50,33 @@ def report(model: str | None = None, per_combo: int = 1, steps: int = 50, guidan
     return results
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Fidelity of one video to another (bench/fidelity.py: a speed option's frames against the default run's)
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of two videos in [0, 1] (any equal shapes): 10 log10(1 / MSE). Identical
+    videos give inf."""
+    mse = (x.double() - y.double()).square().mean().item()
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Structural similarity (Wang et al. 2004, eq. 13) of two videos (F, 3, H, W) in [0, 1], averaged over frames,
+    channels and positions: local means, variances and covariance under an 11x11 Gaussian window of std 1.5 (only
+    where it fits whole, as scikit-image's gaussian_weights=True), C1 = (0.01)^2, C2 = (0.03)^2 for a data range of 1.
+    SSIM compares local structure, which PSNR (one global mean square) does not: a shifted edge costs PSNR a lot and
+    SSIM little, a blurred corner the reverse."""
+    g = torch.exp(-(torch.arange(11, dtype=torch.float64) - 5) ** 2 / (2 * 1.5 ** 2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]  # (1, 1, 11, 11), sums to 1
+    x, y = (v.double().reshape(-1, 1, *v.shape[-2:]) for v in (x, y))  # (F*3, 1, H, W)
+    blur = lambda v: torch.nn.functional.conv2d(v, window)  # local (weighted) mean, (F*3, 1, H-10, W-10)
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = (2 * mx * my + c1) * (2 * cov + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.mean().item()
+
+
 def main(argv=None) -> int:
     p = cli.ArgumentParser(description="Colour / shape / motion accuracy of a moving-shapes model, from the pixels of "
                                         "its videos.")
@@ -74,3 +101,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import evaluate
 import generate
@@ -66,3 +67,18 @@ def test_help_shows_every_default_and_unit(capsys):
     for needle in ("videos per prompt (default: 1)", "DDIM steps per video (default: 50)", "(default: 6.0)",
                    "(default: 2)", "(default: cpu)", "bundled demo model", "(default: ['held-out', 'train'])"):
         assert needle in text, needle
+
+
+def test_psnr_and_ssim_known_values():
+    """PSNR of a uniform error of 0.1 is 10 log10(1 / 0.01) = 20 dB. For flat frames, SSIM is its luminance term
+    alone: (2 a b + C1) / (a^2 + b^2 + C1), 0.80006... for 0.5 against 0.25; equal videos give 1 and inf."""
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 32, 32) * 0.8  # (F, 3, H, W)
+    assert evaluate.psnr(x, x + 0.1) == pytest.approx(20.0, abs=1e-5)  # x + 0.1 rounds in float32
+    assert evaluate.psnr(x, x) == float("inf") and evaluate.ssim(x, x) == pytest.approx(1.0, abs=1e-12)
+    a, b, c1 = 0.5, 0.25, 0.01 ** 2
+    flat = torch.full((2, 3, 16, 16), a), torch.full((2, 3, 16, 16), b)
+    assert evaluate.ssim(*flat) == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), abs=1e-12)
+    # more noise, less similar
+    noisy = [evaluate.ssim(x, (x + s * torch.randn_like(x)).clamp(0, 1)) for s in (0.01, 0.05, 0.2)]
+    assert 1 > noisy[0] > noisy[1] > noisy[2] > 0
