@@ -1,13 +1,15 @@
 """A guided tour through one generation: the demo model, one prompt, every stage printed as it runs.
 
     python tour.py                                                  # the README prompt on the demo model -> tour/
-    python tour.py --prompt "a blue square moving up on a gray background" --out tour_blue --attn-word square
+    python tour.py --prompt "a blue square moving up on a gray background" --out tour_blue --attn-head 1
 
 For each stage it prints what happens, the shapes of the real tensors (read from the run, never typed in), and the
 `file.py:function` that does it, so it reads best beside the source. It runs the same computation as
-`generate.generate(pipe, prompt, seed=...)` (the tests check the frames are identical), written out step by step:
+`generate.generate(pipe, prompt, seed=...)` (the tests check the frames are identical), written out step by step, in
+the order it runs:
 
-    tokenizer -> T5 -> initial noise -> 50 x [patchify + RoPE -> 4 expert blocks -> unpatchify -> CFG -> DDIM step]
+    tokenizer -> T5 -> initial noise -> step 0 written out [patchify + RoPE -> the timestep -> block 0 line by line,
+    then the other 3 blocks -> unpatchify -> CFG -> DDIM step] -> the other 49 steps, the same in a loop
     -> VAE decode -> frames -> what shapes.py's evaluator reads from them
 
 and writes two pictures into --out (default `tour/`):
@@ -21,6 +23,7 @@ Legend: B batch (2 = [negative; prompt] under guidance), L text tokens, N video 
 width, F latent frames, C latent channels, h/w latent height/width, p patch size, heads x d attention heads.
 """
 import contextlib
+import itertools
 import os
 import sys
 import time
@@ -77,26 +80,15 @@ class Printer:
     def line(self, text: str):
         self.print(f"    {text}")
 
+    def hook(self, name: str, in_note: str, out_note: str):
+        """A forward hook that prints the input and output shapes of each call as it runs: `name k in`, `name k out`."""
+        calls = itertools.count()
 
-class Probe:
-    """Forward hooks that keep the inputs and outputs of named submodules during one transformer call."""
-
-    def __init__(self, modules: dict):
-        self.modules, self.seen, self.handles = modules, {}, []
-
-    def __enter__(self):
-        for name, m in self.modules.items():
-            self.handles.append(m.register_forward_hook(self.keeper(name)))
-        return self
-
-    def keeper(self, name):
-        def keep(_module, args, out):   # returns None: a forward hook that returns something replaces the output
-            self.seen.setdefault(name, (args, out))
-        return keep
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
+        def show(_module, args, out):   # returns None: a forward hook that returns something replaces the output
+            k = next(calls)
+            self.shape(f"{name} {k} in", args[0], in_note)
+            self.shape(f"{name} {k} out", out, out_note)
+        return show
 
 
 class AttentionRecorder:
@@ -162,6 +154,38 @@ def uint8_frames(frames: torch.Tensor) -> np.ndarray:
     return shapes.from_tensor(frames * 2 - 1)
 
 
+def x0_picture(pipe, x0s: dict, timesteps, caption: str) -> np.ndarray:
+    """x0.png: the x0 predictions kept at some steps ({step: (1, F, C, h, w)}), decoded: rows = steps, columns =
+    frames."""
+    shown = sorted(x0s)
+    rows = decode_latents(pipe, torch.cat([x0s[s] for s in shown]), tiled=False)      # (R, frames, 3, H, W)
+    cells = [list(uint8_frames(r)) for r in rows]                                      # R x frames x (H, W, 3)
+    labels = [f"step {s}\nt = {timesteps[s]}" for s in shown]
+    title = (f"x0, the clean video the sampler predicts at each step (sampler.x0, decoded): rows = steps, "
+             f"columns = frames; {caption}")
+    columns = [f"frame {j}" for j in range(len(cells[0]))]
+    return labelled_grid(cells, title, labels, columns, cell=2 * cells[0][0].shape[0])
+
+
+def attention_picture(probs, video: np.ndarray, pieces, grid, temporal_compression: int, caption: str):
+    """attention.png from one head's attention probabilities (S, S) over [text; video]: for each latent frame (rows)
+    a pixel frame of the video, then one heat map per text token (columns) of how much each video token of that frame
+    attends to it, all on one colour scale. grid = (F, Hp, Wp) latent frames x token rows x token columns.
+    Returns (the picture, (L,) each text token's mean share of the video tokens' attention)."""
+    (lf, Hp, Wp), L = grid, len(pieces)
+    to_text = probs[L:, :L]                                                           # (N, L): video -> text
+    share = to_text.mean(0)                                                           # (L,)
+    maps = to_text.T.reshape(L, lf, Hp, Wp).numpy()                                   # (L, F, Hp, Wp)
+    scale = maps.max() if maps.max() > 0 else 1.0
+    span = [0] + [min(temporal_compression * j, video.shape[0] - 1) for j in range(1, lf)]  # a pixel frame each
+    cells = [[video[span[f]]] + [heat(maps[j, f] / scale) for j in range(L)] for f in range(lf)]
+    labels = [f"latent frame {f}\n(pixel frame {span[f]})" for f in range(lf)]
+    columns = ["video"] + [f"{pieces[j].replace(chr(9601), '')} {100 * share[j]:.0f}%" for j in range(L)]
+    title = (f"{caption}: attention from each video token ({Hp}x{Wp} grid per latent frame) to each text token; "
+             f"one colour scale, black = 0, white = {scale:.2f}; % = the token's mean share")
+    return labelled_grid(cells, title, labels, columns, cell=2 * video.shape[1]), share
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The tour
 
@@ -190,98 +214,34 @@ def check_choices(cfg, steps: int, show_steps, attn_step, attn_block: int, attn_
     return shown, steps // 2 if attn_step is None else attn_step, attn_block % cfg.num_layers
 
 
-@torch.no_grad()
-def tour(pipe, prompt: str = PROMPT, out: str = "tour", steps: int = 50, guidance_scale: float = 6.0, seed: int = 42,
-         show_steps=None, attn_step: int | None = None, attn_block: int = -1, attn_head: int = 0,
-         printer: Printer | None = None) -> dict:
-    """Run one generation stage by stage, printing as it goes; write x0.png and attention.png into `out`.
-    show_steps: the steps whose x0 x0.png shows (default SHOW_STEPS below `steps`, and the last step); attn_step:
-    the step attention.png shows (default: the middle one). Returns {"shapes": name -> shape of every tensor
-    printed, "frames": (1, F, 3, H, W), "pngs": [paths], "attention": (L,) attention of the chosen head from video
-    tokens to each text token, "pieces": text tokens}."""
-    p = printer or Printer()
-    tr, cfg, info = pipe.transformer, pipe.transformer.config, pipe.info
-    L = cfg.max_text_seq_length
-    use_cfg = guidance_scale > 1
-    B = 2 if use_cfg else 1
-    show_steps, attn_step, attn_block = check_choices(cfg, steps, show_steps, attn_step, attn_block, attn_head)
-    # new, empty or ours, and never another's x0.png: what is replaced must be ours; other files are left alone
-    cli.claim_folder(out, "tour.py", "--out", parts=PICTURES)
-    cli.record(out, PICTURES, "tour.py")
+def where(fn) -> str:
+    """`file.py:function` of a function, read from the function, so the text follows the code when it moves."""
+    return f"{fn.__module__}.py:{fn.__qualname__}"
 
-    # 1. Tokens
-    prompts = ["", prompt] if use_cfg else [prompt]
-    ids = pipe.tokenizer(prompts, max_length=L)
-    p.stage("tokenizer", "text_encoder.py:Tokenizer.__call__",
-            f"each prompt -> SentencePiece ids + </s>, padded with <pad> to max_text_seq_length = {L} (226 in the "
-            "real models)")
-    p.shape("ids", ids, "(B, L); rows: [negative prompt \"\", prompt]" if use_cfg else "(B, L)")
-    sp = pipe.tokenizer.sp
-    pieces = [sp.id_to_piece(i) if i < sp.get_piece_size() else f"<{i}>" for i in ids[-1].tolist()]
-    p.line("prompt tokens: " + " ".join(f"{s}:{i}" for s, i in zip(pieces, ids[-1].tolist())))
 
-    # 2. T5
-    text = encode_text(pipe, prompts, L)
-    p.stage("T5 encoder", "generate.py:encode_text -> text_encoder.py:T5Encoder.forward",
-            f"{pipe.text_encoder.config.num_layers} T5 layers, no attention mask: the <pad> outputs are part of the "
-            "conditioning (CogVideoX was trained that way)")
-    p.shape("text", text, f"(B, L, text_embed_dim = {cfg.text_embed_dim})")
-
-    # 3. Noise and schedule
-    lf = (info.num_frames - 1) // info.temporal_compression + 1
-    h, w = info.height // info.spatial_compression, info.width // info.spatial_compression
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn((1, lf, cfg.out_channels, h, w), generator=generator).to(pipe.device, pipe.dtype)
-    sampler = make_sampler("ddim", pipe.scheduler, steps)
-    p.stage("initial noise and the schedule", "generate.py:generate, sampler.py:make_sampler",
-            f"{info.num_frames} frames of {info.height}x{info.width} px -> ({info.num_frames} - 1) / "
-            f"{info.temporal_compression} + 1 = {lf} latent frames of {h}x{w}, {cfg.out_channels} channels; "
-            f"Gaussian noise from seed {seed}")
-    p.shape("latents", x, "(1, F, C, h, w)")
-    ts = sampler.timesteps
-    shown = ", ".join(map(str, ts[:3])) + (f", ..., {ts[-1]}" if len(ts) > 3 else "")
-    p.line(f"{steps} timestep{'s' * (steps > 1)} {shown}; alpha_bar({ts[0]}) = "
-           f"{float(sampler.alpha(ts[0])):.3g} (zero terminal SNR: step 0 sees pure noise, so the model predicts v)")
-
-    # The sampling loop: sampler.denoise written out, with probes on step 0 and attention recorded at attn_step
-    blk = tr.transformer_blocks[0]
-    probe = Probe({"patch_embed": tr.patch_embed, "text_proj": tr.patch_embed.text_proj,
-                   "time_embedding": tr.time_embedding, "block0": blk, "attn1": blk.attn1, "proj_out": tr.proj_out})
-    recorder = AttentionRecorder(model.attention)
-    x0s, first = {}, {}
-    for i, t in enumerate(ts):
-        x_in = torch.cat([x, x]) if use_cfg else x                                   # (B, F, C, h, w)
-        with probe if i == 0 else contextlib.nullcontext(), \
-                patched(model, "attention", recorder) if i in (0, attn_step) else contextlib.nullcontext():
-            out_ = tr(x_in, text, torch.full((B,), t, device=x.device)).float()      # (B, F, C, h, w)
-        if i == 0:
-            first.update(maps=recorder.maps[:], qkv=recorder.first_qkv, out=out_)
-        if i == attn_step:
-            attn_maps = recorder.maps[-cfg.num_layers:]
-        guided = guidance(*out_.chunk(2), guidance_scale) if use_cfg else out_         # (1, F, C, h, w)
-        x = sampler.step(guided, i, x, generator).to(pipe.dtype)
-        if i == 0:
-            first.update(guided=guided, x_next=x, x0=sampler.x0)
-        if i in show_steps:
-            x0s[i] = sampler.x0.to(pipe.dtype)
-
-    # 4-7: what happened inside the first step's transformer call, read back from the probes
-    seen = probe.seen
-    pe_in, pe_out = seen["patch_embed"][0][0], seen["patch_embed"][1]
-    patches = model.patchify(pe_in, cfg.patch_size, cfg.patch_size_t or 1)
-    p.stage("into the transformer (step 0)", "model.py:CogVideoXTransformer.forward",
-            f"the timestep becomes a vector, the text and the {cfg.patch_size}x{cfg.patch_size} latent patches become "
-            "tokens of the same width, text first in one joint sequence")
-    p.shape("timestep sinusoid", seen["time_embedding"][0][0], "(B, D)  model.py:timestep_embedding")
-    p.shape("emb", seen["time_embedding"][1], "(B, E)  model.py:MLPEmbedder (time_embedding)")
-    p.shape("patches", patches, f"(B, N, C*p*p = {cfg.in_channels}*{cfg.patch_size}*{cfg.patch_size})  "
-            "model.py:patchify, tokens in (frame, row, column) order")
-    p.shape("video tokens", pe_out, "(B, N, D)  model.py:PatchEmbed.forward")
-    p.shape("text tokens", seen["text_proj"][1], "(B, L, D)  PatchEmbed.text_proj")
-    Hp, Wp = h // cfg.patch_size, w // cfg.patch_size
-    p.line(f"{L} text + {lf} x {Hp} x {Wp} = {pe_out.shape[1]} video tokens = {L + pe_out.shape[1]} in the joint "
-           "sequence [text; video]")
-    rope = seen["block0"][0][3]
+def explain_transformer(p: Printer, tr: model.CogVideoXTransformer, x, text, timestep: int,
+                        recorder: AttentionRecorder):
+    """model.py:CogVideoXTransformer.forward written out (text-to-video: no ofs), printing each part as it runs; the
+    same prediction as tr(x, text, t), operation for operation (the tour's frames are checked against generate()'s).
+    x (B, F, C, h, w) latents, text (B, L, text_embed_dim); `recorder` installed as model.attention, empty.
+    Returns (B, F, C, h, w) in fp32."""
+    cfg = tr.config
+    _, F_, _, h, w = x.shape
+    L, ps, pt = text.shape[1], cfg.patch_size, cfg.patch_size_t or 1
+    tokens, c = tr.patch_embed(x), tr.patch_embed.text_proj(text)                    # (B, N, D), (B, L, D)
+    p.stage("patchify and RoPE (step 0)", "model.py:CogVideoXTransformer.forward, PatchEmbed.forward",
+            f"the text and the {ps}x{ps} latent patches become tokens of the same width, text first in one joint "
+            "sequence")
+    p.shape("patches", model.patchify(x, ps, pt), f"(B, N, C*p*p = {cfg.in_channels}*{ps}*{ps})  model.py:patchify, "
+            "tokens in (frame, row, column) order")
+    p.shape("video tokens", tokens, "(B, N, D)  model.py:PatchEmbed.forward")
+    p.shape("text tokens", c, "(B, L, D)  PatchEmbed.text_proj")
+    p.line(f"{L} text + {F_ // pt} x {h // ps} x {w // ps} = {tokens.shape[1]} video tokens = {L + tokens.shape[1]} "
+           "in the joint sequence [text; video]")
+    pos_c, pos_x = tr.absolute_positions(F_, h, w, x.dtype, x.device) or (None, None)
+    tokens = tokens if pos_x is None else tokens + pos_x
+    c = c if pos_c is None else c + pos_c
+    rope = tr.rope(F_, h, w, L, x.device)                                            # (cos, sin), (S, 1, d/2) each
     if rope is not None:
         n_t, n_hw = cfg.attention_head_dim // 8, cfg.attention_head_dim // 16 * 3
         p.shape("rope cos, sin", rope[0], "(S, 1, d/2) each  model.py:CogVideoXTransformer.rope -> model.py:rope_3d")
@@ -292,103 +252,176 @@ def tour(pipe, prompt: str = PROMPT, out: str = "tour", steps: int = 50, guidanc
         p.line("no RoPE in this variant: absolute 3D sincos positions are added to the tokens "
                "(model.py:CogVideoXTransformer.absolute_positions)")
 
-    emb = seen["time_embedding"][1]
-    p.stage("one transformer block (block 0 of {}, step 0)".format(cfg.num_layers),
+    t = torch.full((x.shape[0],), timestep, device=x.device)                         # (B,)
+    sinusoid = model.timestep_embedding(t, cfg.inner_dim, cfg.flip_sin_to_cos, cfg.freq_shift).to(x.dtype)
+    emb = tr.time_embedding(sinusoid)                                                # (B, E)
+    p.stage(f"the timestep and one transformer block (block 0 of {cfg.num_layers}, step 0)",
             "model.py:Block.forward, LayerNormZero.forward (expert adaLN), Attention.forward",
-            "one shared LayerNorm; each modality gets its own shift/scale/gate from emb, twice per block: "
-            "norm1 before attention, norm2 before the feed-forward. emb depends on t only (the same for every row "
-            "of the batch): the text reaches the video through attention, not through the modulation")
-    for norm_name, norm in (("norm1", blk.norm1), ("norm2", blk.norm2)):
-        mods = norm.linear(F.silu(emb))[:, None].chunk(6, dim=2)  # what LayerNormZero.forward computes first
-        if norm_name == "norm1":
-            p.shape("modulations", torch.stack(mods),
-                    "6 x (B, 1, D): video shift, scale, gate; text shift, scale, gate")
-        mag = [m[0].abs().mean().item() for m in mods]
-        p.line(f"{norm_name} at t = {ts[0]}, mean |.|: video shift {mag[0]:.2f} scale {mag[1]:.2f} gate "
-               f"{mag[2]:.2f}  |  text shift {mag[3]:.2f} scale {mag[4]:.2f} gate {mag[5]:.2f}")
-    q = first["qkv"][0]
-    p.shape("attention input", seen["attn1"][0][0], "(B, S, D): [norm1(text); norm1(video)] concatenated")
-    p.shape("q, k, v", q, "(B, heads, S, d) each, after the per-head QK LayerNorm and RoPE -> model.attention")
-    p.shape("attention probs", first["maps"][0], "(B, heads, S, S), softmax(q k^T / sqrt(d)) (kept by the tour)")
-    x_out, c_out = seen["block0"][1]
-    p.shape("block video out", x_out, "(B, N, D) = x + gate * attn + gate * ff(norm2(x))")
-    p.shape("block text out", c_out, "(B, L, D), the same with the text's own gates")
+            "the timestep becomes one vector, emb. One shared LayerNorm; each modality gets its own shift/scale/gate "
+            "from emb, twice per block: norm1 before attention, norm2 before the feed-forward. emb depends on t only "
+            "(the same for every row of the batch): the text reaches the video through attention, not through the "
+            "modulation")
+    p.shape("timestep sinusoid", sinusoid, "(B, D)  model.py:timestep_embedding")
+    p.shape("emb", emb, "(B, E)  model.py:MLPEmbedder (time_embedding)")
+    tokens, c = explain_block(p, tr.transformer_blocks[0], tokens, c, emb, rope, timestep, recorder)
+    for block in tr.transformer_blocks[1:]:
+        tokens, c = block(tokens, c, emb, rope)                                      # (B, N, D), (B, L, D)
 
+    tokens = tr.proj_out(tr.norm_out(tr.norm_final(tokens), emb))                   # (B, N, p*p*C_out)
+    pred = model.unpatchify(tokens, F_, h, w, ps, pt).float()                        # (B, F, C, h, w)
     p.stage("out of the transformer", "model.py:AdaLayerNorm (norm_out), proj_out, unpatchify",
             f"after all {cfg.num_layers} blocks only the video tokens go on: a final adaLN, a linear map back to "
             "p*p*C numbers per token, and the patches put back in place")
-    p.shape("proj_out", seen["proj_out"][1], "(B, N, p*p*C_out)")
-    p.shape("prediction", first["out"], "(B, F, C, h, w): v = sqrt(a) noise - sqrt(1 - a) x0, for each branch")
+    p.shape("proj_out", tokens, "(B, N, p*p*C_out)")
+    p.shape("prediction", pred, "(B, F, C, h, w): v = sqrt(a) noise - sqrt(1 - a) x0, for each branch")
+    return pred
 
-    # 8-9: guidance and the sampler update of step 0
+
+def explain_block(p: Printer, blk: model.Block, x, c, emb, rope, t: int, recorder: AttentionRecorder):
+    """model.py:Block.forward written out, printing each part as it runs; the same (x, c) as blk(x, c, emb, rope).
+    x (B, N, D) video, c (B, L, D) text, emb (B, E); `recorder` has seen no call yet."""
+    L = c.shape[1]
+
+    def modulations(norm, name: str):   # what LayerNormZero.forward computes first: 6 x (B, 1, D)
+        mods = norm.linear(F.silu(emb))[:, None].chunk(6, dim=2)
+        if name == "norm1":
+            p.shape("modulations", torch.stack(mods),
+                    "6 x (B, 1, D): video shift, scale, gate; text shift, scale, gate")
+        mag = [m[0].abs().mean().item() for m in mods]
+        p.line(f"{name} at t = {t}, mean |.|: video shift {mag[0]:.2f} scale {mag[1]:.2f} gate {mag[2]:.2f}  |  "
+               f"text shift {mag[3]:.2f} scale {mag[4]:.2f} gate {mag[5]:.2f}")
+
+    modulations(blk.norm1, "norm1")
+    nx, nc, gate, c_gate = blk.norm1(x, c, emb)                     # (B, N, D), (B, L, D), gates (B, 1, D)
+    s = torch.cat([nc, nx], dim=1)                                  # (B, S, D), text first
+    p.shape("attention input", s, "(B, S, D): [norm1(text); norm1(video)] concatenated")
+    a = blk.attn1(s, rope)                                          # (B, S, D)
+    p.shape("q, k, v", recorder.first_qkv[0], "(B, heads, S, d) each, after the per-head QK LayerNorm and RoPE "
+            "-> model.attention")
+    p.shape("attention probs", recorder.maps[0], "(B, heads, S, S), softmax(q k^T / sqrt(d)) (kept by the tour)")
+    x, c = torch.addcmul(x, gate, a[:, L:]), torch.addcmul(c, c_gate, a[:, :L])          # x + gate * attn
+    modulations(blk.norm2, "norm2")
+    nx, nc, gate, c_gate = blk.norm2(x, c, emb)
+    x, c = torch.addcmul(x, gate, blk.ff(nx)), torch.addcmul(c, c_gate, blk.ff(nc))      # + gate * ff, per token
+    p.shape("block video out", x, "(B, N, D) = x + gate * attn + gate * ff(norm2(x))")
+    p.shape("block text out", c, "(B, L, D), the same with the text's own gates")
+    return x, c
+
+
+@torch.no_grad()
+def tour(pipe, prompt: str = PROMPT, out: str = "tour", steps: int = 50, guidance_scale: float = 6.0, seed: int = 42,
+         show_steps=None, attn_step: int | None = None, attn_block: int = -1, attn_head: int = 0,
+         printer: Printer | None = None) -> dict:
+    """Run one generation stage by stage, printing each stage as it runs; write x0.png and attention.png into `out`.
+    Step 0 is written out, its transformer call too (explain_transformer); the other steps are sampler.denoise's
+    loop. show_steps: the steps whose x0 x0.png shows (default SHOW_STEPS below `steps`, and the last step);
+    attn_step: the step attention.png shows (default: the middle one). Returns {"shapes": name -> shape of every
+    tensor printed, "frames": (1, F, 3, H, W), "pngs": [paths], "attention": (L,) attention of the chosen head from
+    video tokens to each text token, "pieces": text tokens}."""
+    p = printer or Printer()
+    tr, cfg, info = pipe.transformer, pipe.transformer.config, pipe.info
+    L, use_cfg = cfg.max_text_seq_length, guidance_scale > 1
+    show_steps, attn_step, attn_block = check_choices(cfg, steps, show_steps, attn_step, attn_block, attn_head)
+    # new, empty or ours, and never another's x0.png: what is replaced must be ours; other files are left alone
+    cli.claim_folder(out, "tour.py", "--out", parts=PICTURES)
+    cli.record(out, PICTURES, "tour.py")
+
+    # 1. Tokens
+    prompts = ["", prompt] if use_cfg else [prompt]
+    ids = pipe.tokenizer(prompts, max_length=L)                                      # (B, L)
+    p.stage("tokenizer", "text_encoder.py:Tokenizer.__call__",
+            f"each prompt -> SentencePiece ids + </s>, padded with <pad> to max_text_seq_length = {L} (226 in the "
+            "real models)")
+    p.shape("ids", ids, "(B, L); rows: [negative prompt \"\", prompt]" if use_cfg else "(B, L)")
+    sp = pipe.tokenizer.sp
+    pieces = [sp.id_to_piece(i) if i < sp.get_piece_size() else f"<{i}>" for i in ids[-1].tolist()]
+    p.line("prompt tokens: " + " ".join(f"{s}:{i}" for s, i in zip(pieces, ids[-1].tolist())))
+
+    # 2. T5
+    text = encode_text(pipe, prompts, L)                                             # (B, L, text_embed_dim)
+    p.stage("T5 encoder", f"{where(encode_text)} -> text_encoder.py:T5Encoder.forward",
+            f"{pipe.text_encoder.config.num_layers} T5 layers, no attention mask: the <pad> outputs are part of the "
+            "conditioning (CogVideoX was trained that way)")
+    p.shape("text", text, f"(B, L, text_embed_dim = {cfg.text_embed_dim})")
+
+    # 3. Noise and schedule
+    lf = (info.num_frames - 1) // info.temporal_compression + 1
+    h, w = info.height // info.spatial_compression, info.width // info.spatial_compression
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((1, lf, cfg.out_channels, h, w), generator=generator).to(pipe.device, pipe.dtype)
+    sampler = make_sampler("ddim", pipe.scheduler, steps)
+    ts = sampler.timesteps
+    p.stage("initial noise and the schedule", "generate.py:generate, sampler.py:make_sampler",
+            f"{info.num_frames} frames of {info.height}x{info.width} px -> ({info.num_frames} - 1) / "
+            f"{info.temporal_compression} + 1 = {lf} latent frames of {h}x{w}, {cfg.out_channels} channels; "
+            f"Gaussian noise from seed {seed}")
+    p.shape("latents", x, "(1, F, C, h, w)")
+    shown = ", ".join(map(str, ts[:3])) + (f", ..., {ts[-1]}" if len(ts) > 3 else "")
+    p.line(f"{steps} timestep{'s' * (steps > 1)} {shown}; alpha_bar({ts[0]}) = "
+           f"{float(sampler.alpha(ts[0])):.3g} (zero terminal SNR: step 0 sees pure noise, so the model predicts v)")
+
+    # 4. Step 0 written out: the transformer (patchify + RoPE, the timestep, block 0 line by line, back out),
+    #    guidance, the DDIM update. It is the loop's body below, with the transformer call explained.
+    recorder = AttentionRecorder(model.attention)     # keeps each block's attention at step 0 and at attn_step
+    x_in = torch.cat([x, x]) if use_cfg else x                                       # (B, F, C, h, w)
+    with patched(model, "attention", recorder):
+        pred = explain_transformer(p, tr, x_in, text, ts[0], recorder)               # (B, F, C, h, w)
+    guided = guidance(*pred.chunk(2), guidance_scale) if use_cfg else pred            # (1, F, C, h, w)
     if use_cfg:
-        uncond, cond = first["out"].chunk(2)
-        rel = ((cond - uncond).norm() / uncond.norm()).item()
+        uncond, cond = pred.chunk(2)
         p.stage("classifier-free guidance", "sampler.py:guidance (called by sampler.py:denoise)",
                 f"uncond + {guidance_scale:g} * (cond - uncond): the batch was [negative; prompt], the prompt's "
                 f"difference is pushed {guidance_scale:g}x")
         p.shape("uncond, cond", uncond, "(1, F, C, h, w) each, from out.chunk(2)")
-        p.shape("guided", first["guided"], f"(1, F, C, h, w); here |cond - uncond| / |uncond| = {rel:.3f}")
+        p.shape("guided", guided, f"(1, F, C, h, w); here |cond - uncond| / |uncond| = "
+                f"{((cond - uncond).norm() / uncond.norm()).item():.3f}")
+    x = sampler.step(guided, 0, x, generator).to(pipe.dtype)                          # (1, F, C, h, w)
+    x0s = {0: sampler.x0.to(pipe.dtype)} if 0 in show_steps else {}                  # x0.png's rows
     t_prev = ts[0] - pipe.scheduler.num_train_timesteps // steps        # the official t - T//N, as Sampler.step
     a, a_prev = float(sampler.alpha(ts[0])), float(sampler.alpha(t_prev))
     p.stage("sampler update (DDIM, step 0)", "sampler.py:Sampler.step -> predict_x0, ddim_step",
             f"x0 = sqrt(a) x - sqrt(1 - a) v, then x_prev = c_x x + c_0 x0 with a = alpha_bar({ts[0]}) = {a:.4f}, "
             f"a_prev = alpha_bar({t_prev}) = {a_prev:.4f}")
-    p.shape("x0 estimate", first["x0"], "(1, F, C, h, w)" + (": at a = 0 it is exactly -v" if a == 0 else ""))
-    p.shape("x next", first["x_next"], "(1, F, C, h, w), the input of step 1")
-    p.line(f"... {steps - 1} more steps of the same; the last goes to a_prev = 1, so the last x is its own x0 "
-           f"(x0.png shows steps {', '.join(map(str, show_steps))})")
+    p.shape("x0 estimate", sampler.x0, "(1, F, C, h, w)" + (": at a = 0 it is exactly -v" if a == 0 else ""))
+    p.shape("x next", x, "(1, F, C, h, w), the input of step 1")
 
-    # 10. VAE decode (frame batches seen through a hook on the decoder)
-    calls = []
-    hook = pipe.vae.decoder.register_forward_hook(lambda _m, args, out: calls.append((args[0], out)))
-    try:
-        frames = decode_latents(pipe, x, tiled=False)                                 # (1, F, 3, H, W)
-    finally:
-        hook.remove()
-    p.stage("VAE decode", "generate.py:decode_latents -> vae.py:CogVideoXVAE.decode, run_in_frame_batches",
+    # 5. The other steps: sampler.denoise's loop, keeping x0 at show_steps and the attention at attn_step
+    for i in range(1, steps):
+        x_in = torch.cat([x, x]) if use_cfg else x                                   # (B, F, C, h, w)
+        with patched(model, "attention", recorder) if i == attn_step else contextlib.nullcontext():
+            pred = tr(x_in, text, torch.full((len(x_in),), ts[i], device=x.device)).float()  # (B, F, C, h, w)
+        guided = guidance(*pred.chunk(2), guidance_scale) if use_cfg else pred        # (1, F, C, h, w)
+        x = sampler.step(guided, i, x, generator).to(pipe.dtype)
+        if i in show_steps:
+            x0s[i] = sampler.x0.to(pipe.dtype)
+    p.line(f"... then {steps - 1} more steps of the same (sampler.py:denoise); the last goes to a_prev = 1, so the "
+           f"last x is its own x0 (x0.png shows steps {', '.join(map(str, show_steps))})")
+
+    # 6. VAE decode, each batch of latent frames printed as the decoder runs it
+    p.stage("VAE decode", f"{where(decode_latents)} -> vae.py:CogVideoXVAE.decode, run_in_frame_batches",
             f"latents / scaling_factor ({pipe.vae.config.scaling_factor}), channels first, then the causal decoder "
-            f"{len(calls)} time(s): {vae.LATENT_FRAMES_PER_BATCH} latent frames per batch, the remainder joining the "
-            "first (a cache carries the convolutions' context from batch to batch)")
+            f"once per batch of {vae.LATENT_FRAMES_PER_BATCH} latent frames (each batch below), the remainder joining "
+            "the first (a cache carries the convolutions' context from batch to batch)")
     p.shape("final latents", x, "(1, F, C, h, w)")
-    for j, (z_in, v_out) in enumerate(calls):
-        p.shape(f"decoder batch {j} in", z_in, "(1, C, frames, h, w)")
-        p.shape(f"decoder batch {j} out", v_out, "(1, 3, frames, H, W) in [-1, 1]")
+    with pipe.vae.decoder.register_forward_hook(p.hook("decoder batch", "(1, C, frames, h, w)",
+                                                       "(1, 3, frames, H, W) in [-1, 1]")):
+        frames = decode_latents(pipe, x, tiled=False)                                 # (1, F, 3, H, W)
     p.shape("frames", frames, "(1, frames, 3, H, W) in [0, 1], what generate() returns")
-    video = uint8_frames(frames[0])
+    video = uint8_frames(frames[0])                                                   # (F, H, W, 3) uint8
     read = shapes.classify(video)
-    p.stage("what the evaluator reads", "shapes.py:classify",
-            f"from pixels only: colour {read.colour}, shape {read.shape}, motion {read.motion}, "
-            f"background {read.background}")
+    p.stage("what the evaluator reads", "shapes.py:classify", f"from pixels only: colour {read.colour}, shape "
+            f"{read.shape}, motion {read.motion}, background {read.background}")
 
-    # Pictures
-    rows = decode_latents(pipe, torch.cat([x0s[s] for s in show_steps]), tiled=False)  # (R, frames, 3, H, W)
-    cells = [list(uint8_frames(r)) for r in rows]
-    labels = [f"step {s}\nt = {ts[s]}" for s in show_steps]
-    title = (f"x0, the clean video the sampler predicts at each step (sampler.x0, decoded): rows = steps, "
-             f"columns = frames; {prompt!r}, seed {seed}, guidance {guidance_scale:g}")
-    grid = labelled_grid(cells, title, labels, [f"frame {j}" for j in range(video.shape[0])], cell=2 * video.shape[1])
-    x0_png = os.path.join(out, "x0.png")
-    save_png(x0_png, grid)
-
-    probs = attn_maps[attn_block][-1, attn_head]                                     # (S, S), the prompt's row
-    to_text = probs[L:, :L]                                                          # (N, L): video -> text
-    share = to_text.mean(0)                                                          # (L,)
-    maps = to_text.T.reshape(L, lf, Hp, Wp).numpy()                                  # (L, F, Hp, Wp)
-    scale = maps.max() if maps.max() > 0 else 1.0
-    size = 2 * video.shape[1]
-    span = [0] + [min(info.temporal_compression * j, video.shape[0] - 1) for j in range(1, lf)]  # a pixel frame each
-    cells = [[video[span[f]]] + [heat(maps[j, f] / scale) for j in range(L)] for f in range(lf)]
-    labels = [f"latent frame {f}\n(pixel frame {span[f]})" for f in range(lf)]
-    cols = ["video"] + [f"{pieces[j].replace(chr(9601), '')} {100 * share[j]:.0f}%" for j in range(L)]
-    attn_png = os.path.join(out, "attention.png")
-    title = (f"block {attn_block}, head {attn_head}, step {attn_step} (t = {ts[attn_step]}), prompt branch: "
-             f"attention from each video token ({Hp}x{Wp} grid per latent frame) to each text token; one colour "
-             f"scale, black = 0, white = {scale:.2f}; % = the token's mean share")
-    save_png(attn_png, labelled_grid(cells, title, labels, cols, cell=size))
-    p.stage("pictures", f"written to {out}/",
-            f"x0.png: x0 decoded at steps {show_steps} (rows) x frames (columns); attention.png: block {attn_block}, "
-            f"head {attn_head}, step {attn_step} (t = {ts[attn_step]}), prompt branch, video tokens -> each text token")
+    # 7. Pictures
+    x0_png, attn_png = os.path.join(out, "x0.png"), os.path.join(out, "attention.png")
+    save_png(x0_png, x0_picture(pipe, x0s, ts, f"{prompt!r}, seed {seed}, guidance {guidance_scale:g}"))
+    probs = recorder.maps[-cfg.num_layers:][attn_block][-1, attn_head]               # (S, S), the prompt's row
+    chosen = f"block {attn_block}, head {attn_head}, step {attn_step} (t = {ts[attn_step]}), prompt branch"
+    grid = (lf, h // cfg.patch_size, w // cfg.patch_size)                             # (F, Hp, Wp) video tokens
+    picture, share = attention_picture(probs, video, pieces, grid, info.temporal_compression, chosen)
+    save_png(attn_png, picture)
+    p.stage("pictures", f"written to {out}/", f"x0.png: x0 decoded at steps {show_steps} (rows) x frames (columns); "
+            f"attention.png: {chosen}, video tokens -> each text token")
     order = share.argsort(descending=True)[:4].tolist()
     p.line("largest shares of the video tokens' attention among the text tokens: "
            + ", ".join(f"{pieces[j]} {100 * share[j]:.1f}%" for j in order)
@@ -421,7 +454,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     pipe = load_pipeline(info)
-    print(f"loaded {os.path.relpath(info.path)} in {time.perf_counter() - t0:.1f} s  --  generate.py:load_pipeline")
+    print(f"loaded {os.path.relpath(info.path)} in {time.perf_counter() - t0:.1f} s  --  {where(load_pipeline)}")
     result = tour(pipe, args.prompt, args.out, args.steps, args.guidance, args.seed, args.show_steps,
                   args.attn_step, args.attn_block, args.attn_head)
     print(f"\ntour done in {time.perf_counter() - t0:.1f} s; pictures: {', '.join(result['pngs'])}")

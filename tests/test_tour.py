@@ -26,7 +26,8 @@ def pipe():
 
 
 def expected_shapes(pipe):
-    """Every shape the tour prints, from the transformer/VAE configs and the demo's frame size alone."""
+    """Every shape the tour prints, from the transformer/VAE configs and the demo's frame size alone, in the order the
+    generation computes them (the tour prints each stage as it runs)."""
     c, info = pipe.transformer.config, pipe.info
     L, C, p, D, E = c.max_text_seq_length, c.out_channels, c.patch_size, c.num_attention_heads * c.attention_head_dim, \
         c.time_embed_dim
@@ -39,15 +40,16 @@ def expected_shapes(pipe):
     # frames (the causal first frame stands alone), the others to 4k
     sizes = [2 + lf % 2] + [2] * (lf // 2 - 1) if lf >= 2 else [lf]
     shapes = {"ids": (2, L), "text": (2, L, c.text_embed_dim), "latents": latent,
-              "timestep sinusoid": (2, D), "emb": (2, E), "patches": (2, N, C * p * p), "video tokens": (2, N, D),
-              "text tokens": (2, L, D), "rope cos, sin": (S, 1, d // 2), "modulations": (6, 2, 1, D),
+              "patches": (2, N, C * p * p), "video tokens": (2, N, D), "text tokens": (2, L, D),
+              "rope cos, sin": (S, 1, d // 2), "timestep sinusoid": (2, D), "emb": (2, E), "modulations": (6, 2, 1, D),
               "attention input": (2, S, D), "q, k, v": (2, heads, S, d), "attention probs": (2, heads, S, S),
               "block video out": (2, N, D), "block text out": (2, L, D), "proj_out": (2, N, p * p * C),
               "prediction": (2, lf, C, h, w), "uncond, cond": latent, "guided": latent, "x0 estimate": latent,
-              "x next": latent, "final latents": latent, "frames": (1, info.num_frames, 3, info.height, info.width)}
+              "x next": latent, "final latents": latent}
     for j, k in enumerate(sizes):
         shapes[f"decoder batch {j} in"] = (1, C, k, h, w)
         shapes[f"decoder batch {j} out"] = (1, 3, 1 + 4 * (k - 1) if j == 0 else 4 * k, info.height, info.width)
+    shapes["frames"] = (1, info.num_frames, 3, info.height, info.width)
     return shapes
 
 
@@ -55,12 +57,13 @@ def test_tour_prints_the_real_shapes_and_generates_what_generate_does(pipe, tmp_
     attention = model.attention
     result = tour.main(["--out", str(tmp_path), "--threads", "1"])
     printed = capsys.readouterr().out
-    assert result["shapes"] == expected_shapes(pipe)
+    assert list(result["shapes"].items()) == list(expected_shapes(pipe).items())   # the same shapes, in run order
     for name, shape in result["shapes"].items():       # each printed beside its name, as recorded from the tensor
         assert re.search(rf"^    {re.escape(name)}\s+{re.escape(str(shape))}\s", printed, re.M), name
     for where in ("text_encoder.py:Tokenizer.__call__", "text_encoder.py:T5Encoder.forward", "model.py:patchify",
                   "model.py:CogVideoXTransformer.rope", "model.py:Block.forward", "LayerNormZero.forward",
-                  "sampler.py:guidance", "sampler.py:Sampler.step", "generate.py:decode_latents", "vae.py:"):
+                  "sampler.py:guidance", "sampler.py:Sampler.step", "vae.py:",
+                  f"{tour.decode_latents.__module__}.py:decode_latents"):  # wherever generate's helpers live
         assert where in printed, where
     assert "prompt tokens: ▁a:" in printed and "▁circle" in printed
 
@@ -119,17 +122,21 @@ def test_every_cookbook_ablation_changes_the_video_and_is_undone(pipe):
     assert (len(held_out), len(train), len(set(train))) == (28, 84, 84)
 
 
-def test_short_runs_refusals_and_reruns(tmp_path, capsys):
-    """--steps 1 runs with the default pictures (the middle step is step 0); a step, block or head out of range is
-    refused by its flag before the model is loaded (never clamped); --help says each default once; a re-run replaces
-    the tour's own pictures and leaves a user's file beside them."""
+def test_short_runs_refusals_and_reruns(pipe, tmp_path, capsys):
+    """--steps 1 runs with the default pictures (the middle step is step 0); without guidance (a batch of one) the
+    frames are generate()'s too; a step, block or head out of range is refused by its flag before the model is loaded
+    (never clamped); --help says each default once; a re-run replaces the tour's own pictures and leaves a user's file
+    beside them."""
     import subprocess
     out = tmp_path / "tour"
     result = tour.main(["--steps", "1", "--out", str(out), "--threads", "1"])
     assert [os.path.basename(p) for p in result["pngs"]] == ["x0.png", "attention.png"]
     (out / "notes.txt").write_text("the user's\n")
-    tour.main(["--steps", "2", "--out", str(out), "--threads", "1"])
+    result = tour.main(["--steps", "2", "--guidance", "1", "--out", str(out), "--threads", "1"])
     assert (out / "notes.txt").read_text() == "the user's\n"
+    assert sorted(os.listdir(out)) == [".cogvideox-mini.json", "attention.png", "notes.txt", "x0.png"]
+    assert torch.equal(result["frames"], generate(pipe, tour.PROMPT, num_inference_steps=2, guidance_scale=1, seed=42,
+                       max_sequence_length=pipe.transformer.config.max_text_seq_length, progress=False))
     for argv, flag in ((["--show-steps", "99"], "--show-steps 99"), (["--steps", "5", "--attn-step", "5"],
                        "--attn-step 5"), (["--attn-block", "99"], "--attn-block 99"), (["--attn-head", "-1"],
                        "--attn-head -1")):
