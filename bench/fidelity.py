@@ -35,8 +35,7 @@ OPTIONS = {
     "int8": ({}, {}, True),
     "bf16": ({"dtype": torch.bfloat16}, {}, False),
     "10-steps": ({}, {"num_inference_steps": 10}, False),
-    "20-steps": ({}, {"num_inference_steps": 20}, False),
-    **{f"{s}-20-steps": ({}, {"sampler": s, "num_inference_steps": 20}, False) for s in SAMPLERS},
+    **{f"{s}-20-steps": ({}, {"sampler": s, "num_inference_steps": 20}, False) for s in SAMPLERS},  # ddim: 20 steps
     "offload-blocks": ({"offload": "blocks"}, {}, False),
 }
 
