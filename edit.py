@@ -3,8 +3,10 @@
     python edit.py --model CogVideoX-5b --video in.mp4 --prompt "a white car driving through snow"
     python edit.py --video red.mp4 --prompt "a blue circle moving right on a black background" --method plain
 
-The flow, top to bottom in `edit_latents()`: clean latents (VAE posterior sample) -> DDIM inversion with an empty
-prompt (sampler.invert), keeping the latent of every noise level -> a second DDIM run with the new prompt, one of:
+The flow: `plan_edit()` checks the request before any weight is read (generate.plan: the video, its frames and size,
+DDIM over the whole schedule); `edit_video()` encodes the video to clean latents (a VAE posterior sample), then, top
+to bottom in `invert_and_denoise()`: DDIM inversion with an empty prompt (sampler.invert), keeping the latent of every
+noise level -> a second DDIM run with the new prompt, one of:
   inject (the official method): start from *fresh* noise; at every step the inverted latent of that noise level is
     run through the transformer beside the edited one, and in every attention layer the edited tokens attend to
     [their own keys; the reference's keys] (values alike), so layout and motion come from the reference while the
@@ -25,11 +27,11 @@ import torch
 
 import cli
 import model
-from generate import (Pipeline, add_video_arguments, check_request, check_video_output, decode_latents,
-                      encode_frames, encode_text, load_pipeline, pad_front, peak_memory_gb, prologue, read_video,
-                      resize, save_video, worth_tiling)
+from generate import Request, add_video_arguments, peak_memory_gb, plan, prologue
+from media import read_video, resize, save_video
 from offload import on_device
-from sampler import denoise, invert, make_sampler
+from pipeline import Pipeline, decode_latents, encode_frames, encode_text, load_pipeline, pad_front
+from sampler import Sampler, denoise, invert, make_sampler
 
 METHODS = ("inject", "plain")
 
@@ -71,20 +73,31 @@ def edit_latents(pipe: Pipeline, z: torch.Tensor, prompt: str, *, method: str = 
                  negative_prompt: str = "", num_inference_steps: int = 50, guidance_scale: float = 6.0,
                  generator: torch.Generator | None = None, max_sequence_length: int | None = None,
                  progress: bool = True) -> torch.Tensor:
-    """Clean latents z (B, F, C, h, w) (scaled, F already a multiple of patch_size_t) -> edited latents.
+    """Clean latents z (B, F, C, h, w) (scaled, F already a multiple of patch_size_t) -> edited latents: the method
+    checked and the DDIM schedule built, then invert_and_denoise."""
+    check_edit(pipe.info, method)
+    L = pipe.info.max_text_seq_length if max_sequence_length is None else max_sequence_length
+    schedule = make_sampler("ddim", pipe.scheduler, num_inference_steps)
+    return invert_and_denoise(pipe, z, prompt, schedule, method=method, source_prompt=source_prompt,
+                              negative_prompt=negative_prompt, guidance_scale=guidance_scale, generator=generator,
+                              text_length=L, progress=progress)
+
+
+@torch.no_grad()
+def invert_and_denoise(pipe: Pipeline, z: torch.Tensor, prompt: str, schedule: Sampler, *, method: str,
+                       source_prompt: str, negative_prompt: str, guidance_scale: float,
+                       generator: torch.Generator | None, text_length: int, progress: bool) -> torch.Tensor:
+    """The edit of clean latents z (B, F, C, h, w) along a DDIM schedule, the method already checked.
 
     The inversion runs without guidance: the official tool passes its guidance scale but gives both branches the empty
     prompt, where guidance changes nothing. `source_prompt` (default "", the official choice) conditions the
     inversion; `generator` draws the fresh noise of `inject`."""
-    check_edit(pipe.info, method)
-    L = pipe.info.max_text_seq_length if max_sequence_length is None else max_sequence_length
     B = z.shape[0]
-    schedule = make_sampler("ddim", pipe.scheduler, num_inference_steps)
-    source = encode_text(pipe, [source_prompt], L).expand(B, -1, -1)                  # (B, L, D)
+    source = encode_text(pipe, [source_prompt], text_length).expand(B, -1, -1)        # (B, L, D)
     cfg = guidance_scale > 1
-    text = encode_text(pipe, [negative_prompt, prompt] if cfg else [prompt], L).repeat_interleave(B, dim=0)  # (B', L, D)
+    text = encode_text(pipe, [negative_prompt, prompt] if cfg else [prompt], text_length).repeat_interleave(B, dim=0)
 
-    with on_device(pipe, pipe.transformer) as transformer:
+    with on_device(pipe, pipe.transformer) as transformer:                            # text: (B', L, D)
         trajectory = invert(lambda x, t: transformer(x, source, t), z, schedule, progress=progress)
         if method == "plain":
             return denoise(lambda x, t: transformer(x, text, t), trajectory[0], schedule,
@@ -102,43 +115,52 @@ def edit_latents(pipe: Pipeline, z: torch.Tensor, prompt: str, *, method: str = 
             return denoise(net, noise, schedule, guidance_scale=guidance_scale, progress=progress)
 
 
+def edit_frames(info, available: int) -> int:
+    """The frame count an edit takes without num_frames: the first min(available, the model's default) frames,
+    trimmed to a count the model takes."""
+    return (min(available, info.num_frames) - 1) // info.frame_multiple * info.frame_multiple + 1
+
+
+def plan_edit(info, video, prompt: str, *, method: str = "inject", negative_prompt: str = "",
+              num_frames: int | None = None, height: int | None = None, width: int | None = None,
+              num_inference_steps: int = 50, guidance_scale: float = 6.0, seed: int = 42,
+              max_sequence_length: int | None = None, vae_tiling: bool = False, output: str | None = None) -> Request:
+    """edit()'s arguments checked before any weight is read: the method, then generate.plan with the video and DDIM
+    over the whole schedule. video: a path (read here) or an (F, 3, H, W) tensor in [0, 1]."""
+    check_edit(info, method)
+    video = read_video(video) if isinstance(video, (str, os.PathLike)) else video
+    return plan(info, prompt, negative_prompt=negative_prompt,
+                num_frames=edit_frames(info, len(video)) if num_frames is None else num_frames, height=height,
+                width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler="ddim",
+                seed=seed, video=video, strength=1.0, max_sequence_length=max_sequence_length, vae_tiling=vae_tiling,
+                output=output)
+
+
 @torch.no_grad()
+def edit_video(pipe: Pipeline, request: Request, *, method: str = "inject", source_prompt: str = "",
+               progress: bool = True) -> torch.Tensor:
+    """A planned edit (plan_edit) -> frames (1, F, 3, H, W) in [0, 1]."""
+    job = request.jobs[0]
+    generator = torch.Generator().manual_seed(job.seed)  # the posterior sample first, then the noise, as generate()
+    z = encode_frames(pipe, resize(request.video, request.height, request.width)[None], generator, request.tiled)
+    z, pad = pad_front(z, pipe.transformer.config.patch_size_t)                       # (1, F, C, h, w)
+    z = invert_and_denoise(pipe, z, job.prompts[0], request.sampler, method=method, source_prompt=source_prompt,
+                           negative_prompt=job.negatives[0], guidance_scale=request.guidance_scale,
+                           generator=generator, text_length=request.text_length, progress=progress)
+    return decode_latents(pipe, z[:, pad:], request.tiled)
+
+
 def edit(pipe: Pipeline, video, prompt: str, *, method: str = "inject", source_prompt: str = "",
          negative_prompt: str = "", num_frames: int | None = None, height: int | None = None, width: int | None = None,
          num_inference_steps: int = 50, guidance_scale: float = 6.0, seed: int = 42,
-         max_sequence_length: int | None = None,
-         vae_tiling: bool = False, progress: bool = True) -> torch.Tensor:
+         max_sequence_length: int | None = None, vae_tiling: bool = False, progress: bool = True) -> torch.Tensor:
     """Edit one video: a path or an (F, 3, H, W) tensor in [0, 1]. Returns frames (1, F, 3, H, W) in [0, 1].
     Without num_frames, the first min(len(video), the model's default) frames, trimmed to a valid count."""
-    info = pipe.info
-    check_edit(info, method)
-    video = read_video(video) if isinstance(video, (str, os.PathLike)) else torch.as_tensor(video).float()
-    if video.ndim != 4 or video.shape[1] != 3:
-        raise ValueError(f"video must be a path or an (F, 3, H, W) tensor, got shape {tuple(video.shape)}")
-    height = info.height if height is None else height
-    width = info.width if width is None else width
-    num_frames = edit_frames(info, len(video), num_frames)
-    check_request(info, num_frames, height, width)
-
-    generator = torch.Generator().manual_seed(seed)      # the posterior sample first, then the noise, as generate()
-    tiled = vae_tiling and worth_tiling(pipe.vae, height, width)
-    z = encode_frames(pipe, resize(video[:num_frames], height, width)[None], generator, tiled)  # (1, F, C, h, w)
-    z, pad = pad_front(z, pipe.transformer.config.patch_size_t)
-    z = edit_latents(pipe, z, prompt, method=method, source_prompt=source_prompt, negative_prompt=negative_prompt,
-                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
-                     max_sequence_length=max_sequence_length, progress=progress)
-    return decode_latents(pipe, z[:, pad:], tiled)
-
-
-def edit_frames(info, available: int, num_frames: int | None) -> int:
-    """The frame count an edit uses: num_frames, else the first min(available, the model's default) frames trimmed to
-    a valid count. Checked against the video's length."""
-    if num_frames is None:
-        num_frames = (min(available, info.num_frames) - 1) // info.frame_multiple * info.frame_multiple + 1
-    check_request(info, num_frames, info.height, info.width)  # an invalid count is named before the video's length
-    if available < num_frames:
-        raise ValueError(f"the video has {available} frames, fewer than num_frames={num_frames}")
-    return num_frames
+    request = plan_edit(pipe.info, video, prompt, method=method, negative_prompt=negative_prompt,
+                        num_frames=num_frames, height=height, width=width, num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale, seed=seed, max_sequence_length=max_sequence_length,
+                        vae_tiling=vae_tiling)
+    return edit_video(pipe, request, method=method, source_prompt=source_prompt, progress=progress)
 
 
 def parse_args(argv=None):
@@ -159,23 +181,20 @@ def main(argv=None) -> int:
 
 
 def run_cli(args) -> int:
-    # Everything that can be checked is checked before any weights are read.
+    # Everything is checked before any weight is read, once (plan_edit).
     info, device, dtype = prologue(args)
-    check_edit(info, args.method)
-    video = read_video(cli.existing_path("--video", args.video, "file"))
-    num_frames = edit_frames(info, len(video), args.num_frames)
-    check_request(info, num_frames, args.height or info.height, args.width or info.width)
-    check_video_output(args.output)
+    request = plan_edit(info, cli.existing_path("--video", args.video, "file"), args.prompt, method=args.method,
+                        negative_prompt=args.negative_prompt, num_frames=args.num_frames, height=args.height,
+                        width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                        seed=args.seed, vae_tiling=args.vae_tiling, output=args.output)
 
     t0 = time.perf_counter()
     pipe = load_pipeline(info, dtype=dtype, device=device, offload=args.offload)
     t1 = time.perf_counter()
-    frames = edit(pipe, video, args.prompt, method=args.method, source_prompt=args.source_prompt,
-                  negative_prompt=args.negative_prompt, num_frames=num_frames, height=args.height,
-                  width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                  vae_tiling=args.vae_tiling)
+    frames = edit_video(pipe, request, method=args.method, source_prompt=args.source_prompt)
     t2 = time.perf_counter()
-    written = save_video(frames[0], args.output, args.fps or info.fps)
+    [(out, named)] = request.jobs[0].outputs
+    written = save_video(frames[0], out, args.fps or info.fps, named)
     print(f"wrote {', '.join(written)}")
     print(f"load {t1 - t0:.1f}s, edit {t2 - t1:.1f}s, peak memory {peak_memory_gb(pipe.device):.2f} GB")
     return 0

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 import cli
 import shapes
-from generate import generate, load_pipeline, read_model_info, resolve_model_path
+from generate import generate
+from pipeline import load_pipeline, read_model_info, resolve_model_path
 
 SETS = ("held-out", "train")
 

@@ -47,11 +47,12 @@ from tqdm import tqdm
 
 import cli
 from cli import atomic_write
-from generate import (Pipeline, check_request, generate, pad_front, read_model_info, read_video, resize,
-                      resolve_model_path, save_video, shard)
+from generate import Request, make_videos, plan, shard
 from lora import WEIGHT_NAME, add_lora, lora_state_dict, save_lora, set_lora_state
+from media import read_video, resize, save_video
 from model import load_transformer
-from sampler import add_noise, load_scheduler_config, v_target
+from pipeline import Pipeline, pad_front, read_model_info, resolve_model_path
+from sampler import add_noise, v_target
 from text_encoder import Tokenizer, load_text_encoder
 from vae import load_vae, sample_posterior
 
@@ -389,20 +390,20 @@ class Renderer:
     """Renders the validation prompt with the model being trained. T5 and the VAE wait on the CPU between renders and
     visit the GPU only while one runs."""
 
-    def __init__(self, args, info, scheduler, device, dtype):
-        self.args, self.device = args, device
+    def __init__(self, args, info, request: Request, device, dtype):
+        self.args, self.request, self.device = args, request, device
         self.pipe = Pipeline(tokenizer=Tokenizer(os.path.join(args.model, "tokenizer")),
                              text_encoder=load_text_encoder(os.path.join(args.model, "text_encoder"), dtype=dtype),
-                             transformer=None, vae=load_vae(os.path.join(args.model, "vae"), dtype=dtype),
-                             scheduler=scheduler, info=info, device=device, dtype=dtype)
+                             transformer=None,
+                             vae=load_vae(os.path.join(args.model, "vae"), dtype=dtype, config=info.vae),
+                             scheduler=info.scheduler, info=info, device=device, dtype=dtype)
 
     def __call__(self, model, step: int) -> str:
         a, pipe = self.args, self.pipe
         pipe.transformer = model
         for m in (pipe.text_encoder, pipe.vae):
             m.to(self.device)
-        frames = generate(pipe, a.validation_prompt, num_frames=a.num_frames, height=a.height, width=a.width,
-                          seed=a.seed, max_sequence_length=a.max_text_len, progress=False)
+        frames = make_videos(pipe, self.request, self.request.jobs[0], progress=False)
         for m in (pipe.text_encoder, pipe.vae):
             m.to("cpu")
         cli.record(a.output, [f"validation/step-{step:06d}.{ext}" for ext in ("mp4", "png")], TOOL)
@@ -470,10 +471,13 @@ def all_ok(ok: bool, world: int, device) -> bool:
     return bool(flag.item())
 
 
-def check_args(args, info, world: int) -> None:
+def check_args(args, info, world: int) -> Request:
+    """Every flag, before any work. Returns the plan of the validation render (generate.plan), which also fixes the
+    training size: --num-frames, --height and --width, or the model's."""
     if info.is_i2v:
         raise ValueError(f"{args.model} is an image-to-video model; train_lora.py trains text-to-video checkpoints")
-    check_request(info, args.num_frames, args.height, args.width)
+    request = plan(info, args.validation_prompt or "", num_frames=args.num_frames, height=args.height,
+                   width=args.width, seed=args.seed)
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the process count {world}")
     if args.validate_every and not args.validation_prompt:
@@ -484,6 +488,7 @@ def check_args(args, info, world: int) -> None:
     if args.resume and args.resume != "latest":
         cli.existing_path("--resume", args.resume, "folder")
     check_output(args)
+    return request
 
 
 def main(argv=None) -> int:
@@ -502,11 +507,10 @@ def train(args, world: int, rank: int, local: int, device) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     say = print if rank == 0 else (lambda *a, **k: None)
     info = read_model_info(resolve_model_path(args.model))
-    args.num_frames, args.height, args.width = args.num_frames or info.num_frames, args.height or info.height, \
-        args.width or info.width
-    args.max_text_len = info.max_text_seq_length
-    check_args(args, info, world)
-    scheduler = load_scheduler_config(os.path.join(args.model, "scheduler"))
+    request = check_args(args, info, world)
+    args.num_frames, args.height, args.width = request.num_frames, request.height, request.width
+    args.max_text_len = request.text_length
+    scheduler = info.scheduler
     if scheduler.prediction_type != "v_prediction":
         raise ValueError(f"{args.model}: the scheduler predicts {scheduler.prediction_type!r}; every CogVideoX "
                          f"checkpoint, and this trainer, use 'v_prediction'")
@@ -561,7 +565,7 @@ def train(args, world: int, rank: int, local: int, device) -> int:
             log_step(log, {}, truncate_after=start)
         else:
             open(log, "w").close()
-    render = Renderer(args, info, scheduler, device, dtype) if args.validate_every and rank == 0 else None
+    render = Renderer(args, info, request, device, dtype) if args.validate_every and rank == 0 else None
     say(f"LoRA rank {args.rank}, alpha {args.alpha:g}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
         f"parameters; {world} process(es), global batch {args.batch_size} x {args.grad_accum} accumulation")
 

@@ -27,7 +27,8 @@ sys.path.insert(0, ROOT)
 
 import shapes  # noqa: E402
 from edit import check_edit, edit  # noqa: E402
-from generate import generate, load_pipeline, resolve_model_path  # noqa: E402
+from generate import generate  # noqa: E402
+from pipeline import load_pipeline, resolve_model_path  # noqa: E402
 
 
 def source_clips(n: int, seed: int):
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
         print(f"| {name} | {r['n']} | " + " | ".join(f"{100 * r[c]:.0f}%" for c in cols) + f" | {r['path_px']:.1f} |")
     if args.save:
         import imageio.v3 as iio
-        from generate import contact_sheet
+        from media import contact_sheet
         os.makedirs(args.save, exist_ok=True)
         for name, videos in {"source": sources, **outputs}.items():
             sheet = np.concatenate([contact_sheet(v, columns=v.shape[0]) for v in videos])

@@ -27,7 +27,8 @@ sys.path.insert(0, ROOT)
 import shapes  # noqa: E402
 import train_lora  # noqa: E402
 from evaluate import evaluate_model  # noqa: E402
-from generate import generate, load_pipeline, resolve_model_path  # noqa: E402
+from generate import generate  # noqa: E402
+from pipeline import load_pipeline, resolve_model_path  # noqa: E402
 from lora import load_lora  # noqa: E402
 
 COLOUR = "cyan"

@@ -25,7 +25,8 @@ sys.path.insert(0, ROOT)
 
 import shapes  # noqa: E402
 from edit_shapes import path_px, uint8  # noqa: E402
-from generate import generate, load_pipeline, resolve_model_path  # noqa: E402
+from generate import generate  # noqa: E402
+from pipeline import load_pipeline, resolve_model_path  # noqa: E402
 
 
 def recolour_pairs(n: int, seed: int):

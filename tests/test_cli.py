@@ -26,7 +26,10 @@ import torch
 
 import cli
 import generate
-from generate import DEMO_MODEL
+import media
+import pipeline
+from pipeline import DEMO_MODEL, worth_tiling
+from text_encoder import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "a red circle moving right on a black background"
@@ -56,10 +59,11 @@ def error_lines(stderr: str) -> list[str]:
     return [p for p in parts if p.strip() and not re.search(r"\d+/\d+ \[|it/s|s/it", p)]
 
 
-def assert_refused(r, needle: str):
+def assert_refused(r, name: str):
+    """Exit status 2 and one line on stderr, "error: ...", that names `name` (the flag, argument or value refused)."""
     lines = error_lines(r.stderr)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], r.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -83,66 +87,66 @@ def workdir(tmp_path_factory):
 
 G, E, T, C, S = "generate.py", "edit.py", "train_lora.py", "convert.py", "train_tiny.py"
 LORA_ARGS = ["--model", DEMO_MODEL, "--data", "clips"]
-BAD = [
-    (G, ["--num-frames", "0"], "--num-frames: 0 is out of range"),
-    (G, ["--num-frames", "10"], "num_frames=10 is not valid"),
-    (G, ["--height", "0"], "--height: 0 is out of range"),
-    (G, ["--width", "719"], "--width: 719 is out of range"),
-    (G, ["--fps", "0"], "--fps: 0 is out of range"),
-    (G, ["--fps", "-3"], "--fps: -3 is out of range"),
-    (G, ["--fps", "fast"], "'fast' is not a number"),
-    (G, ["--steps", "0"], "--steps: 0 is out of range"),
+BAD = [  # (tool, its arguments, what the one line must name: the flag, argument or value refused)
+    (G, ["--num-frames", "0"], "--num-frames"),
+    (G, ["--num-frames", "10"], "num_frames=10"),
+    (G, ["--height", "0"], "--height"),
+    (G, ["--width", "719"], "--width"),
+    (G, ["--fps", "0"], "--fps"),
+    (G, ["--fps", "-3"], "--fps"),
+    (G, ["--fps", "fast"], "'fast'"),
+    (G, ["--steps", "0"], "--steps"),
     (G, ["--steps", "1001"], "num_steps=1001"),
-    (G, ["--guidance", "-5"], "--guidance: -5 is out of range"),
-    (G, ["--guidance", "nan"], "--guidance: nan is out of range"),
-    (G, ["--seed", "-1"], "--seed: -1 is out of range"),
-    (G, ["--num-videos", "0"], "--num-videos: 0 is out of range"),
-    (G, ["--step-cache", "-1"], "--step-cache: -1 is out of range"),
-    (G, ["--step-cache", "0"], "--step-cache: 0 is out of range"),
-    (G, ["--strength", "0", "--video", "in.mp4"], "--strength: 0 is out of range"),
-    (G, ["--strength", "0.5"], "--strength applies to video-to-video only"),
-    (G, ["--strength", "0.01", "--video", "in.mp4"], "keeps no step"),
-    (G, ["--lora-scale", "0.5"], "--lora-scale needs --lora"),
-    (G, ["--lora", "missing.safetensors"], "LoRA file not found"),
-    (G, ["--lora", "notes.txt"], "cannot read LoRA file"),
-    (G, ["--device", "foo"], "--device 'foo' is not a device"),
-    (G, ["--device", "mps"], "--device mps"),
-    (G, ["--sampler", "plms"], "invalid choice: 'plms'"),
-    (G, ["--karras"], "no Karras spacing"),
-    (G, ["--output", "out.avi"], "use .mp4, .gif, or a folder name"),
-    (G, ["--output", "notes.txt/clip.mp4"], "is a file, not a folder"),
-    (G, ["--output", "outputs"], "outputs is an existing folder that cogvideox-mini did not create"),
-    (G, ["--output", "."], "is the current folder"),
-    (G, ["--model", "/nonexistent/CogVideoX-2b"], "hf download THUDM/CogVideoX-2b --local-dir"),
-    (G, ["--model", "not-a-snapshot"], "is not a CogVideoX snapshot"),
-    (G, ["--image", "first.png"], "text-to-video model"),
-    (G, ["--image", "missing.png"], "--image missing.png: file not found"),
-    (G, ["--video", "notes.txt"], "cannot read video"),
-    (G, ["--video", "in.mp4", "--num-frames", "17"], "fewer than --num-frames 17"),
-    (G, ["--video", "in.mp4", "--image", "in.mp4"], "not both"),
-    (G, ["--prompt-file", "missing.txt"], "--prompt-file missing.txt: file not found"),
-    (G, ["--prompt-file", "empty.txt"], "holds no prompt"),
-    (E, ["--video", "in.mp4", "--num-frames", "10"], "num_frames=10 is not valid"),
-    (E, ["--video", "in.mp4", "--num-frames", "17"], "fewer than num_frames=17"),
-    (E, ["--video", "missing.mp4"], "missing.mp4: file not found"),
-    (E, ["--video", "in.mp4", "--output", "outputs"], "did not create"),
-    (E, ["--video", "in.mp4", "--steps", "0"], "--steps: 0 is out of range"),
-    (E, ["--video", "in.mp4", "--device", "cuda:7"], "--device cuda:7"),
-    (T, [*LORA_ARGS, "--output", "outputs"], "did not create"),
-    (T, ["--model", DEMO_MODEL, "--data", "missing", "--output", "runs/new"], "--data missing: folder not found"),
-    (T, [*LORA_ARGS, "--rank", "0"], "--rank: 0 is out of range"),
-    (T, [*LORA_ARGS, "--lr", "0"], "--lr: 0 is out of range"),
-    (T, [*LORA_ARGS, "--validate-every", "5"], "--validate-every needs --validation-prompt"),
-    (T, [*LORA_ARGS, "--device", "foo"], "is not a device"),
-    (T, ["--model", "/nonexistent/CogVideoX-5b", "--data", "clips"], "model folder not found"),
-    (C, ["lora", "--lora", "missing.pt", "--out", "new"], "--lora missing.pt: file or folder not found"),
-    (C, ["lora", "--lora", "notes.txt", "--out", "outputs"], "did not create"),
-    (C, ["lora", "--lora", "notes.txt", "--out", "new", "--alpha", "0"], "--alpha: 0 is out of range"),
+    (G, ["--guidance", "-5"], "--guidance"),
+    (G, ["--guidance", "nan"], "--guidance"),
+    (G, ["--seed", "-1"], "--seed"),
+    (G, ["--num-videos", "0"], "--num-videos"),
+    (G, ["--step-cache", "-1"], "--step-cache"),
+    (G, ["--step-cache", "0"], "--step-cache"),
+    (G, ["--strength", "0", "--video", "in.mp4"], "--strength"),
+    (G, ["--strength", "0.5"], "--strength"),
+    (G, ["--strength", "0.01", "--video", "in.mp4"], "strength=0.01"),
+    (G, ["--lora-scale", "0.5"], "--lora-scale"),
+    (G, ["--lora", "missing.safetensors"], "missing.safetensors"),
+    (G, ["--lora", "notes.txt"], "notes.txt"),
+    (G, ["--device", "foo"], "--device"),
+    (G, ["--device", "mps"], "--device"),
+    (G, ["--sampler", "plms"], "'plms'"),
+    (G, ["--karras"], "karras"),
+    (G, ["--output", "out.avi"], "--output"),
+    (G, ["--output", "notes.txt/clip.mp4"], "--output"),
+    (G, ["--output", "outputs"], "--output"),
+    (G, ["--output", "."], "--output"),
+    (G, ["--model", "/nonexistent/CogVideoX-2b"], "/nonexistent/CogVideoX-2b"),
+    (G, ["--model", "not-a-snapshot"], "not-a-snapshot"),
+    (G, ["--image", "first.png"], "image"),
+    (G, ["--image", "missing.png"], "--image"),
+    (G, ["--video", "notes.txt"], "notes.txt"),
+    (G, ["--video", "in.mp4", "--num-frames", "17"], "num_frames=17"),
+    (G, ["--video", "in.mp4", "--image", "in.mp4"], "video"),
+    (G, ["--prompt-file", "missing.txt"], "--prompt-file"),
+    (G, ["--prompt-file", "empty.txt"], "--prompt-file"),
+    (E, ["--video", "in.mp4", "--num-frames", "10"], "num_frames=10"),
+    (E, ["--video", "in.mp4", "--num-frames", "17"], "num_frames=17"),
+    (E, ["--video", "missing.mp4"], "--video"),
+    (E, ["--video", "in.mp4", "--output", "outputs"], "--output"),
+    (E, ["--video", "in.mp4", "--steps", "0"], "--steps"),
+    (E, ["--video", "in.mp4", "--device", "cuda:7"], "--device"),
+    (T, [*LORA_ARGS, "--output", "outputs"], "--output"),
+    (T, ["--model", DEMO_MODEL, "--data", "missing", "--output", "runs/new"], "--data"),
+    (T, [*LORA_ARGS, "--rank", "0"], "--rank"),
+    (T, [*LORA_ARGS, "--lr", "0"], "--lr"),
+    (T, [*LORA_ARGS, "--validate-every", "5"], "--validate-every"),
+    (T, [*LORA_ARGS, "--device", "foo"], "--device"),
+    (T, ["--model", "/nonexistent/CogVideoX-5b", "--data", "clips"], "/nonexistent/CogVideoX-5b"),
+    (C, ["lora", "--lora", "missing.pt", "--out", "new"], "--lora"),
+    (C, ["lora", "--lora", "notes.txt", "--out", "outputs"], "--out"),
+    (C, ["lora", "--lora", "notes.txt", "--out", "new", "--alpha", "0"], "--alpha"),
     (C, ["sat2hf", "--vae", "notes.txt", "--variant", "cogvideox-2b", "--out", "new", "--max-shard-size", "big"],
-     "--max-shard-size 'big'"),
-    (S, ["--output", "outputs"], "did not create"),
-    (S, ["--threads", "0"], "--threads: 0 is out of range"),
-    (S, ["--device", "foo"], "is not a device"),
+     "--max-shard-size"),
+    (S, ["--output", "outputs"], "--output"),
+    (S, ["--threads", "0"], "--threads"),
+    (S, ["--device", "foo"], "--device"),
     (S, ["--vae-from", "missing", "--output", "runs/x"], "--vae-from"),
 ]
 
@@ -201,7 +205,7 @@ def test_truncated_tokenizer_is_one_line(workdir, tmp_path):
     spm = snap / "tokenizer" / "spiece.model"
     spm.write_bytes(spm.read_bytes()[:3000])
     r = run(G, "--model", snap, "--prompt", PROMPT, *FAST, cwd=tmp_path)
-    assert_refused(r, "is not a readable SentencePiece model")
+    assert_refused(r, "spiece.model")
     assert sorted(os.listdir(tmp_path)) == ["snap"]
 
 
@@ -232,11 +236,11 @@ def test_a_named_file_is_replaced_a_derived_one_is_not(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert iio.imread(tmp_path / "clip.mp4", index=None).shape[0] == 9          # replaced, as asked
     before = tree(tmp_path)
-    assert_refused(run(G, "--prompt", PROMPT, *FAST, "--output", "photo.mp4", cwd=tmp_path), "photo.png exists")
-    assert_refused(run(G, "--prompt", PROMPT, *FAST, "--output", "photo.gif", cwd=tmp_path), "photo.png exists")
-    assert_refused(run(G, "--prompt", PROMPT, *FAST, "--output", "photo", cwd=tmp_path), "photo.png exists")
+    assert_refused(run(G, "--prompt", PROMPT, *FAST, "--output", "photo.mp4", cwd=tmp_path), "photo.png")
+    assert_refused(run(G, "--prompt", PROMPT, *FAST, "--output", "photo.gif", cwd=tmp_path), "photo.png")
+    assert_refused(run(G, "--prompt", PROMPT, *FAST, "--output", "photo", cwd=tmp_path), "photo.png")
     assert_refused(run(G, "--prompt", PROMPT, *FAST, "--num-videos", "2", "--output", "many.mp4", cwd=tmp_path),
-                   "many_1.mp4 exists")
+                   "many_1.mp4")
     assert tree(tmp_path) == before
 
 
@@ -259,7 +263,7 @@ def test_prompt_file_outputs_never_clobber(tmp_path):
     (tmp_path / "clip-0004.png").write_text("the user's\n")
     before = tree(tmp_path)
     assert_refused(run(G, "--prompt-file", "prompts.txt", *FAST, "--output", "clip.mp4", cwd=tmp_path),
-                   "clip-0004.png exists")
+                   "clip-0004.png")
     assert tree(tmp_path) == before
     r = run(G, "--prompt-file", "prompts.txt", *FAST, "--output", "out.mp4", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -273,7 +277,7 @@ def test_other_clis_leave_user_folders_alone(workdir, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["edit", "edit.png"]
     (tmp_path / "edit.png").write_text("now the user's\n")
     assert_refused(run(E, "--video", workdir / "in.mp4", "--prompt", PROMPT, *FAST, "--output", "edit",
-                       cwd=tmp_path), "edit.png exists")
+                       cwd=tmp_path), "edit.png")
 
 
 def test_interrupted_writes_leave_nothing(tmp_path):
@@ -291,8 +295,9 @@ def test_interrupted_writes_leave_nothing(tmp_path):
     open(os.path.join(tmp, "0000.png"), "w").write("x")
     os.mkdir(tmp_path / "frames")  # the target appeared meanwhile and is not ours: refused at install time too
     open(tmp_path / "frames" / "user.txt", "w").write("user")
-    with pytest.raises(ValueError, match="did not create"):
+    with pytest.raises(ValueError) as e:
         cli.install_folder(tmp, str(tmp_path / "frames"), "test")
+    assert str(tmp_path / "frames") in str(e.value)
     assert sorted(os.listdir(tmp_path)) == ["clip.mp4", "frames"] and os.listdir(tmp_path / "frames") == ["user.txt"]
 
 
@@ -312,7 +317,8 @@ def test_sigint_mid_denoise(tmp_path):
     p.send_signal(signal.SIGINT)
     out, rest = p.communicate(timeout=60)
     assert p.returncode == 130, err + rest
-    assert error_lines(err + rest) == ["interrupted: nothing unfinished was written"]
+    lines = error_lines(err + rest)
+    assert len(lines) == 1 and "interrupted" in lines[0], lines
     assert os.listdir(tmp_path) == []
 
 
@@ -371,20 +377,22 @@ def test_generate_defaults_come_from_the_model():
     assert not torch.equal(a, generate.generate(pipe, PROMPT, max_sequence_length=226, **kw))
     both = generate.generate(pipe, [PROMPT, "a blue square moving up on a white background"], num_videos=2, **kw)
     assert both.shape == (4, 9, 3, 64, 64)
-    with pytest.raises(ValueError, match="one negative prompt per prompt"):
+    with pytest.raises(ValueError) as e:
         generate.generate(pipe, [PROMPT, PROMPT], negative_prompt=["x"], **kw)
-    assert not generate.worth_tiling(pipe.vae, 64, 64) and generate.worth_tiling(pipe.vae, 96, 80)
+    assert "negative" in str(e.value)
+    assert not worth_tiling(pipe.vae.config, 64, 64) and worth_tiling(pipe.vae.config, 96, 80)
 
 
 def test_a_run_reads_each_model_config_once(tmp_path, monkeypatch, capsys):
-    """The checks before the weights and the loading share one read of each component's config.json (ModelInfo
+    """The checks before the weights and the loading share one read of each component's config file (ModelInfo
     carries the configs), so a file changed mid-run cannot give the checks and the model different shapes."""
     import builtins
     reads, real_open = [], builtins.open
     monkeypatch.setattr(builtins, "open", lambda f, *a, **k: reads.append(str(f)) or real_open(f, *a, **k))
     assert generate.main(["--prompt", PROMPT, *FAST, "--output", str(tmp_path / "v.gif")]) == 0
-    for component in ("transformer", "vae", "text_encoder"):
-        assert reads.count(os.path.join(DEMO_MODEL, component, "config.json")) == 1, component
+    for config in ("transformer/config.json", "vae/config.json", "text_encoder/config.json",
+                   "scheduler/scheduler_config.json"):
+        assert reads.count(os.path.join(DEMO_MODEL, *config.split("/"))) == 1, config
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -405,10 +413,11 @@ def test_a_folder_is_checked_at_every_depth(tmp_path):
         path = out / added
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("the user's\n")
-        with pytest.raises(ValueError, match="did not write"):
-            cli.check_folder(str(out), "--output")
-        with pytest.raises(ValueError, match="did not write"):
-            cli.check_folder(str(out), "--output", exact=False, parts=[added.split("/")[0]])
+        for parts in (None, [added.split("/")[0]]):  # the whole folder, or only the entry the user's file is in
+            with pytest.raises(ValueError) as e:
+                cli.check_folder(str(out), "--output", exact=parts is None, parts=parts)
+            first = added.rsplit("/", 1)[0] if "/more/" in added else added  # the first thing not ours: a new folder
+            assert f"'{first}'" in str(e.value) and "--output" in str(e.value)
         cli.check_folder(str(out), "--output", exact=False, parts=["config.json"])  # the user's file is elsewhere
         path.unlink()
         if path.parent.name == "more":
@@ -418,8 +427,9 @@ def test_a_folder_is_checked_at_every_depth(tmp_path):
     cli.check_folder(str(out), "--output")
     (out / "config.json").unlink()
     (out / "config.json").mkdir()                              # the user's folder where we wrote a file
-    with pytest.raises(ValueError, match="did not write"):
+    with pytest.raises(ValueError) as e:
         cli.check_folder(str(out), "--output")
+    assert "'config.json'" in str(e.value)
 
 
 def test_folders_of_other_tools_and_of_older_versions_are_not_replaced_with_user_files(tmp_path, capsys):
@@ -439,7 +449,7 @@ def test_folders_of_other_tools_and_of_older_versions_are_not_replaced_with_user
                                        '"files": ["transformer"]}')
     (old / "transformer" / "mine.txt").write_text("the user's\n")
     before = tree(tmp_path)
-    for folder, needle in ((tour_out, "'notes.txt'"), (old, "older cogvideox-mini")):
+    for folder, needle in ((tour_out, "'notes.txt'"), (old, "'transformer'")):
         capsys.readouterr()
         assert generate.main(["--prompt", PROMPT, *FAST, "--output", str(folder)]) == 2
         assert_refused(subprocess.CompletedProcess([], 2, "", capsys.readouterr().err), needle)
@@ -471,13 +481,13 @@ def test_a_cut_prompt_an_unknown_word_and_an_empty_prompt_each_get_one_readable_
     """The demo reads max_text_seq_length tokens (from its config) and knows only its captions' words: a prompt with
     a word it spells letter by letter is cut; each gets one "warning:" line (no Python UserWarning), the cut one
     naming its token count and the lost words, the unknown-word one listing the words the demo knows."""
-    L = generate.read_model_info(DEMO_MODEL).max_text_seq_length
+    L = pipeline.read_model_info(DEMO_MODEL).max_text_seq_length
     prompt = "a magenta circle moving right on a black background" + " on a black background" * (L // 4)
     assert generate.main(["--prompt", prompt, *FAST, "--output", str(tmp_path / "m.gif")]) == 0
     lines = [line for line in error_lines(capsys.readouterr().err) if "warning" in line.lower()]
     assert len(lines) == 2 and all(line.startswith("warning: ") for line in lines), lines
     cut = next(line for line in lines if "tokens" in line)
-    n = len(generate.Tokenizer(os.path.join(DEMO_MODEL, "tokenizer")).encode(prompt)) + 1
+    n = len(Tokenizer(os.path.join(DEMO_MODEL, "tokenizer")).encode(prompt)) + 1
     assert f"{n} tokens" in cut and str(L) in cut and "background" in cut
     unknown = next(line for line in lines if "magenta" in line)
     assert all(word in unknown.split() for word in ("circle", "square", "triangle", "red", "left", "gray"))
@@ -534,7 +544,7 @@ def test_refusals_suggest_what_fits_this_model_and_read_cleanly(tmp_path, capsys
     assert e.value.code == 2
     assert "--height" in err and "48 or 64" in err and "480" not in err
     (tmp_path / "bad.png").write_text("not an image\n")
-    for reader in (generate.read_image, generate.read_video):
+    for reader in (media.read_image, media.read_video):
         with pytest.raises(ValueError) as e:
             reader(str(tmp_path / "bad.png"))
         assert "``" not in str(e.value) and str(tmp_path / "bad.png") in str(e.value)

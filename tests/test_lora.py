@@ -18,9 +18,10 @@ from safetensors.torch import save_file
 
 import generate as gen
 import train_lora
-from generate import read_model_info
 from lora import TARGETS, LoRALinear, add_lora, load_lora, lora_state_dict, read_lora, save_lora
+from media import resize, to_uint8
 from model import load_transformer
+from pipeline import read_model_info
 from tiny import MAX_TEXT, make_snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,18 +183,23 @@ def test_metadata_is_what_diffusers_reads(tmp_path):
     assert list(pairs) == ["a.to_q"] and ours["lora_alpha"] == 1.0
 
 
+def refused(call, *names):
+    """call() raises ValueError whose message names each of `names` (what is refused, or the fix)."""
+    with pytest.raises(ValueError) as e:
+        call()
+    assert all(name in str(e.value) for name in names), (names, str(e.value))
+
+
 def test_lora_for_another_model_is_refused(snap, tmp_path):
+    """Each refusal names the file and the key or module it cannot take."""
     path = str(tmp_path / "l.safetensors")
     save_file({"transformer.transformer_blocks.7.attn1.to_q.lora_A.weight": torch.zeros(2, 32),
                "transformer.transformer_blocks.7.attn1.to_q.lora_B.weight": torch.zeros(32, 2)}, path)
-    with pytest.raises(ValueError, match="transformer_blocks.7.attn1.to_q"):
-        load_lora(load_transformer(snap), path)
+    refused(lambda: load_lora(load_transformer(snap), path), path, "transformer_blocks.7.attn1.to_q")
     save_file({"transformer.transformer_blocks.0.attn1.to_q.lora_down.weight": torch.zeros(2, 32)}, path)  # kohya
-    with pytest.raises(ValueError, match="not a LoRA weight in a layout diffusers reads"):
-        load_lora(load_transformer(snap), path)
+    refused(lambda: load_lora(load_transformer(snap), path), path, "lora_down.weight")
     save_file({"transformer.transformer_blocks.0.attn1.to_q.lora.down.weight": torch.zeros(2, 32)}, path)  # no up
-    with pytest.raises(ValueError, match="needs lora_A"):
-        load_lora(load_transformer(snap), path)
+    refused(lambda: load_lora(load_transformer(snap), path), path, "transformer_blocks.0.attn1.to_q", "lora_B")
 
 
 def test_older_layout_keys_are_renamed_as_diffusers_renames_them():
@@ -276,10 +282,8 @@ def test_add_lora_checks_and_freezes():
     train, as after peft's add_adapter."""
     from peft import LoraConfig, inject_adapter_in_model
     for rank, alpha in ((0, 1.0), (2, 0.0), (2, -1.0)):
-        with pytest.raises(ValueError, match=f"rank={rank}, alpha={alpha}"):
-            add_lora(Attn(), rank, alpha)
-    with pytest.raises(ValueError, match="no to_q/to_k/to_v/to_out.0 Linear layers"):
-        add_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), 2, 2.0)
+        refused(lambda: add_lora(Attn(), rank, alpha), f"rank={rank}", f"alpha={alpha}")
+    refused(lambda: add_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), 2, 2.0), "to_q")
     ours, peer = Attn(), Attn()
     trainable = add_lora(ours, 1, 0.5)
     inject_adapter_in_model(LoraConfig(r=1, lora_alpha=0.5, target_modules=list(TARGETS)), peer)
@@ -346,10 +350,9 @@ def test_metadata_scales_as_peft_builds_them(tmp_path):
         peer.to_q = torch.nn.Linear(8, 8)
         inject_adapter_in_model(LoraConfig(target_modules=["to_q"], **meta), peer)
         assert lora_scales(pairs, meta, "f") == {"blocks.0.to_q": peer.to_q.scaling["default"]}, meta
-    for meta, message in (({"r": 4, "use_dora": True}, "DoRA"), ({"r": 4, "rank_pattern": {"to_q": 8}}, "rank_pattern"),
-                          ({"r": 4, "alpha_pattern": {"to_q": 8}}, "alpha_pattern"), ({"r": 8}, "has rank 4 but")):
-        with pytest.raises(ValueError, match=message):
-            lora_scales(pairs, meta, "f")
+    for meta, names in (({"r": 4, "use_dora": True}, ["DoRA"]), ({"r": 4, "rank_pattern": {"to_q": 8}}, ["rank_pattern"]),
+                        ({"r": 4, "alpha_pattern": {"to_q": 8}}, ["alpha_pattern"]), ({"r": 8}, ["r=8", "4"])):
+        refused(lambda: lora_scales(pairs, meta, "f"), "f", *names)
     path = str(tmp_path / "l.safetensors")  # keys of other components in the metadata are not ours
     save_file({"transformer.blocks.0.to_q.lora_A.weight": torch.zeros(4, 8),
                "transformer.blocks.0.to_q.lora_B.weight": torch.zeros(8, 4)}, path,
@@ -378,11 +381,9 @@ def test_resume_with_other_lora_keys_names_one_that_differs():
     add_lora(model, 2, 2.0)
     state = lora_state_dict(model)
     state["transformer.to_x.lora_A.weight"] = torch.zeros(2, 8)
-    with pytest.raises(ValueError, match="LoRA key 'to_x.lora_A.weight' is in one of the checkpoint and the model"):
-        set_lora_state(model, state)
+    refused(lambda: set_lora_state(model, state), "'to_x.lora_A.weight'")
     del state["transformer.to_x.lora_A.weight"], state["transformer.to_v.lora_B.weight"]
-    with pytest.raises(ValueError, match="LoRA key 'to_v.lora_B.weight'"):
-        set_lora_state(model, state)
+    refused(lambda: set_lora_state(model, state), "'to_v.lora_B.weight'")
 
 
 # ---------------------------------------------------------------- train_lora.py
@@ -397,9 +398,9 @@ def eval_loss(snap, data, lora_folder=None):
     settings = train_lora.cache_settings(snap, 9, 32, 32, MAX_TEXT, torch.float32)
     good, problems = train_lora.validate(*train_lora.find_samples(data), cache, settings, 9)
     assert not problems and len(good) == 4
-    scheduler = train_lora.load_scheduler_config(snap)
+    info = read_model_info(snap)
+    scheduler, vae = info.scheduler, info.vae
     positions = [(12345, p) for p in range(16)]  # another seed than training's
-    vae = read_model_info(snap).vae
     x0, text, t, noise = train_lora.make_batch(good * 4, positions, cache, vae.scaling_factor, 1000, None)
     with torch.no_grad():
         return train_lora.diffusion_loss(model, scheduler, x0, text, t, noise, torch.float32).item()
@@ -428,7 +429,7 @@ def test_trained_lora_changes_generate_and_matches_peer(snap, trained, tmp_path)
                    "--steps", "4", "--seed", "7", "--lora", trained, "--output", str(tmp_path / "frames")])
     assert rc == 0
     png = np.stack([imageio.v3.imread(tmp_path / "frames" / f"{i:04d}.png") for i in range(9)])
-    assert np.array_equal(png, gen.to_uint8(with_lora[0]))
+    assert np.array_equal(png, to_uint8(with_lora[0]))
 
 
 def test_resume_is_exact(snap, data, trained, tmp_path, capsys):
@@ -438,7 +439,7 @@ def test_resume_is_exact(snap, data, trained, tmp_path, capsys):
     shutil.copytree(os.path.join(trained, "checkpoint-000015"), copy / "checkpoint-000015", dirs_exist_ok=True)
     assert train_lora.main(train_args(snap, data, copy, "--steps", "30", "--checkpoint-every", "15",
                                       "--resume", "latest")) == 0
-    assert f"resumed from {copy / 'checkpoint-000015'} at step 15" in capsys.readouterr().out.splitlines()
+    assert str(copy / "checkpoint-000015") in capsys.readouterr().out  # the run says where it resumed
     a, _ = read_lora(trained)
     b, _ = read_lora(str(copy))
     assert all(torch.equal(a[k][i], b[k][i]) for k in a for i in (0, 1))
@@ -523,10 +524,9 @@ def test_bad_dataset_lists_every_problem(snap, data, tmp_path, capsys):
     rc = train_lora.main(train_args(snap, str(folder), tmp_path / "out", "--steps", "1"))
     err = capsys.readouterr().err
     assert rc == 2
-    assert "4 problem(s)" in err, err
-    for name, why in [("videos/missing.mp4 (line 2)", "file not found"), ("videos/broken.mp4 (line 3)", "cannot read"),
-                      ("videos/quiet.mp4 (line 4)", "empty caption"), ("videos/short.mp4 (line 5)", "too short: 5")]:
-        assert any(name in line and why in line for line in err.splitlines()), (name, err)
+    for name in ("videos/missing.mp4 (line 2)", "videos/broken.mp4 (line 3)", "videos/quiet.mp4 (line 4)",
+                 "videos/short.mp4 (line 5)"):  # each problem named once, on a line of its own
+        assert sum(name in line for line in err.splitlines()) == 1, (name, err)
     assert "good.mp4" not in err
     assert not os.path.exists(tmp_path / "out")  # nothing written: no output folder, no cache
 
@@ -544,10 +544,9 @@ def test_bad_pairs_dataset_lists_every_problem(snap, data, tmp_path, capsys):
     (folder / "garbage.txt").write_text("a broken gif")
     rc = train_lora.main(train_args(snap, str(folder), tmp_path / "out", "--steps", "1"))
     err = capsys.readouterr().err
-    assert rc == 2 and "4 problem(s)" in err, err
-    for name, why in [("nocaption.mp4", "nocaption.txt not found"), ("orphan.txt", "no video named orphan"),
-                      ("empty.mp4", "empty caption"), ("garbage.gif", "cannot read video")]:
-        assert any(line.strip().startswith(name) and why in line for line in err.splitlines()), (name, err)
+    assert rc == 2
+    for name in ("nocaption.mp4", "orphan.txt", "empty.mp4", "garbage.gif"):  # each problem on a line of its own
+        assert sum(line.strip().startswith(name) for line in err.splitlines()) == 1, (name, err)
 
 
 # ---------------------------------------------------------------- train_lora.py against the official recipe
@@ -742,24 +741,21 @@ def test_check_args_names_each_bad_argument(snap, data, tmp_path):
     (tmp_path / "file").write_text("x")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("x")
-    for extra, world, message in [
-            (["--batch-size", "3"], 2, "--batch-size 3 must be a multiple of the process count 2"),
-            (["--validate-every", "5"], 1, "--validate-every needs --validation-prompt"),
-            (["--validation-prompt", "x"], 1, "--validation-prompt needs --validate-every N"),
-            (["--data", str(tmp_path / "nope")], 1, f"--data {tmp_path / 'nope'}: folder not found"),
-            (["--data", str(tmp_path / "file")], 1, f"--data {tmp_path / 'file'} is not a folder"),
-            (["--resume", str(tmp_path / "nope")], 1, f"--resume {tmp_path / 'nope'}: folder not found"),
-            (["--resume", str(tmp_path / "file")], 1, f"--resume {tmp_path / 'file'} is not a folder"),
-            (["--output", str(tmp_path / "full")], 1, "--output"),
-            (["--cache-dir", str(tmp_path / "full")], 1, "--cache-dir")]:
-        with pytest.raises(ValueError) as e:
-            train_lora.check_args(args(*extra), info, world)
-        assert message in str(e.value), (extra, str(e.value))
+    for extra, world, names in [
+            (["--batch-size", "3"], 2, ["--batch-size 3", "2"]),
+            (["--validate-every", "5"], 1, ["--validate-every", "--validation-prompt"]),
+            (["--validation-prompt", "x"], 1, ["--validation-prompt", "--validate-every"]),
+            (["--data", str(tmp_path / "nope")], 1, [f"--data {tmp_path / 'nope'}"]),
+            (["--data", str(tmp_path / "file")], 1, [f"--data {tmp_path / 'file'}"]),
+            (["--resume", str(tmp_path / "nope")], 1, [f"--resume {tmp_path / 'nope'}"]),
+            (["--resume", str(tmp_path / "file")], 1, [f"--resume {tmp_path / 'file'}"]),
+            (["--output", str(tmp_path / "full")], 1, ["--output"]),
+            (["--cache-dir", str(tmp_path / "full")], 1, ["--cache-dir"])]:
+        refused(lambda: train_lora.check_args(args(*extra), info, world), *names)
     train_lora.check_args(args("--resume", "latest", "--batch-size", "4"), info, 2)  # 'latest' is looked up later
     bad = args()
     bad.num_frames = 8
-    with pytest.raises(ValueError, match="num_frames=8"):
-        train_lora.check_args(bad, info, 1)
+    refused(lambda: train_lora.check_args(bad, info, 1), "num_frames=8")
 
 
 def test_clips_are_read_as_the_vae_reads_pixels(data):
@@ -769,14 +765,13 @@ def test_clips_are_read_as_the_vae_reads_pixels(data):
     path = os.path.join(data, "clip0.mp4")
     frames = np.stack(imageio.mimread(path, memtest=False)).astype(np.float32) / 255  # (N, 48, 64, 3)
     picked = torch.from_numpy(frames[list(range(0, len(frames), len(frames) // 9))[:9]]).permute(0, 3, 1, 2)
-    ref = gen.resize(picked, 32, 32).permute(1, 0, 2, 3) * 2 - 1  # (3, 9, 32, 32)
+    ref = resize(picked, 32, 32).permute(1, 0, 2, 3) * 2 - 1  # (3, 9, 32, 32)
     clip = train_lora.load_clip(path, 9, 32, 32)
     assert clip.shape == (3, 9, 32, 32) and clip.min() >= -1 and clip.max() <= 1 and clip.std() > 0.1
     assert (clip - ref).abs().max() < 1e-6
     exact = torch.zeros(9, 3, 4, 4)
     assert train_lora.select_frames(exact, 9).shape == (9, 3, 4, 4)
-    with pytest.raises(ValueError, match="too short: 8 frames, at least 9"):
-        train_lora.select_frames(exact[:8], 9)
+    refused(lambda: train_lora.select_frames(exact[:8], 9), "8", "9", "--num-frames")
 
 
 def test_cache_is_built_once_and_reused(snap, data, tmp_path, monkeypatch):
@@ -818,13 +813,13 @@ def test_default_run_checkpoints_caches_under_output_and_renders_at_the_training
     """What every other training test here turns off or overrides: gradient checkpointing on (the default) sends each
     block through torch.utils.checkpoint on every step and gives the same LoRA as a run without it; the cache
     defaults to <output>/cache; a validation render at a size other than the model's is generate() at the training
-    frames, size and seed with that step's LoRA, saved at the model's fps."""
+    frames, size and seed with that step's LoRA (read back from its contact sheet, a PNG: lossless), saved at the
+    model's fps."""
     import model as model_module
-    calls, saved = [], []
-    real_checkpoint, real_save = model_module.checkpoint, train_lora.save_video
+    from media import contact_sheet
+    calls = []
+    real_checkpoint = model_module.checkpoint
     monkeypatch.setattr(model_module, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
-    monkeypatch.setattr(train_lora, "save_video",
-                        lambda frames, path, fps: saved.append((frames.clone(), path, fps)) or real_save(frames, path, fps))
     common = ["--model", snap, "--data", data, "--rank", str(RANK), "--alpha", str(ALPHA), "--lr", "3e-2",
               "--warmup", "1", "--steps", "2", "--num-frames", "17", "--height", "48", "--width", "48", "--seed", "3"]
     out = tmp_path / "run"
@@ -834,17 +829,19 @@ def test_default_run_checkpoints_caches_under_output_and_renders_at_the_training
     assert sorted(os.listdir(out / "cache")) == ["latents", "text"]
     assert len(os.listdir(out / "cache" / "latents")) == len(os.listdir(out / "cache" / "text")) == 4
 
-    [(frames, path, fps)] = saved
-    assert path == os.path.join(str(out), "validation", "step-000002.mp4") and fps == read_model_info(snap).fps
+    path = os.path.join(str(out), "validation", "step-000002.mp4")
+    assert imageio.v3.imread(path, index=None).shape == (17, 48, 48, 3)
+    assert imageio.v3.immeta(path)["fps"] == pytest.approx(read_model_info(snap).fps)
+    assert path in capsys.readouterr().out  # the run says where the render went
+    sheet = imageio.v3.imread(os.path.join(str(out), "validation", "step-000002.png"))[..., :3].astype(int)
     pipe = gen.load_pipeline(snap)
     plain = gen.generate(pipe, PROMPT, num_frames=17, height=48, width=48, seed=3, progress=False)[0]
     load_lora(pipe.transformer, str(out))
     ref = gen.generate(pipe, PROMPT, num_frames=17, height=48, width=48, seed=3, progress=False)[0]
-    err, change = (frames - ref).abs().max().item(), (ref - plain).abs().max().item()
-    print(f"validation render vs generate with the step's LoRA: max abs {err:.2e}; the LoRA changes it by {change:.3f}")
-    assert frames.shape == (17, 3, 48, 48) and err <= 1e-5 and change > 100 * err
-    assert imageio.v3.imread(path, index=None).shape == (17, 48, 48, 3)
-    assert f"step 2: validation video {path}\n" in capsys.readouterr().out
+    err = np.abs(sheet - contact_sheet(to_uint8(ref))).max()
+    change = np.abs(contact_sheet(to_uint8(plain)).astype(int) - contact_sheet(to_uint8(ref))).max()
+    print(f"validation render vs generate with the step's LoRA: max {err} of 255; the LoRA changes it by {change}")
+    assert err <= 1 and change > 20  # the LoRA is folded into the weights here, unfused in training: rounding
 
     calls.clear()
     assert train_lora.main([*common, "--output", str(tmp_path / "plain"), "--no-gradient-checkpointing"]) == 0
@@ -963,8 +960,8 @@ def test_a_scheduler_that_is_not_v_prediction_is_refused_before_any_work(snap, d
     config.write_text(config.read_text().replace('"v_prediction"', '"epsilon"'))
     out = tmp_path / "out"
     assert train_lora.main(train_args(str(copy), data, out, "--steps", "1", "--cache-dir", str(tmp_path / "cache"))) == 2
-    assert f"{copy}: the scheduler predicts 'epsilon'; every CogVideoX checkpoint, and this trainer, use " \
-           f"'v_prediction'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert str(copy) in err and "'epsilon'" in err and "'v_prediction'" in err
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 
@@ -973,8 +970,7 @@ def test_resume_latest_needs_a_checkpoint(tmp_path):
     name; otherwise the last checkpoint in name order (zero-padded steps) is picked, and a path is taken as given."""
     (tmp_path / "empty").mkdir()
     for output in (tmp_path / "missing", tmp_path / "empty"):
-        with pytest.raises(ValueError, match=rf"^--resume latest: no checkpoint-\* folder in {output}$"):
-            train_lora.find_resume(str(output), "latest")
+        refused(lambda: train_lora.find_resume(str(output), "latest"), "--resume latest", str(output))
     for step in (200, 1000, 400):
         (tmp_path / "empty" / f"checkpoint-{step:06d}").mkdir()
     assert train_lora.find_resume(str(tmp_path / "empty"), "latest") == str(tmp_path / "empty" / "checkpoint-001000")
