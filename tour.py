@@ -36,7 +36,7 @@ import cli
 import model
 import shapes
 import vae
-from generate import decode_latents, encode_text, load_pipeline, read_model_info, resolve_model_path
+from pipeline import decode_latents, encode_text, load_pipeline, read_model_info, resolve_model_path
 from sampler import guidance, make_sampler
 
 PROMPT = "a red circle moving right on a black background"
