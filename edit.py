@@ -137,9 +137,9 @@ def plan_edit(info, video, prompt: str, *, method: str = "inject", negative_prom
 
 
 @torch.no_grad()
-def edit_video(pipe: Pipeline, request: Request, *, method: str = "inject", source_prompt: str = "",
+def edit_video(pipe: Pipeline, request: Request, *, method: str, source_prompt: str,
                progress: bool = True) -> torch.Tensor:
-    """A planned edit (plan_edit) -> frames (1, F, 3, H, W) in [0, 1]."""
+    """A planned edit -> frames (1, F, 3, H, W) in [0, 1]. method: the one plan_edit checked."""
     job = request.jobs[0]
     generator = torch.Generator().manual_seed(job.seed)  # the posterior sample first, then the noise, as generate()
     z = encode_frames(pipe, resize(request.video, request.height, request.width)[None], generator, request.tiled)

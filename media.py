@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import cli
 
+
 def unreadable(what: str, path: str, e: Exception) -> ValueError:
     """imageio's failure as one line of ours (its own "Could not find a backend to open `x`` with iomode `r`" has a
     stray backtick and says little)."""
