@@ -27,6 +27,7 @@ import cli
 from media import as_frames, check_video_output, resize, save_video
 from model import CogVideoXTransformer
 from offload import OFFLOAD, on_device
+import parallel
 from pipeline import (DEMO_MODEL, ModelInfo, Pipeline, decode_latents, encode_frames, encode_text, front_padding,
                       load_pipeline, pad_front, read_model_info, resolve_model_path, worth_tiling)
 from quantize import quantize_int8
@@ -202,7 +203,7 @@ class StepCache:
         last = self.num_steps is not None and self.calls == self.num_steps - 1
         self.calls += 1
         if self.previous is not None and self.previous.shape == signal.shape:
-            self.accumulated += ((signal - self.previous).abs().mean() / self.previous.abs().mean()).item()
+            self.accumulated += relative_change(signal, self.previous)
         fresh = self.residual is None or self.residual.shape != signal.shape
         self.previous = signal
         if fresh or last or self.accumulated >= self.threshold:
@@ -210,6 +211,12 @@ class StepCache:
             self.evaluations += 1
             return False
         return True
+
+
+def relative_change(signal, previous) -> float:
+    """The step cache's measure: mean |signal - previous| / mean |previous|. A module-level function so that
+    parallel.py can swap in the same sums taken over every process of a video (all then take one decision)."""
+    return ((signal - previous).abs().mean() / previous.abs().mean()).item()
 
 
 LISTED_VOCABULARY = 200  # a tokenizer with at most this many whole words (the demo's: its captions') lists them
@@ -388,6 +395,10 @@ def parse_args(argv=None):
     p.add_argument("--lora", default=None, help="a LoRA file or folder (pytorch_lora_weights.safetensors)")
     p.add_argument("--lora-scale", type=cli.finite_float, default=None,
                    help="multiplies the LoRA's alpha/rank (default 1; THUDM finetune LoRAs: 0.5; SAT exports: 1/rank)")
+    p.add_argument("--context-parallel", action="store_true",
+                   help="under torchrun: all processes render each video together (parallel.py: CFG-parallel, "
+                        "Ulysses attention; video tokens and heads padded to a multiple of the processes and the "
+                        "padding dropped exactly); process 0 writes")
     return p.parse_args(argv)
 
 
@@ -431,6 +442,8 @@ def run_cli(args) -> int:
     if args.strength is not None and not args.video:
         raise ValueError("--strength applies to video-to-video only: add --video PATH, or drop --strength")
     rank, world, local = shard()
+    if args.context_parallel and world == 1:
+        raise ValueError("--context-parallel needs several processes: run it under torchrun --nproc_per_node N")
     if world > 1 and args.device is None and torch.cuda.is_available():
         args.device = f"cuda:{local}"  # torchrun: one GPU per process
     info, device, dtype = prologue(args)
@@ -447,7 +460,7 @@ def run_cli(args) -> int:
         with torch.device("meta"):
             check_lora(CogVideoXTransformer(info.transformer), args.lora)
 
-    mine = request.jobs[rank::world]  # a job's seed is its index in the whole file: any split, same videos
+    mine = request.jobs if args.context_parallel else request.jobs[rank::world]  # seeds: any split, same videos
     if not mine:
         print(f"process {rank} of {world}: no prompt left for it")
         return 0
@@ -461,18 +474,21 @@ def run_cli(args) -> int:
     if args.compile:
         pipe.transformer.compile()
     print(f"loaded in {time.perf_counter() - t0:.1f}s")
-    for n, job in enumerate(mine):
-        if job.line is not None:
-            print(f"[{n + 1}/{len(mine)}] line {job.line}: {job.prompts[0]}")
-        timings = {}
-        frames = make_videos(pipe, request, job, timings=timings)
-        written = [w for f, (out, named) in zip(frames, job.outputs)
-                   for w in save_video(f, out, args.fps or info.fps, named)]
-        print(f"wrote {', '.join(written)}")
-        print(f"text {timings['text']:.1f}s, denoise {timings['denoise']:.1f}s, decode {timings['decode']:.1f}s, "
-              f"peak memory {peak_memory_gb(pipe.device):.2f} GB")
-        if args.step_cache is not None:
-            print(f"step cache: {timings['evaluations']} transformer evaluations for {args.steps} steps")
+    with parallel.command_line(pipe) if args.context_parallel else contextlib.nullcontext(True) as writes:
+        for n, job in enumerate(mine):
+            if job.line is not None and writes:
+                print(f"[{n + 1}/{len(mine)}] line {job.line}: {job.prompts[0]}")
+            timings = {}
+            frames = make_videos(pipe, request, job, timings=timings, progress=writes)
+            if not writes:  # context parallel: process 0 writes the video the processes made together
+                continue
+            written = [w for f, (out, named) in zip(frames, job.outputs)
+                       for w in save_video(f, out, args.fps or info.fps, named)]
+            print(f"wrote {', '.join(written)}")
+            print(f"text {timings['text']:.1f}s, denoise {timings['denoise']:.1f}s, decode {timings['decode']:.1f}s, "
+                  f"peak memory {peak_memory_gb(pipe.device):.2f} GB")
+            if args.step_cache is not None:
+                print(f"step cache: {timings['evaluations']} transformer evaluations for {args.steps} steps")
     return 0
 
 

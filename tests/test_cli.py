@@ -506,6 +506,7 @@ def test_a_cut_prompt_an_unknown_word_and_an_empty_prompt_each_get_one_readable_
 def test_every_flag_maps_to_a_python_keyword_as_the_readme_table_says():
     import inspect
     import lora
+    import parallel
     text = open(os.path.join(ROOT, "README.md")).read()
     table = re.search(r"^\| command line \| Python \|\n\|[-| ]+\|\n((?:\|.*\|\n)+)", text, re.M)[1]
     mapped = {}
@@ -520,7 +521,7 @@ def test_every_flag_maps_to_a_python_keyword_as_the_readme_table_says():
                 assert callable(getattr(torch.nn.Module, name)), row
                 keywords = [""]
             else:
-                fn = getattr(generate, name, None) or getattr(lora, name)
+                fn = getattr(generate, name, None) or getattr(lora, name, None) or getattr(parallel, name)
                 params = inspect.signature(fn).parameters
                 for kw in keywords:
                     assert kw in params, (row, name, kw)
