@@ -26,8 +26,8 @@ broadcast at each transformer call, so that no last-bit difference between ranks
 Any head count and any length, by padding, exactly: the video tokens are padded with zero tokens at the end to a
 multiple of m (all padding then sits in the last ranks' chunks) and dropped from queries, keys and values right after
 the all-to-all, so attention never sees them (no mask: the fastest kernels still apply) and the per-token layers' work
-on them is thrown away; the heads are padded with zero heads to a multiple of m (2b's 30 heads on 4 ranks: 32), whose
-outputs are dropped. The cost is at most m - 1 tokens and ceil(h/m)*m - h heads of extra work.
+on them is thrown away; the heads are padded with zero heads to a multiple of m (2b's 30 heads in a group of 4: 32),
+whose outputs are dropped. The cost is at most m - 1 tokens and ceil(h/m)*m - h heads of extra work.
 
 Hooks, not edits: the model's forward is wrapped (for the broadcast), its block source is wrapped for the duration of
 each call (split, the blocks, gather: whatever supplies the blocks inside, offload.BlockStream or the step cache, is
@@ -55,7 +55,7 @@ def init(device: torch.device) -> tuple[int, int]:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl")
         else:
             dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size()
@@ -210,7 +210,7 @@ def ulysses_attention(q, k, v, *, split: Split, attend):
     """model.attention for one rank of a Ulysses group: q, k, v (b, h, L + n, d) for [text; own video tokens], all
     heads -> (b, h, L + n, d), the same rows of full attention over [text; every rank's video tokens].
     `attend` is the attention that ran before (model.attention, e.g. offload.sdpa); it runs on (b, hp/m, L + N, d)."""
-    s, (b, h, _, d) = split, q.shape
+    s, h = split, q.shape[1]
     L, N, n, m = s.text, s.tokens, s.chunk, s.m
     hp = -(-h // m) * m
     hl = hp // m                                                         # heads per rank

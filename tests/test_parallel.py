@@ -1,10 +1,16 @@
-"""parallel.py: one video on 2, 3 and 4 gloo processes gives the one-process frames (max abs <= 1e-5 before the
-8-bit conversion), for every family, with odd head counts and token counts that do not divide.
+"""parallel.py: one video on 2, 3 and 4 gloo processes gives the one-process frames, for every family, with odd head
+counts and token counts that do not divide, and generate.py --context-parallel writes it once.
+
+The runs are in float64, where the parallel frames equal the one-process ones bit for bit (asserted within 1e-10, far
+inside the issue's 1e-5): an error in the split, the padding or the positions shows at 1e-2. In float32, Ulysses alone
+is still bit-exact, but CFG-parallel runs each half's (batch, 512) timestep modulations as a smaller matmul, which
+rounds differently by one ulp, and these random tiny models amplify that to up to 1.8e-5 over the steps (README).
 
 Each world size is one torch.multiprocessing spawn whose processes run every case in turn (process start-up is
 most of the cost on 2 cores). The cases spread the modes over the families: text-, image- and video-to-video,
-guidance on (CFG-parallel when the world is even) and off (Ulysses over every process), the step cache, block
-streaming, an unfused LoRA, every sampler. Ulysses pads 3 heads to 4 on 2 processes and 2 heads to 3 on 3.
+guidance on (CFG-parallel when the world is even: 4 processes are two halves of Ulysses over 2) and off (Ulysses over
+every process), the step cache, block streaming, an unfused LoRA, int8 weights, every sampler. Heads are padded: 3 to
+4 on 2 ranks of a group, 2 to 3 on 3.
 """
 import contextlib
 import os
@@ -27,8 +33,8 @@ PROMPT = "a red circle moving right on a black background"
 
 # name: (family, snapshot overrides, generate() arguments, load arguments). N below: video tokens (16 text tokens).
 CASES = {
-    # 3 heads; 9 frames at 80x48: N = 3 x 5 x 3 = 45; guided
-    "2b": ("2b", dict(num_attention_heads=3), dict(num_frames=9, height=80, width=48), {}),
+    # 3 heads; 9 frames at 80x48: N = 3 x 5 x 3 = 45; guided; int8 weights
+    "2b": ("2b", dict(num_attention_heads=3), dict(num_frames=9, height=80, width=48), dict(int8=True)),
     # unguided: Ulysses over every process; N = 45
     "2b-euler-unguided": ("2b", dict(num_attention_heads=3),
                           dict(num_frames=9, height=80, width=48, guidance_scale=1.0, sampler="euler"), {}),
@@ -41,7 +47,8 @@ CASES = {
                        dict(image="image", sampler="euler_a", num_videos=2), {}),
     # video-to-video, 17 frames (5 latent frames, padded to 6 -> 3 time tokens) at 80x48: N = 45; blocks streamed
     "1.5-v2v-dpm++2m": ("1.5", dict(num_attention_heads=3),
-                        dict(video="video", strength=0.7, sampler="dpm++2m", height=80, width=48, num_inference_steps=3),
+                        dict(video="video", strength=0.7, sampler="dpm++2m", height=80, width=48,
+                             num_inference_steps=3),
                         dict(offload="blocks")),
     # 33 frames at 32x32: 9 latent -> 10 -> 5 time tokens x 4 = 20; unguided, an unfused LoRA
     "1.5-i2v-ddpm-lora": ("1.5-i2v", dict(), dict(image="image", num_frames=33, sampler="ddpm", guidance_scale=1.0),
@@ -55,10 +62,13 @@ def generate_case(setup, name, wrap=contextlib.nullcontext):
     from generate import generate
     from lora import load_lora
     from pipeline import load_pipeline
+    from quantize import quantize_int8
     _, _, kw, load = CASES[name]
     pipe = load_pipeline(setup["snapshots"][name], dtype=torch.float64, offload=load.get("offload"))
     if load.get("lora"):
         load_lora(pipe.transformer, setup["lora"][name], fuse=False)
+    if load.get("int8"):
+        quantize_int8(pipe.transformer)
     kw = {k: setup[v] if k in ("image", "video") else v for k, v in kw.items()}
     timings = {}
     with wrap(pipe.transformer):
@@ -92,7 +102,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """The snapshots (one per case: head counts and sizes differ), a LoRA, the inputs, and the one-process frames."""
+    """The snapshots (one per case: head counts and sizes differ), a LoRA and the image and video inputs."""
     from lora import add_lora, lora_state_dict, save_lora
     from model import load_transformer
     root = tmp_path_factory.mktemp("parallel")
@@ -112,19 +122,19 @@ def setup(tmp_path_factory):
             loras[name] = str(root / f"{name}.safetensors")
             save_lora(loras[name], lora_state_dict(model), 2, 2.0)
     g = torch.Generator().manual_seed(1)
-    s = dict(snapshots=snapshots, lora=loras, image=torch.rand(3, 48, 80, generator=g),
-             video=torch.rand(17, 3, 80, 48, generator=g))
-    s["reference"] = {name: generate_case(s, name) for name in CASES}
-    return s
+    return dict(snapshots=snapshots, lora=loras, image=torch.rand(3, 48, 80, generator=g),
+                video=torch.rand(17, 3, 80, 48, generator=g))
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """Each case's one-process frames and transformer evaluations."""
+    return {name: generate_case(setup, name) for name in CASES}
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_context_parallel_gives_the_one_process_frames(setup, tmp_path, world):
-    reference = setup.pop("reference")
-    try:
-        mp.spawn(worker, args=(world, free_port(), setup, str(tmp_path)), nprocs=world)
-    finally:
-        setup["reference"] = reference
+def test_context_parallel_gives_the_one_process_frames(setup, reference, tmp_path, world):
+    mp.spawn(worker, args=(world, free_port(), setup, str(tmp_path)), nprocs=world)
     errors = {}
     for name, (want, evaluations) in reference.items():
         got = [torch.load(tmp_path / f"{name}-{rank}.pt") for rank in range(world)]
@@ -132,7 +142,7 @@ def test_context_parallel_gives_the_one_process_frames(setup, tmp_path, world):
         print(f"{world} processes, {name}: max abs {errors[name]:.1e}")
         for frames, n in got:  # every rank ends with the same frames, after the same skip decisions
             assert torch.equal(frames, got[0][0]) and n == evaluations, name
-    assert max(errors.values()) <= 1e-5, errors
+    assert max(errors.values()) <= 1e-10, errors
     assert reference["5b-dpm-cache"][1] == 2, "the step cache skipped no step: the test cannot tell"
 
 
