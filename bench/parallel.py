@@ -6,8 +6,9 @@
 
 The CPU model has 2b's width and heads (30 x 64), 2 layers and random weights; the video is 13 frames at 240x352
 (S = 226 + 4 x 15 x 22 = 1,546 tokens: a quarter of 2b's frame, a real size). Each process times its forward
-(best of --repeat after one warm-up) and the time spent inside parallel.py's collectives (transfer plus waiting for
-the slowest rank), rank 0's is reported.
+(best of --repeat after one warm-up), the CPU time it used (its share of the work, whatever else runs on the
+machine) and the time spent inside parallel.py's collectives (transfer plus waiting for the slowest rank); rank 0's
+are reported.
 """
 import argparse
 import contextlib
@@ -30,8 +31,8 @@ SIZES = {"cpu": (dict(num_attention_heads=30, attention_head_dim=64, num_layers=
 
 
 def forward_times(rank: int, port: int, size: str, world: int, batch: int, threads: int, repeat: int, out=None):
-    """(seconds per forward, seconds in collectives) on this process, rank `rank` of `world` (a gloo group on
-    127.0.0.1:port when world > 1); rank 0 saves them to `out`."""
+    """(wall seconds per forward, CPU seconds of this process, wall seconds in collectives), the fastest of `repeat`,
+    on rank `rank` of `world` (a gloo group on 127.0.0.1:port when world > 1); rank 0 saves them to `out`."""
     torch.set_num_threads(threads)
     if world > 1:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -54,16 +55,16 @@ def forward_times(rank: int, port: int, size: str, world: int, batch: int, threa
         return g
     for name in ("all_to_all", "all_gather", "broadcast"):
         setattr(parallel, name, timed(getattr(parallel, name)))
-    best = (float("inf"), 0.0)
+    best = (float("inf"), 0.0, 0.0)
     with torch.no_grad(), parallel.context_parallel(transformer) if world > 1 else contextlib.nullcontext():
         for i in range(repeat + 1):
             if world > 1:
                 dist.barrier()
-            comm[0], t0 = 0.0, time.perf_counter()
+            comm[0], t0, cpu = 0.0, time.perf_counter(), time.process_time()
             transformer(x, text, t)
             s = time.perf_counter() - t0
             if i and s < best[0]:
-                best = (s, comm[0])
+                best = (s, time.process_time() - cpu, comm[0])
     if world > 1:
         dist.destroy_process_group()
     if out is not None and rank == 0:
@@ -83,15 +84,16 @@ def spawned(size, world, batch, repeat):
 
 
 def measure(size: str, repeat: int) -> None:
-    print("| batch | processes x threads | s / forward | vs 1 x 1 | in collectives |\n|---|---|---:|---:|---:|")
+    print("| batch | processes x threads | s / forward | vs 1 x 1 | CPU s of process 0 | in collectives |\n"
+          "|---|---|---:|---:|---:|---:|")
     for batch, what in ((1, "no guidance"), (2, "guidance")):
         base = None
         for world, threads in ((1, 1), (1, 2), (2, 1), (3, 1)):
-            s, comm = (forward_times(0, 0, size, 1, batch, threads, repeat) if world == 1 else
-                       spawned(size, world, batch, repeat))
+            s, cpu, comm = (forward_times(0, 0, size, 1, batch, threads, repeat) if world == 1 else
+                            spawned(size, world, batch, repeat))
             base = base or s
             how = "" if world == 1 else " (CFG-parallel)" if batch == 2 and world == 2 else " (Ulysses)"
-            print(f"| {batch} ({what}) | {world} x {threads}{how} | {s:.2f} | {base / s:.2f}x | "
+            print(f"| {batch} ({what}) | {world} x {threads}{how} | {s:.2f} | {base / s:.2f}x | {cpu:.2f} | "
                   f"{comm / s:.0%} |", flush=True)
 
 
