@@ -351,7 +351,7 @@ def tour(pipe, prompt: str = PROMPT, out: str = "tour", steps: int = 50, guidanc
     x = torch.randn((1, lf, cfg.out_channels, h, w), generator=generator).to(pipe.device, pipe.dtype)
     sampler = make_sampler("ddim", pipe.scheduler, steps)
     ts = sampler.timesteps
-    p.stage("initial noise and the schedule", "generate.py:generate, sampler.py:make_sampler",
+    p.stage("initial noise and the schedule", "generate.py:make_videos, sampler.py:make_sampler",
             f"{info.num_frames} frames of {info.height}x{info.width} px -> ({info.num_frames} - 1) / "
             f"{info.temporal_compression} + 1 = {lf} latent frames of {h}x{w}, {cfg.out_channels} channels; "
             f"Gaussian noise from seed {seed}")
