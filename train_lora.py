@@ -1,4 +1,4 @@
-"""LoRA fine-tuning of a CogVideoX text-to-video checkpoint on your own clips, on one GPU or many.
+"""LoRA fine-tuning of a CogVideoX checkpoint (text-to-video or image-to-video) on your own clips, on one GPU or many.
 
     python train_lora.py --model CogVideoX-5b --data my_clips --output runs/my_style --steps 1000
     torchrun --nproc_per_node 8 train_lora.py ...                  # same run, the batch split over 8 GPUs
@@ -26,6 +26,13 @@ Reproducibility: the data order, the timestep, the noise and the VAE posterior d
 functions of (--seed, the sample's position in the global stream), and the LR is a pure function of the step. So a
 resumed run redoes exactly what the uninterrupted one would have done, and N processes with batch B/N each see the
 same samples and noises as one process with batch B.
+
+Image-to-video (5b-I2V, 1.5-I2V): each clip is its own condition, as in the official I2V recipe and diffusers'
+train_cogvideox_image_to_video_lora.py. Its first frame is noised in pixel space (noise_first_frame, sigma =
+exp(N(-3, 0.5))) and VAE-encoded once into the cache next to the clip; every step draws a latent from that posterior,
+scales it (condition_scale), pads it with zero latents to the clip's latent length (condition_latents), zeroes it
+with probability 0.05 (drop_condition) and concatenates it to x_t on the channels; 1.5-I2V also gets ofs = 2.0
+(training_ofs), as its pipeline passes.
 
 Legend: B batch, F latent frames, C latent channels, H/W latent height/width, L text tokens, D text width.
 """
@@ -58,6 +65,8 @@ from vae import load_vae, sample_posterior
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".gif")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FRAME_NOISE = (-3.0, 0.5)  # I2V: log sigma ~ N(-3, 0.5) of the pixel noise on the conditioning frame
+IMAGE_DROPOUT = 0.05       # I2V: probability that a sample trains without its image (zero latents)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -155,9 +164,12 @@ def fingerprint(folder: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def cache_settings(model: str, num_frames: int, height: int, width: int, max_text_len: int, dtype) -> dict:
-    """Everything besides a clip's bytes and a caption's text that changes what the encoders produce."""
-    return {"video": [num_frames, height, width, str(dtype), fingerprint(os.path.join(model, "vae"))],
+def cache_settings(model: str, num_frames: int, height: int, width: int, max_text_len: int, dtype,
+                   i2v: bool = False) -> dict:
+    """Everything besides a clip's bytes and a caption's text that changes what the encoders produce. i2v: the file
+    also holds the noised first frame's posterior (a T2V entry lacks it, so the keys differ)."""
+    video = [num_frames, height, width, str(dtype), fingerprint(os.path.join(model, "vae"))]
+    return {"video": video + ["first frame", FRAME_NOISE] if i2v else video,
             "text": [max_text_len, str(dtype), fingerprint(os.path.join(model, "text_encoder")),
                      fingerprint(os.path.join(model, "tokenizer"))]}
 
@@ -197,7 +209,9 @@ def validate(samples: list[Sample], problems: list[str], cache: str, settings: d
 @torch.no_grad()
 def build_cache(args, good, cache: str, device, dtype) -> None:
     """Encode what the cache lacks: each clip to its VAE posterior (mean, logvar), each caption to T5 states. The
-    posterior is stored rather than one draw, so every step draws a fresh latent (the VAE's own augmentation)."""
+    posterior is stored rather than one draw, so every step draws a fresh latent (the VAE's own augmentation). I2V
+    (args.i2v): also the posterior of the clip's noised first frame, noised once per clip as diffusers' script does
+    when it caches (THUDM's trainer re-noises every step, which needs the VAE in memory while training)."""
     todo_v = [(s, k) for s, k, _ in good if not os.path.isfile(os.path.join(cache, "latents", k + ".safetensors"))]
     todo_t = {k: s.caption for s, _, k in good if not os.path.isfile(os.path.join(cache, "text", k + ".safetensors"))}
     if todo_v:
@@ -207,6 +221,11 @@ def build_cache(args, good, cache: str, device, dtype) -> None:
             mean, logvar = vae.encode(clip[None].to(device, dtype))                 # (1, C, F, H, W) each
             tensors = {"mean": mean[0].transpose(0, 1).contiguous().cpu(),          # (F, C, H, W)
                        "logvar": logvar[0].transpose(0, 1).contiguous().cpu()}
+            if args.i2v:
+                frame = noise_first_frame(clip, frame_generator(k))                 # (3, 1, H, W)
+                mean, logvar = vae.encode(frame[None].to(device, dtype))            # (1, C, 1, h, w) each
+                tensors.update(image_mean=mean[0, :, 0].contiguous().cpu(),         # (C, h, w)
+                               image_logvar=logvar[0, :, 0].contiguous().cpu())
             atomic_write(os.path.join(cache, "latents", k + ".safetensors"), lambda p: save_file(tensors, p))
         del vae
     if todo_t:
@@ -244,10 +263,53 @@ def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_batch(items, positions: list[tuple[int, int]], cache: str, scaling_factor: float, timesteps: int, patch_size_t):
-    """The samples at these stream positions -> x0 (B, F, C, H, W) fp32 scaled latents, text (B, L, D), t (B,) and
-    the noise (B, F, C, H, W), all drawn from each sample's own generator."""
-    x0, text, t, noise = [], [], [], []
+def frame_generator(latent_key: str) -> torch.Generator:
+    """The RNG of a clip's conditioning-frame noise: a pure function of its cache key (its bytes and the settings),
+    so a rebuilt cache holds the same entry."""
+    return torch.Generator().manual_seed(int(latent_key[:15], 16))
+
+
+def noise_first_frame(clip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """clip (3, F, H, W) in [-1, 1] -> its first frame (3, 1, H, W) plus Gaussian noise of std sigma, log sigma ~
+    N(-3, 0.5) (median sigma 0.05, a few pixel levels), the official I2V recipe: the condition is never pixel-exact,
+    so the model learns to follow the image rather than depend on its exact values."""
+    image = clip[:, :1]
+    sigma = torch.normal(*FRAME_NOISE, size=(1,), generator=generator).exp()
+    return image + torch.randn(image.shape, generator=generator, dtype=image.dtype) * sigma.to(image.dtype)
+
+
+def condition_scale(z: torch.Tensor, scaling_factor: float, invert: bool) -> torch.Tensor:
+    """A drawn image latent -> the scale the model was trained on: times scaling_factor, but divided by it for 1.5
+    (its VAE config's invert_scale_latents). The inference pipelines scale the condition so (generate.py through
+    pipeline.encode_frames, diffusers' I2V pipeline), and a LoRA must see in training what it will see in use
+    (diffusers' training script, written for 1.0, always multiplies)."""
+    return z / scaling_factor if invert else z * scaling_factor
+
+
+def condition_latents(image: torch.Tensor, frames: int) -> torch.Tensor:
+    """The scaled image latent (C, H, W) -> (frames, C, H, W): itself, then frames - 1 zero latents. For 1.5,
+    frames is the padded count (the video's first frame repeated in front), and the image stays at index 0, as
+    generate.py and diffusers' 1.5 pipeline place it."""
+    return torch.cat([image[None], image.new_zeros(frames - 1, *image.shape)])
+
+
+def drop_condition(cond: torch.Tensor, generator: torch.Generator, p: float = IMAGE_DROPOUT) -> torch.Tensor:
+    """Zero the whole condition with probability p (the recipe's noised_image_dropout, 0.05): the model also sees
+    text-only samples, so it does not lean on the image for everything."""
+    return torch.zeros_like(cond) if torch.rand((), generator=generator) < p else cond
+
+
+def training_ofs(ofs_embed_dim: int | None, batch: int) -> torch.Tensor | None:
+    """1.5-I2V's ofs input (B,): 2.0, the value its pipeline and THUDM's trainer pass; None for models without it."""
+    return None if ofs_embed_dim is None else torch.full((batch,), 2.0)
+
+
+def make_batch(items, positions: list[tuple[int, int]], cache: str, scaling_factor: float, timesteps: int, patch_size_t,
+               i2v: bool = False, invert_scale: bool = False, dropout: float = IMAGE_DROPOUT):
+    """The samples at these stream positions -> x0 (B, F, C, H, W) fp32 scaled latents, text (B, L, D), t (B,), the
+    noise (B, F, C, H, W) and, for I2V, the condition (B, F, C, H, W) (else None), all drawn from each sample's own
+    generator (the condition's draws after the others, so T2V streams are unchanged)."""
+    x0, text, t, noise, cond = [], [], [], [], []
     for pos, (_, lat_key, txt_key) in zip(positions, items):
         g = sample_generator(*pos)
         lat = load_file(os.path.join(cache, "latents", lat_key + ".safetensors"))
@@ -256,15 +318,22 @@ def make_batch(items, positions: list[tuple[int, int]], cache: str, scaling_fact
         text.append(load_file(os.path.join(cache, "text", txt_key + ".safetensors"))["embedding"])
         t.append(torch.randint(0, timesteps, (1,), generator=g))
         noise.append(torch.randn(x0[-1].shape, generator=g))                          # x0's shape, padding included
-    return torch.stack(x0), torch.stack(text), torch.cat(t), torch.stack(noise)
+        if i2v:
+            image = sample_posterior(lat["image_mean"].float(), lat["image_logvar"].float(), g)  # (C, H, W)
+            image = condition_latents(condition_scale(image, scaling_factor, invert_scale), len(x0[-1]))
+            cond.append(drop_condition(image, g, dropout))                            # (F, C, H, W)
+    return torch.stack(x0), torch.stack(text), torch.cat(t), torch.stack(noise), torch.stack(cond) if i2v else None
 
 
-def diffusion_loss(model, scheduler, x0, text, t, noise, dtype):
+def diffusion_loss(model, scheduler, x0, text, t, noise, dtype, cond=None, ofs=None):
     """The v-prediction loss at uniformly drawn timesteps. THUDM's trainer converts v̂ to x̂0 = √ᾱ x_t − √(1−ᾱ) v̂ and
     weights (x̂0 − x0)² by 1/(1−ᾱ); since x̂0 − x0 = −√(1−ᾱ)(v̂ − v) that is exactly (v̂ − v)², computed here directly.
-    Mean over each sample's elements, then over the batch."""
+    Mean over each sample's elements, then over the batch. I2V: the clean condition (B, F, C, H, W) goes next to x_t
+    on the channels, only x_t is noised and only the video's channels are predicted; ofs (B,) for 1.5-I2V."""
     x_t = add_noise(scheduler, x0, noise, t)                                        # (B, F, C, H, W)
-    pred = model(x_t.to(dtype), text.to(dtype), t)                                  # (B, F, C, H, W)
+    x_in = x_t if cond is None else torch.cat([x_t, cond], dim=2)                   # (B, F, [2]C, H, W)
+    args = (x_in.to(dtype), text.to(dtype), t) + (() if ofs is None else (ofs.to(dtype),))
+    pred = model(*args)                                                             # (B, F, C, H, W)
     return ((pred.float() - v_target(scheduler, x0, noise, t)) ** 2).mean()
 
 
@@ -415,8 +484,9 @@ class Renderer:
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description="LoRA fine-tuning of CogVideoX (text-to-video) on your own clips.")
-    p.add_argument("--model", required=True, help="a local CogVideoX snapshot folder (T2V: 2b, 5b, 1.5-5B)")
+    p = cli.ArgumentParser(description="LoRA fine-tuning of CogVideoX (text- or image-to-video) on your own clips.")
+    p.add_argument("--model", required=True,
+                   help="a local CogVideoX snapshot folder (2b, 5b, 5b-I2V, 1.5-5B, 1.5-5B-I2V)")
     p.add_argument("--data", required=True, help="prompts.txt + videos.txt, or name.mp4 + name.txt pairs")
     p.add_argument("--output", default="runs/lora",
                    help="a new folder, or one an earlier run of this tool created (checkpoints, the LoRA, the log)")
@@ -442,6 +512,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint-every", type=cli.positive_int, default=200, help="steps between checkpoints")
     p.add_argument("--resume", default=None, help="a checkpoint-<step> folder, or 'latest' in --output")
     p.add_argument("--validation-prompt", default=None, help="a prompt rendered during training")
+    p.add_argument("--validation-image", default=None,
+                   help="image-to-video models: the first frame of the validation render")
     p.add_argument("--validate-every", type=cli.nonnegative_int, default=0,
                    help="render --validation-prompt every N steps (0: never)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the local rank's GPU when "
@@ -474,10 +546,16 @@ def all_ok(ok: bool, world: int, device) -> bool:
 def check_args(args, info, world: int) -> Request:
     """Every flag, before any work. Returns the plan of the validation render (generate.plan), which also fixes the
     training size: --num-frames, --height and --width, or the model's."""
-    if info.is_i2v:
-        raise ValueError(f"{args.model} is an image-to-video model; train_lora.py trains text-to-video checkpoints")
+    if args.validation_image and not info.is_i2v:
+        raise ValueError(f"--validation-image: {args.model} is a text-to-video model; leave it out")
+    if args.validation_image and not args.validation_prompt:
+        raise ValueError("--validation-image needs --validation-prompt (and --validate-every N)")
+    if args.validation_prompt and info.is_i2v and not args.validation_image:
+        raise ValueError(f"--validation-prompt: {args.model} is an image-to-video model; add --validation-image PATH")
+    # an I2V plan needs an image; without a validation render, a blank one only fixes the size
+    image = args.validation_image or (torch.zeros(3, 16, 16) if info.is_i2v else None)
     request = plan(info, args.validation_prompt or "", num_frames=args.num_frames, height=args.height,
-                   width=args.width, seed=args.seed)
+                   width=args.width, seed=args.seed, image=image)
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the process count {world}")
     if args.validate_every and not args.validation_prompt:
@@ -515,7 +593,8 @@ def train(args, world: int, rank: int, local: int, device) -> int:
         raise ValueError(f"{args.model}: the scheduler predicts {scheduler.prediction_type!r}; every CogVideoX "
                          f"checkpoint, and this trainer, use 'v_prediction'")
     cache = args.cache_dir or os.path.join(args.output, "cache")
-    settings = cache_settings(args.model, args.num_frames, args.height, args.width, args.max_text_len, dtype)
+    args.i2v = info.is_i2v
+    settings = cache_settings(args.model, args.num_frames, args.height, args.width, args.max_text_len, dtype, args.i2v)
 
     # 1. Validate every sample, then fill the cache; one process per machine does it, the others wait.
     ok, good = True, []
@@ -582,12 +661,15 @@ def train(args, world: int, rank: int, local: int, device) -> int:
             first = (step * args.grad_accum + micro) * args.batch_size + rank * per_rank
             positions = [(args.seed, p) for p in range(first, first + per_rank)]
             items = [good[dataset_index(args.seed, p, len(good))] for _, p in positions]
-            x0, text, t, noise = (x.to(device) for x in make_batch(
-                items, positions, cache, info.vae.scaling_factor, scheduler.num_train_timesteps, info.transformer.patch_size_t))
+            x0, text, t, noise, cond = (x if x is None else x.to(device) for x in make_batch(
+                items, positions, cache, info.vae.scaling_factor, scheduler.num_train_timesteps,
+                info.transformer.patch_size_t, args.i2v, info.vae.invert_scale_latents))
+            ofs = training_ofs(info.transformer.ofs_embed_dim, len(x0))
             sync = world == 1 or micro == args.grad_accum - 1
             with (contextlib.nullcontext() if sync else net.no_sync()):
                 with autocast:
-                    loss = diffusion_loss(net, scheduler, x0, text, t, noise, dtype)
+                    loss = diffusion_loss(net, scheduler, x0, text, t, noise, dtype, cond,
+                                          None if ofs is None else ofs.to(device))
                 (loss / args.grad_accum).backward()
             total += loss.detach() / args.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)

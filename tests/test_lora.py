@@ -401,7 +401,7 @@ def eval_loss(snap, data, lora_folder=None):
     info = read_model_info(snap)
     scheduler, vae = info.scheduler, info.vae
     positions = [(12345, p) for p in range(16)]  # another seed than training's
-    x0, text, t, noise = train_lora.make_batch(good * 4, positions, cache, vae.scaling_factor, 1000, None)
+    x0, text, t, noise, _ = train_lora.make_batch(good * 4, positions, cache, vae.scaling_factor, 1000, None)
     with torch.no_grad():
         return train_lora.diffusion_loss(model, scheduler, x0, text, t, noise, torch.float32).item()
 
@@ -668,7 +668,7 @@ def test_make_batch_pads_odd_latent_counts_for_v15(tmp_path):
     save_file({"mean": mean, "logvar": logvar}, tmp_path / "latents" / "z.safetensors")
     save_file({"embedding": torch.randn(5, 8)}, tmp_path / "text" / "c.safetensors")
     for patch_size_t, frames in ((None, 3), (2, 4)):
-        x0, text, t, noise = train_lora.make_batch([(None, "z", "c")], [(7, 11)], str(tmp_path), 0.7, 1000,
+        x0, text, t, noise, _ = train_lora.make_batch([(None, "z", "c")], [(7, 11)], str(tmp_path), 0.7, 1000,
                                                    patch_size_t)
         want = sample_posterior(mean, logvar, train_lora.sample_generator(7, 11)) * 0.7
         assert x0.shape == (1, frames, 4, 2, 2)
@@ -682,7 +682,7 @@ def test_v15_batch_noise_has_the_shape_of_x0(tmp_path):
         (tmp_path / sub).mkdir()
     save_file({"mean": torch.zeros(3, 4, 2, 2), "logvar": torch.zeros(3, 4, 2, 2)}, tmp_path / "latents/z.safetensors")
     save_file({"embedding": torch.zeros(5, 8)}, tmp_path / "text" / "c.safetensors")
-    x0, text, t, noise = train_lora.make_batch([(None, "z", "c")], [(7, 11)], str(tmp_path), 0.7, 1000, 2)
+    x0, text, t, noise, _ = train_lora.make_batch([(None, "z", "c")], [(7, 11)], str(tmp_path), 0.7, 1000, 2)
     assert noise.shape == x0.shape
 
 
@@ -1025,3 +1025,172 @@ def test_a_rerun_starts_clean_or_resumes_and_never_touches_a_users_file(snap, da
     assert (run / "notes.txt").read_text() == "the user's\n"
     assert "checkpoint-000006" in os.listdir(run)
     assert [json.loads(line)["step"] for line in open(run / "loss.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------- image-to-video LoRA (issue 36, item 1)
+
+I2V_FRAMES = {"5b-i2v": 9, "1.5-i2v": 17}  # each tiny model's sample_frames: 3 latent frames, and 5 (trained as 6)
+
+
+def test_first_frame_noise_is_lognormal_pixel_noise():
+    """noise_first_frame: the clip's frame 0 plus N(0, sigma²) pixel noise, log sigma ~ N(-3, 0.5), drawn from the
+    generator given (sigma first, then the noise: the order of diffusers' script)."""
+    clip = torch.rand(3, 5, 8, 8) * 2 - 1
+    noisy = train_lora.noise_first_frame(clip, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    sigma = torch.exp(torch.normal(-3.0, 0.5, (1,), generator=g))
+    assert torch.equal(noisy, clip[:, :1] + torch.randn(3, 1, 8, 8, generator=g) * sigma)
+    logs = []
+    for seed in range(400):
+        noisy = train_lora.noise_first_frame(torch.zeros(3, 1, 32, 32), torch.Generator().manual_seed(seed))
+        logs.append(noisy.std().log().item())
+    assert abs(np.mean(logs) + 3.0) < 0.08 and abs(np.std(logs) - 0.5) < 0.06
+
+
+def test_condition_helpers():
+    """condition_latents: the image at index 0, zero latents after; drop_condition zeroes all of it with probability
+    p (one uniform draw); condition_scale multiplies, or divides for 1.5 (invert_scale_latents); training_ofs: 2.0."""
+    z = torch.randn(4, 2, 3)
+    c = train_lora.condition_latents(z, 6)
+    assert c.shape == (6, 4, 2, 3) and torch.equal(c[0], z) and not c[1:].any()
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(train_lora.drop_condition(c, g, 0.0), c) and not train_lora.drop_condition(c, g, 1.0).any()
+    dropped = sum(not train_lora.drop_condition(c, torch.Generator().manual_seed(s)).any() for s in range(2000))
+    assert 60 <= dropped <= 140  # 5% of 2000
+    assert torch.equal(train_lora.condition_scale(z, 0.7, False), z * 0.7)
+    assert torch.equal(train_lora.condition_scale(z, 0.7, True), z / 0.7)
+    assert train_lora.training_ofs(None, 2) is None and torch.equal(train_lora.training_ofs(8, 2), torch.full((2,), 2.0))
+
+
+def diffusers_i2v_step(snap, data, cache, good, positions, num_frames, dropout):
+    """One I2V training step recomputed with diffusers' modules and the formulas of diffusers'
+    examples/cogvideo/train_cogvideox_image_to_video_lora.py (and, for 1.5, THUDM's I2V trainer): the first frame
+    noised in pixels with sigma = exp(N(-3, 0.5)) and encoded by the diffusers VAE, latent_dist.sample() times the
+    scaling factor (1.5: divided, as its pipeline does), zero latents after it, dropped with probability `dropout`,
+    concatenated to x_t on channels, ofs 2.0 for 1.5, RoPE from the I2V pipeline, v̂ -> x̂0 by get_velocity and the
+    1/(1-ᾱ)-weighted loss. The same generators as train_lora. -> (loss, the transformer, with its gradients)."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXImageToVideoPipeline
+    from safetensors.torch import load_file
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(snap)
+    vae, net, sched = pipe.vae, pipe.transformer.train().requires_grad_(True), pipe.scheduler
+    assert isinstance(vae, AutoencoderKLCogVideoX)
+    sf, invert, pt = vae.config.scaling_factor, vae.config.invert_scale_latents, net.config.patch_size_t
+    x0, text, ts, eps, conds = [], [], [], [], []
+    for (seed, p), (s, lat_key, txt_key) in zip(positions, good):
+        clip = train_lora.load_clip(s.video, num_frames, 32, 32)[None]                   # (1, 3, F, H, W)
+        with torch.no_grad():
+            latent_dist = vae.encode(clip).latent_dist
+            image = clip[:, :, :1].clone()
+            gi = train_lora.frame_generator(lat_key)
+            image_noise_sigma = torch.exp(torch.normal(mean=-3.0, std=0.5, size=(1,), generator=gi))
+            noisy_image = image + torch.randn(image.shape, generator=gi) * image_noise_sigma[:, None, None, None, None]
+            image_latent_dist = vae.encode(noisy_image).latent_dist
+        g = train_lora.sample_generator(seed, p)
+        mean, std = latent_dist.mean[0].transpose(0, 1), latent_dist.std[0].transpose(0, 1)  # (F, C, h, w)
+        video_latents = (mean + std * torch.randn(mean.shape, generator=g)) * sf
+        if pt:  # THUDM: the first latent frame copied in front up to a multiple of patch_size_t
+            video_latents = torch.cat([video_latents[:1].repeat(len(video_latents) % pt, 1, 1, 1), video_latents])
+        x0.append(video_latents)
+        text.append(load_file(os.path.join(cache, "text", txt_key + ".safetensors"))["embedding"])
+        ts.append(torch.randint(0, 1000, (1,), generator=g))
+        eps.append(torch.randn(video_latents.shape, generator=g))
+        image_latents = image_latent_dist.sample(generator=g)
+        image_latents = (image_latents / sf if invert else image_latents * sf).permute(0, 2, 1, 3, 4)  # (1, 1, C, h, w)
+        padding_shape = (1, len(video_latents) - 1, *video_latents.shape[1:])
+        image_latents = torch.cat([image_latents, image_latents.new_zeros(padding_shape)], dim=1)
+        if torch.rand((), generator=g) < dropout:
+            image_latents = torch.zeros_like(image_latents)
+        conds.append(image_latents[0])
+    video_latents, text, t, noise, image_latents = map(torch.stack, (x0, text, ts, eps, conds))
+    t = torch.cat(ts)
+    noisy_video_latents = sched.add_noise(video_latents, noise, t)
+    noisy_model_input = torch.cat([noisy_video_latents, image_latents], dim=2)
+    rope = pipe._prepare_rotary_positional_embeddings(32, 32, video_latents.shape[1], torch.device("cpu"))
+    ofs = None if net.config.ofs_embed_dim is None else video_latents.new_full((1,), fill_value=2.0)
+    model_output = net(hidden_states=noisy_model_input, encoder_hidden_states=text, timestep=t, ofs=ofs,
+                       image_rotary_emb=rope, return_dict=False)[0]
+    a = sched.alphas_cumprod[t].double().reshape(-1, 1, 1, 1, 1)
+    model_pred = a.sqrt() * noisy_video_latents.double() - (1 - a).sqrt() * model_output.double()  # get_velocity
+    loss = torch.mean((1 / (1 - a) * (model_pred - video_latents.double()) ** 2).reshape(len(t), -1), dim=1).mean()
+    loss.backward()
+    return loss.item(), net, image_latents
+
+
+@pytest.mark.parametrize("family", ["5b-i2v", "1.5-i2v"])
+def test_i2v_training_step_matches_diffusers_script(snapshots, data, tmp_path, family):
+    """One I2V step of train_lora (build_cache, make_batch, diffusion_loss, with our transformer) gives the loss and
+    every transformer gradient of diffusers_i2v_step, batch 4 with dropout 0.5 so that both a kept and a dropped
+    image are in it. (All transformer weights train here, so every input path is checked; LoRA's own math is tested
+    against peft above.)"""
+    import types
+    snap, frames = snapshots(family), I2V_FRAMES[family]
+    info = read_model_info(snap)
+    cache = str(tmp_path / "cache")
+    settings = train_lora.cache_settings(snap, frames, 32, 32, MAX_TEXT, torch.float32, i2v=True)
+    good, problems = train_lora.validate(*train_lora.find_samples(data), cache, settings, frames)
+    assert not problems and len(good) == 4
+    args = types.SimpleNamespace(model=snap, num_frames=frames, height=32, width=32, max_text_len=MAX_TEXT, i2v=True)
+    train_lora.build_cache(args, good, cache, torch.device("cpu"), torch.float32)
+    for seed in range(5, 50):  # the first seed whose batch has both a kept and a dropped image
+        positions = [(seed, p) for p in range(4)]
+        x0, text, t, noise, cond = train_lora.make_batch(good, positions, cache, info.vae.scaling_factor, 1000,
+                                                         info.transformer.patch_size_t, True,
+                                                         info.vae.invert_scale_latents, dropout=0.5)
+        if len({bool(c.any()) for c in cond}) == 2:
+            break
+    assert len({bool(c.any()) for c in cond}) == 2
+    model = load_transformer(os.path.join(snap, "transformer")).train().requires_grad_(True)
+    loss = train_lora.diffusion_loss(model, info.scheduler, x0, text, t, noise, torch.float32, cond,
+                                     train_lora.training_ofs(info.transformer.ofs_embed_dim, len(x0)))
+    loss.backward()
+    ref_loss, net, ref_cond = diffusers_i2v_step(snap, data, cache, good, positions, frames, dropout=0.5)
+    cond_err = (cond - ref_cond).abs().max().item()
+    ours = dict(model.named_parameters())
+    grad_err = max((ours[n].grad - p.grad).abs().max().item() for n, p in net.named_parameters())
+    grad_max = max(p.grad.abs().max().item() for p in net.parameters())
+    print(f"{family}: loss {loss.item():.6f} vs {ref_loss:.6f} (abs diff {abs(loss.item() - ref_loss):.2e}); "
+          f"condition max abs diff {cond_err:.2e}; grads max abs diff {grad_err:.2e} (largest grad {grad_max:.2e})")
+    assert ours.keys() == dict(net.named_parameters()).keys()
+    assert cond_err <= 1e-5
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-5)
+    assert grad_err <= 1e-4 * grad_max
+
+
+@pytest.mark.parametrize("family", ["5b-i2v", "1.5-i2v"])
+def test_i2v_lora_trains_and_diffusers_i2v_pipeline_gives_our_frames(snapshots, data, tmp_path, family):
+    """train_lora.py takes I2V checkpoints (issue 36, items 1 and 5): four steps render the validation prompt from
+    --validation-image and write a LoRA that diffusers' CogVideoXImageToVideoPipeline.load_lora_weights reads and
+    renders, from an image, into our frames with load_lora (fp32 CPU, within 1e-4), frames the LoRA changes.
+    --validation-image is required with a validation prompt on an I2V model, and refused on a T2V one."""
+    from diffusers import CogVideoXImageToVideoPipeline
+    snap, out, n = snapshots(family), tmp_path / "out", I2V_FRAMES[family]
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(5))
+    png = str(tmp_path / "first.png")
+    imageio.v3.imwrite(png, to_uint8(image[None])[0])
+    frames = ["--num-frames", str(n)]
+    assert train_lora.main(train_args(snap, data, out, "--steps", "4", *frames, "--validation-prompt", PROMPT,
+                                      "--validation-image", png, "--validate-every", "4")) == 0
+    assert os.path.isfile(out / "pytorch_lora_weights.safetensors")
+    assert imageio.v3.imread(out / "validation" / "step-000004.mp4", index=None).shape == (n, 32, 32, 3)
+
+    kw = dict(num_frames=n, height=32, width=32, num_inference_steps=3, guidance_scale=5.0)
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(snap)
+    pipe.load_lora_weights(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt=PROMPT, negative_prompt="", image=image[None], generator=torch.Generator().manual_seed(7),
+               output_type="pt", max_sequence_length=MAX_TEXT, **kw).frames
+    ours = gen.load_pipeline(snap)
+    plain = gen.generate(ours, PROMPT, image=image, seed=7, max_sequence_length=MAX_TEXT, progress=False, **kw)
+    load_lora(ours.transformer, str(out))
+    with_lora = gen.generate(ours, PROMPT, image=image, seed=7, max_sequence_length=MAX_TEXT, progress=False, **kw)
+    err, change = (with_lora - ref).abs().max().item(), (with_lora - plain).abs().max().item()
+    print(f"{family}: ours vs diffusers I2V pipeline with the LoRA: max abs {err:.2e}; the LoRA changes frames by "
+          f"up to {change:.3f}")
+    assert err <= 1e-4 and change > 0.02
+
+    for bad, extra in ((tmp_path / "bad", ["--validation-prompt", PROMPT, "--validate-every", "1"]),
+                       (tmp_path / "bad2", ["--validation-image", png])):
+        assert train_lora.main(train_args(snap, data, bad, "--steps", "2", *frames, *extra)) == 2
+        assert not bad.exists()
+    assert train_lora.main(train_args(snapshots("5b"), data, tmp_path / "bad3", "--steps", "2", "--validation-image",
+                                      png)) == 2
