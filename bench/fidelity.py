@@ -80,7 +80,7 @@ def main():
     print("| option | wall time / default | PSNR dB | SSIM | colour | shape | motion |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, seconds, p_db, s, acc in rows:
-        psnr_text = "identical" if name == "default" else f"{p_db:.1f}"
+        psnr_text = "identical" if p_db >= 99.0 else f"{p_db:.1f}"  # 99: every video equal to the default's
         print(f"| {name} | {seconds / base:.2f} | {psnr_text} | {s:.3f} | " + " | ".join(
             f"{100 * acc[k]:.1f}%" for k in ("colour", "shape", "motion")) + " |")
 
