@@ -778,7 +778,7 @@ def test_cache_is_built_once_and_reused(snap, data, tmp_path, monkeypatch):
     """A second run over the same clips finds every latent and embedding in the cache: no VAE or T5 is loaded and
     no video is decoded again (validate skips cached clips)."""
     args = train_lora.parse_args(["--model", snap, "--data", data])
-    args.num_frames, args.height, args.width, args.max_text_len = 9, 32, 32, MAX_TEXT
+    args.num_frames, args.height, args.width, args.max_text_len, args.i2v = 9, 32, 32, MAX_TEXT, False
     settings = train_lora.cache_settings(snap, 9, 32, 32, MAX_TEXT, torch.float32)
     cache = str(tmp_path / "cache")
     good, problems = train_lora.validate(*train_lora.find_samples(data), cache, settings, 9)
