@@ -536,7 +536,11 @@ def train(cfg: TrainConfig, out: str, evaluate_after: bool = True, vae_from: str
             vae_from=vae_from, transformer_bf16=fast_bf16(device), resumed=sorted(done),
             **{f"{k}_first_last": v for k, v in summary.items()})
         logfile.close()
-    shutil.rmtree(stages)  # the snapshot is in place: the stages are ours, and no longer needed
+    try:  # the snapshot is in place: the stages are no longer needed, unless someone saved a file among them
+        cli.check_folder(stages, "--output")
+        shutil.rmtree(stages)
+    except ValueError as e:
+        print(f"kept {stages}: {e}")
     print(f"wrote {out} in {wall / 60:.1f} min ({cpu / 60:.1f} CPU-min" + (", resumed" if done else "") + "); "
           + ", ".join(f"{k} {first:.4f} -> {last:.4f}" for k, (first, last) in summary.items()))
     if evaluate_after and cfg.eval_per_combo > 0:

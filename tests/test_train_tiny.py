@@ -105,3 +105,16 @@ def test_resume_refuses_another_recipe(tmp_path, monkeypatch):
     assert train_tiny.main(["--smoke", "--output", out, "--no-eval", "--resume", "--seed", "1"]) == 2
     assert not os.path.exists(out)
 
+
+
+def test_stages_holding_a_users_file_are_kept(tmp_path, monkeypatch):
+    """A file saved into <output>.partial while the run goes on is not deleted with the finished run's stages."""
+    out = str(tmp_path / "shapes-tiny")
+    save = train_tiny.save_snapshot
+
+    def save_and_meddle(*a, **k):
+        (tmp_path / "shapes-tiny.partial" / "notes.txt").write_text("mine")
+        return save(*a, **k)
+    monkeypatch.setattr(train_tiny, "save_snapshot", save_and_meddle)
+    assert train_tiny.main(["--smoke", "--output", out, "--no-eval"]) == 0
+    assert os.path.isdir(out) and (tmp_path / "shapes-tiny.partial" / "notes.txt").read_text() == "mine"
