@@ -476,11 +476,11 @@ def train(cfg: TrainConfig, out: str, evaluate_after: bool = True, vae_from: str
         if vae_from:
             vae = load_vae(vae_from, device=device)
         else:
-            vae = CogVideoXVAE(vae_config(cfg))
             if "vae" not in done or "decoder" not in done:
                 vids, _ = shapes.make_clips(cfg.vae_clips, cfg.seed + 1, train_attrs)
                 clips = shapes.to_tensor(vids).transpose(1, 2).contiguous().to(device)  # (N, 3, F, H, W)
             if "vae" in done:
+                vae = CogVideoXVAE(vae_config(cfg))
                 vae.load_state_dict(load("decoder" if "decoder" in done else "vae"))
                 vae = vae.to(device).eval().requires_grad_(False)
             else:
