@@ -87,6 +87,8 @@ class TrainConfig:
     decoder_steps: int = 1200           # phase 3: the decoder alone, on frozen latents
     vae_lr: float = 2e-3
     kl_weight: float = 1e-5
+    shape_triples: int = 4              # clips drawn as circle, square and triangle, encoded each VAE step
+    shape_margin: float = 0.1           # the least mean square latent change a shape swap must make, / latent variance
     # transformer
     heads: int = 4
     head_dim: int = 64
@@ -105,7 +107,7 @@ class TrainConfig:
 PRESETS = {
     "default": TrainConfig(),
     "smoke": TrainConfig(vae_channels=(8, 8, 8, 8), vae_groups=2, latent_channels=4, vae_clips=16, vae_frame_steps=10,
-                         vae_frame_batch=4, vae_frame_crop=16, vae_steps=4, vae_batch=2, vae_crop=16, decoder_steps=4,
+                         shape_triples=1, vae_frame_batch=4, vae_frame_crop=16, vae_steps=4, vae_batch=2, vae_crop=16, decoder_steps=4,
                          vae_lr=3e-3, heads=2, head_dim=16, layers=1, dit_clips=32, dit_steps=30, dit_batch=16,
                          dit_lr=3e-3, t5_width=32, t5_layers=1, eval_per_combo=0, eval_steps=2),
 }
@@ -203,7 +205,33 @@ def posterior_draw(mean, logvar, gen):
     return mean + (0.5 * logvar).exp() * eps
 
 
-def train_vae(cfg, clips, logfile, gen):
+def shape_triples(n, seed, attrs_list):
+    """n clips, each rendered three times with the same start, size, speed, colour and background: as a circle, a
+    square and a triangle. uint8 (n, 3 shapes, F, H, W, 3)."""
+    rng = np.random.default_rng(seed)
+    picks = [attrs_list[i] for i in rng.integers(len(attrs_list), size=n)]
+    seeds = rng.integers(2**31, size=n)
+    return np.stack([np.stack([shapes.render(a._replace(shape=s), np.random.default_rng(k)) for s in shapes.SHAPES])
+                     for a, k in zip(picks, seeds)])
+
+
+def shape_separation(vae, x, margin):
+    """Hinge on how far apart a shape swap moves the latents, relative to their variance. x (B, 3 shapes, 3, F, H, W).
+    Why: a circle and a square of the same size differ only in their corners, ~1/5 of the square (in pixels a swap is
+    12% of a colour swap), and reconstruction alone lets the encoder keep that difference in a variation ~1% of the
+    latents' variance: decodable, but worth almost nothing in the transformer's v-prediction loss, so the transformer
+    never learns to tell the two words apart (the measurements are in the README). The hinge asks each pair of shapes
+    to differ by at least `margin` of the variance; dividing by the variance keeps the encoder from just scaling its
+    latents up, and the hinge stops pushing once a pair is far enough apart."""
+    B = x.shape[0]
+    mean, _ = vae.encode(x.flatten(0, 1))  # (B * 3, C, T, h, w)
+    z = mean.unflatten(0, (B, 3)).flatten(2)  # (B, 3, C*T*h*w)
+    var = z.var()
+    gaps = [(z[:, i] - z[:, j]).square().mean(-1) / var for i, j in ((0, 1), (0, 2), (1, 2))]  # each (B,)
+    return F.relu(margin - torch.stack(gaps)).mean(), gaps[0].mean().item()
+
+
+def train_vae(cfg, clips, logfile, gen, triples):
     """clips (N, 3, F, H, W) in [-1, 1]. Two phases: single frames (F=1 is a valid input of the causal VAE and 9x
     cheaper per sample) learn colours and shapes, then whole clips teach the temporal layers. The encoder and
     decoder each see a clip in one frame batch (9 frames, 3 latent frames: the first batch of both). The decoder
@@ -231,16 +259,19 @@ def train_vae(cfg, clips, logfile, gen):
         y = vae.decode(posterior_draw(mean, logvar, gen))  # (B, 3, F, c, c)
         rec = reconstruction_loss(x, y, background)
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
-        loss = rec + cfg.kl_weight * kl
+        t = triples[torch.randint(len(triples), (cfg.shape_triples,), generator=gen)]  # (b, 3, 3, F, H, W)
+        sep, gap = shape_separation(vae, t[:, :, :, f:f + 1] if single else t, cfg.shape_margin)
+        loss = rec + cfg.kl_weight * kl + sep
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         first = first if first is not None else rec.item()
         last = rec.item() if last is None else 0.9 * last + 0.1 * rec.item()
-        bar.set_postfix(rec=f"{last:.4f}", kl=f"{kl.item():.2f}", refresh=False)
+        bar.set_postfix(rec=f"{last:.4f}", kl=f"{kl.item():.2f}", circle_square=f"{gap:.3f}", refresh=False)
         if step % 10 == 0 or step == total - 1:
-            log(logfile, stage="vae", step=step, frames=x.shape[2], rec=round(rec.item(), 5), kl=round(kl.item(), 4))
+            log(logfile, stage="vae", step=step, frames=x.shape[2], rec=round(rec.item(), 5), kl=round(kl.item(), 4),
+                circle_square=round(gap, 4))
     return vae.eval().requires_grad_(False), first, last
 
 
@@ -485,7 +516,9 @@ def train(cfg: TrainConfig, out: str, evaluate_after: bool = True, vae_from: str
                 vae = vae.to(device).eval().requires_grad_(False)
             else:
                 torch.manual_seed(cfg.seed + 1)
-                vae, first, last = train_vae(cfg, clips, logfile, torch.Generator().manual_seed(cfg.seed + 1))
+                triples = shapes.to_tensor(shape_triples(cfg.vae_clips // 4, cfg.seed + 5, train_attrs).reshape(
+                    -1, *vids.shape[1:])).transpose(1, 2).unflatten(0, (-1, 3)).to(device)  # (N/4, 3, 3, F, H, W)
+                vae, first, last = train_vae(cfg, clips, logfile, torch.Generator().manual_seed(cfg.seed + 1), triples)
                 summary["vae_rec"] = (first, last)
                 save_stage(stages, "vae", vae.state_dict(), first_last=[first, last])
             if "decoder" not in done:
