@@ -34,11 +34,21 @@ scales it (condition_scale), pads it with zero latents to the clip's latent leng
 with probability 0.05 (drop_condition) and concatenates it to x_t on the channels; 1.5-I2V also gets ofs = 2.0
 (training_ofs), as its pipeline passes.
 
+Buckets (--buckets HxWxF,...): a folder may hold clips of several sizes and lengths. Each clip trains in the nearest
+bucket (nearest_bucket), resized and cropped by the same media.resize as generate.py, and every micro-batch is drawn
+from one bucket (micro_batch); the cache keys hold the bucket's size. Without --buckets there is one bucket, the
+training size, and everything is as it always was (a clip too short for it is refused, not dropped).
+
+Full fine-tuning (--full): every transformer weight trains (but those --freeze names), fp32 master weights, AdamW
+and gradient checkpointing as for LoRA; checkpoints and the result are a `transformer/` folder in the official layout
+(config.json + safetensors, the checkpoint's own keys) that load_transformer and diffusers' from_pretrained read.
+
 Legend: B batch, F latent frames, C latent channels, H/W latent height/width, L text tokens, D text width.
 """
 import argparse
 import contextlib
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import math
@@ -54,10 +64,11 @@ from tqdm import tqdm
 
 import cli
 from cli import atomic_write
-from generate import Request, make_videos, plan, shard
+from checkpoint import read_json, save_component
+from generate import Request, check_request, make_videos, plan, shard
 from lora import WEIGHT_NAME, add_lora, lora_state_dict, save_lora, set_lora_state
 from media import read_video, resize, save_video
-from model import load_transformer
+from model import CogVideoXTransformer, load_transformer
 from pipeline import Pipeline, pad_front, read_model_info, resolve_model_path
 from sampler import add_noise, v_target
 from text_encoder import Tokenizer, load_text_encoder
@@ -180,26 +191,132 @@ def cache_keys(sample: Sample, video_hash: str, settings: dict) -> tuple[str, st
     return key(video_hash, settings["video"]), key(sample.caption, settings["text"])
 
 
-def validate(samples: list[Sample], problems: list[str], cache: str, settings: dict, num_frames: int):
-    """Check every sample and return [(sample, latent key, text key)] for the good ones plus the full list of
-    problems. Clips already in the cache were readable when cached (same bytes), so only new ones are decoded."""
-    good = []
+Size = tuple[int, int, int]  # a bucket: (height, width, frames), in pixels
+
+
+def parse_buckets(text: str, info) -> list[Size]:
+    """--buckets 'HxWxF,...' -> [(height, width, frames)], each checked as generate.py checks a size (check_request),
+    so a bad one is refused in one line that names it and the fix, before any weight is read."""
+    buckets = []
+    for part in (p.strip() for p in text.split(",")):
+        bits = part.lower().split("x")
+        if len(bits) != 3 or not all(b.isdigit() for b in bits):
+            raise ValueError(f"--buckets {part!r}: write each bucket as HEIGHTxWIDTHxFRAMES, comma-separated, e.g. "
+                             f"{info.height}x{info.width}x{info.num_frames}")
+        h, w, f = map(int, bits)
+        cfg, down = info.transformer, info.spatial_compression
+        if cfg.use_learned_positional_embeddings and (h, w) != (cfg.sample_height * down, cfg.sample_width * down):
+            raise ValueError(f"--buckets {part}: {info.path} has a learned position table for "
+                             f"{cfg.sample_height * down}x{cfg.sample_width * down} only; every bucket must be "
+                             f"{cfg.sample_height * down}x{cfg.sample_width * down}xFRAMES")
+        try:
+            check_request(info, f, h, w, torch.zeros(3, 16, 16) if info.is_i2v else None)
+        except ValueError as e:
+            raise ValueError(f"--buckets {part}: {e}") from None
+        if (h, w, f) in buckets:
+            raise ValueError(f"--buckets {part}: given twice; list each bucket once")
+        buckets.append((h, w, f))
+    return buckets
+
+
+def nearest_bucket(frames: int, height: int, width: int, buckets: list[Size]) -> int | None:
+    """The bucket a clip of this length and size trains in: among those with no more frames than it has (a clip is
+    never padded), the nearest aspect ratio first (the centre crop discards the least), then the nearest area (the
+    least scaling), then the most frames (the most of the clip seen). None: it is shorter than every bucket."""
+    fits = [i for i, (_, _, f) in enumerate(buckets) if f <= frames]
+    if not fits:
+        return None
+    if len(fits) == 1:
+        return fits[0]
+    aspect = lambda i: round(abs(math.log(height * buckets[i][1] / (width * buckets[i][0]))), 9)
+    area = lambda i: round(abs(math.log(height * width / (buckets[i][0] * buckets[i][1]))), 9)
+    return min(fits, key=lambda i: (aspect(i), area(i), -buckets[i][2]))
+
+
+@dataclasses.dataclass
+class Found:
+    good: list            # [(sample, latent key, text key)]: the samples that train
+    bucket: list[int]     # the bucket of each good sample, an index into the bucket list
+    dropped: list[str]    # "name: why", each clip that fits no bucket (--buckets; without it that is a problem)
+    problems: list[str]   # what must be fixed before anything runs
+    shapes: dict          # video hash -> (frames, height, width) of clips decoded now (several buckets only)
+
+
+def clip_shape(path: str, digest: str, cache: str) -> tuple[int, int, int]:
+    """(frames, height, width) of a clip: from cache/clips/<hash>.json when an earlier run wrote it, else decoded."""
+    known = os.path.join(cache, "clips", digest + ".json")
+    if os.path.isfile(known):
+        return tuple(json.load(open(known)))
+    frames = read_video(path)                                                       # (N, 3, h, w)
+    return len(frames), frames.shape[2], frames.shape[3]
+
+
+def sort_samples(samples: list[Sample], problems: list[str], cache: str, settings: list[dict], buckets: list[Size],
+                 strict: bool = True) -> Found:
+    """Check every sample, put each clip in its bucket (settings: cache_settings of each) and return them with the
+    full list of problems. With one bucket, clips already in the cache were readable when cached (same bytes), so
+    only new ones are decoded; with several, a clip's length and size pick its bucket, read from cache/clips/ once
+    known, so again only new clips are decoded. strict (no --buckets): a clip too short is a problem that stops the
+    run; otherwise it is dropped and reported, as a mixed folder is expected to hold some."""
+    found = Found([], [], [], problems, {})
     for s in samples:
         if not s.caption:
             problems.append(f"{s.name}: empty caption")
         if not s.video or not os.path.isfile(s.video):
             problems.append(f"{s.name}: file not found" + (f" ({s.video})" if s.video else ""))
             continue
-        keys = cache_keys(s, sha256_file(s.video), settings)
-        if not os.path.isfile(os.path.join(cache, "latents", keys[0] + ".safetensors")):
+        digest, b = sha256_file(s.video), 0
+        if len(buckets) > 1 or not os.path.isfile(latent_path(cache, cache_keys(s, digest, settings[0])[0])):
             try:
-                select_frames(read_video(s.video), num_frames)
+                shape = clip_shape(s.video, digest, cache)
             except ValueError as e:
                 problems.append(f"{s.name}: {str(e).splitlines()[0]}")  # not the decoder's whole log
                 continue
+            if len(buckets) > 1:
+                found.shapes[digest] = shape
+            b = nearest_bucket(*shape, buckets)
+            if b is None:
+                need = min(f for _, _, f in buckets)
+                if strict:
+                    problems.append(f"{s.name}: too short: {shape[0]} frames, at least {need} needed (or lower "
+                                    f"--num-frames)")
+                else:
+                    found.dropped.append(f"{s.name}: {shape[0]} frames, fewer than any bucket's (the shortest has "
+                                         f"{need})")
+                continue
         if s.caption:
-            good.append((s, *keys))
-    return good, problems
+            found.good.append((s, *cache_keys(s, digest, settings[b])))
+            found.bucket.append(b)
+    return found
+
+
+def validate(samples: list[Sample], problems: list[str], cache: str, settings: dict, num_frames: int):
+    """One training size (no --buckets): -> [(sample, latent key, text key)] for the good samples and the full list of
+    problems, a clip shorter than num_frames among them."""
+    found = sort_samples(samples, problems, cache, [settings], [(0, 0, num_frames)])
+    return found.good, found.problems
+
+
+def latent_path(cache: str, key: str) -> str:
+    return os.path.join(cache, "latents", key + ".safetensors")
+
+
+def micro_batch(seed: int, micro: int, batch: int, groups: list[list[int]]) -> list[int]:
+    """The good-sample indices of global micro-batch `micro`, all from one bucket (groups: each bucket's indices).
+    Each bucket has its own endless stream of epochs (dataset_index), and the buckets take turns in rounds: a round is
+    a shuffle of every bucket repeated ceil(n_b / batch) times, so each clip is seen about once a round whatever its
+    bucket's size. A pure function of (seed, micro), as a resume and torchrun need; with one bucket it is the plain
+    stream (positions micro * batch onwards), as without buckets."""
+    turns = [math.ceil(len(g) / batch) for g in groups]
+    if sum(t > 0 for t in turns) == 1:
+        b, k = turns.index(max(turns)), micro
+    else:
+        r, i = divmod(micro, sum(turns))
+        order = np.random.default_rng([seed, r, len(groups)]).permutation(np.repeat(np.arange(len(groups)), turns))
+        b = int(order[i])
+        k = r * turns[b] + int((order[:i] == b).sum())  # the bucket's turns before this one
+    g = groups[b]
+    return [g[dataset_index(seed, p, len(g), b)] for p in range(k * batch, (k + 1) * batch)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -207,17 +324,22 @@ def validate(samples: list[Sample], problems: list[str], cache: str, settings: d
 
 
 @torch.no_grad()
-def build_cache(args, good, cache: str, device, dtype) -> None:
+def build_cache(args, good, cache: str, device, dtype, sizes: list[Size] | None = None, shapes=None) -> None:
     """Encode what the cache lacks: each clip to its VAE posterior (mean, logvar), each caption to T5 states. The
     posterior is stored rather than one draw, so every step draws a fresh latent (the VAE's own augmentation). I2V
     (args.i2v): also the posterior of the clip's noised first frame, noised once per clip as diffusers' script does
-    when it caches (THUDM's trainer re-noises every step, which needs the VAE in memory while training)."""
-    todo_v = [(s, k) for s, k, _ in good if not os.path.isfile(os.path.join(cache, "latents", k + ".safetensors"))]
+    when it caches (THUDM's trainer re-noises every step, which needs the VAE in memory while training).
+    sizes: each good sample's bucket (default: all at --height x --width x --num-frames); shapes: the clip shapes
+    sort_samples decoded, kept in cache/clips/ so the next run need not decode them to find their buckets."""
+    for digest, shape in (shapes or {}).items():
+        atomic_write(os.path.join(cache, "clips", digest + ".json"), lambda p: json.dump(list(shape), open(p, "w")))
+    sizes = sizes or [(args.height, args.width, args.num_frames)] * len(good)
+    todo_v = [(s, k, size) for (s, k, _), size in zip(good, sizes) if not os.path.isfile(latent_path(cache, k))]
     todo_t = {k: s.caption for s, _, k in good if not os.path.isfile(os.path.join(cache, "text", k + ".safetensors"))}
     if todo_v:
         vae = load_vae(os.path.join(args.model, "vae"), dtype=dtype, device=device)
-        for s, k in tqdm(todo_v, desc="encoding clips"):
-            clip = load_clip(s.video, args.num_frames, args.height, args.width)
+        for s, k, (height, width, frames) in tqdm(todo_v, desc="encoding clips"):
+            clip = load_clip(s.video, frames, height, width)
             mean, logvar = vae.encode(clip[None].to(device, dtype))                 # (1, C, F, H, W) each
             tensors = {"mean": mean[0].transpose(0, 1).contiguous().cpu(),          # (F, C, H, W)
                        "logvar": logvar[0].transpose(0, 1).contiguous().cpu()}
@@ -249,10 +371,11 @@ def sample_generator(seed: int, position: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, position]).generate_state(1)[0]))
 
 
-def dataset_index(seed: int, position: int, n: int) -> int:
-    """Sample `position` of an endless stream of epochs, each a fresh permutation of the n samples."""
+def dataset_index(seed: int, position: int, n: int, stream: int = 0) -> int:
+    """Sample `position` of an endless stream of epochs, each a fresh permutation of the n samples. stream: bucket
+    b's own stream (bucket 0's is the one a run without buckets has always drawn)."""
     epoch, i = divmod(position, n)
-    return int(np.random.default_rng([seed, epoch]).permutation(n)[i])
+    return int(np.random.default_rng([seed, epoch] + ([stream] if stream else [])).permutation(n)[i])
 
 
 def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
@@ -346,17 +469,64 @@ def checkpoint_dir(output: str, step: int) -> str:
 
 
 def save_checkpoint(output: str, step: int, model, optimizer, args) -> str:
-    """checkpoint-<step>/ with the LoRA file (usable as is by --lora) and the optimizer state; written to a temporary
-    folder and renamed, so a crash never leaves a half checkpoint."""
+    """checkpoint-<step>/ with the optimizer state and the weights: the LoRA file (usable as is by --lora), or with
+    --full a transformer/ folder (save_transformer). Written to a temporary folder and renamed, so a crash never
+    leaves a half checkpoint."""
     final = checkpoint_dir(output, step)
     name = os.path.basename(final)
-    cli.record(output, [f"{name}/{n}" for n in (WEIGHT_NAME, "training_state.pt", cli.MARKER_FILE)], TOOL)
+    weights = "transformer/" if args.full else WEIGHT_NAME
+    cli.record(output, [f"{name}/{n}" for n in (weights, "training_state.pt", cli.MARKER_FILE)], TOOL)
     with cli.output_folder(final, TOOL) as tmp:
-        save_lora(os.path.join(tmp, WEIGHT_NAME), lora_state_dict(model), args.rank, args.alpha)
+        if args.full:
+            save_transformer(model, args.model, os.path.join(tmp, "transformer"))
+        else:
+            save_lora(os.path.join(tmp, WEIGHT_NAME), lora_state_dict(model), args.rank, args.alpha)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args)},
                    os.path.join(tmp, "training_state.pt"))
     cli.record(output, [name], TOOL, relist=True)
     return final
+
+
+SHARD_BYTES = 5e9  # the official snapshots' shards are ~5 GB (an fp32 5b is 22 GB)
+
+
+def save_transformer(model, base: str, folder: str) -> None:
+    """A new transformer/ folder in the official layout: the base snapshot's config.json as it is and the weights in
+    fp32 under the checkpoint's own keys (our module names are those keys), sharded past 5 GB, so load_transformer
+    and diffusers' CogVideoXTransformer3DModel.from_pretrained read it. fp32, not the base's bf16: a fine-tune's
+    updates are mostly smaller than a bf16 step of the weight they change, and rounding would erase them."""
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    config = read_json(os.path.join(base, "transformer", "config.json"))
+    save_component(sd, config, folder, max_shard_bytes=SHARD_BYTES)
+
+
+def freeze_matches(names: list[str], patterns: list[str]) -> list[bool]:
+    """Which parameter names a --freeze list covers: a glob on the whole name ('patch_embed.*', '*.norm1.*') or a
+    module path and everything below it ('transformer_blocks.0')."""
+    return [any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(n, p + ".*") for p in patterns) for n in names]
+
+
+def check_freeze(text: str, info) -> list[str]:
+    """--freeze 'PATTERN,...' -> the patterns, each checked against the parameter names of the model built on the
+    meta device (no weight read): a pattern that matches nothing, or a list that freezes everything, is refused."""
+    patterns = [p.strip() for p in text.split(",")]
+    with torch.device("meta"):
+        names = [n for n, _ in CogVideoXTransformer(info.transformer).named_parameters()]
+    for p in patterns:
+        if not p or not any(freeze_matches(names, [p])):
+            raise ValueError(f"--freeze {p!r} matches no transformer parameter; names look like {names[0]!r} or "
+                             f"'transformer_blocks.0.attn1.to_q.weight' (globs with *, or a module path)")
+    if all(freeze_matches(names, patterns)):
+        raise ValueError(f"--freeze {text}: freezes every parameter, nothing would train")
+    return patterns
+
+
+def unfreeze(model, patterns: list[str]) -> list[torch.nn.Parameter]:
+    """Full fine-tuning: every parameter trains but those the --freeze patterns cover. -> the trainable ones."""
+    names = [n for n, _ in model.named_parameters()]
+    for (_, p), frozen in zip(model.named_parameters(), freeze_matches(names, patterns)):
+        p.requires_grad_(not frozen)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def find_resume(output: str, resume: str) -> str:
@@ -369,7 +539,7 @@ def find_resume(output: str, resume: str) -> str:
 
 
 TOOL = "train_lora.py"
-RUN_FILES = ("loss.jsonl", "loss.png", WEIGHT_NAME, "validation")  # besides checkpoint-*/ and cache/
+RUN_FILES = ("loss.jsonl", "loss.png", WEIGHT_NAME, "transformer", "validation")  # besides checkpoint-*/, cache/
 
 
 def run_entries(output: str) -> list[str]:
@@ -407,18 +577,24 @@ def start_clean(output: str) -> list[str]:
 
 
 # Settings that must not change across a resume, or it would not continue the same run.
-SAME_ON_RESUME = ("model", "rank", "alpha", "seed", "batch_size", "grad_accum", "num_frames", "height", "width")
+SAME_ON_RESUME = ("model", "rank", "alpha", "seed", "batch_size", "grad_accum", "num_frames", "height", "width",
+                  "buckets", "full", "freeze")
+ADDED_LATER = {"buckets": None, "full": False, "freeze": None}  # what a checkpoint from before these flags ran with
 
 
 def load_checkpoint(path: str, model, optimizer, args) -> int:
+    """Restore the optimizer and the LoRA weights; with --full the weights were read from path/transformer when the
+    model was built (a full model is not read twice)."""
     if not os.path.isfile(os.path.join(path, "training_state.pt")):
         raise ValueError(f"--resume {path}: not a checkpoint folder (no training_state.pt in it)")
     state = torch.load(os.path.join(path, "training_state.pt"), map_location="cpu", weights_only=True)
     old = state["args"]
-    changed = [f"--{k.replace('_', '-')} was {old.get(k)}" for k in SAME_ON_RESUME if old.get(k) != getattr(args, k)]
+    changed = [f"--{k.replace('_', '-')} was {old.get(k, ADDED_LATER.get(k))}" for k in SAME_ON_RESUME
+               if old.get(k, ADDED_LATER.get(k)) != getattr(args, k)]
     if changed:
         raise ValueError(f"--resume {path}: {', '.join(changed)}; resume with the same settings")
-    set_lora_state(model, load_file(os.path.join(path, WEIGHT_NAME)))
+    if not args.full:
+        set_lora_state(model, load_file(os.path.join(path, WEIGHT_NAME)))
     optimizer.load_state_dict(state["optimizer"])
     return state["step"]
 
@@ -472,7 +648,9 @@ class Renderer:
         pipe.transformer = model
         for m in (pipe.text_encoder, pipe.vae):
             m.to(self.device)
-        frames = make_videos(pipe, self.request, self.request.jobs[0], progress=False)
+        mixed = next(model.parameters()).dtype != pipe.dtype  # --full: fp32 master weights, --dtype compute
+        with torch.autocast(self.device.type, dtype=pipe.dtype, enabled=mixed):
+            frames = make_videos(pipe, self.request, self.request.jobs[0], progress=False)
         for m in (pipe.text_encoder, pipe.vae):
             m.to("cpu")
         cli.record(a.output, [f"validation/step-{step:06d}.{ext}" for ext in ("mp4", "png")], TOOL)
@@ -484,7 +662,8 @@ class Renderer:
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description="LoRA fine-tuning of CogVideoX (text- or image-to-video) on your own clips.")
+    p = cli.ArgumentParser(description="LoRA or full fine-tuning of CogVideoX (text- or image-to-video) on your own "
+                                       "clips.")
     p.add_argument("--model", required=True,
                    help="a local CogVideoX snapshot folder (2b, 5b, 5b-I2V, 1.5-5B, 1.5-5B-I2V)")
     p.add_argument("--data", required=True, help="prompts.txt + videos.txt, or name.mp4 + name.txt pairs")
@@ -494,13 +673,22 @@ def parse_args(argv=None):
     p.add_argument("--num-frames", type=cli.positive_int, default=None, help="default: the model's (49; 81 for 1.5)")
     p.add_argument("--height", type=cli.pixels, default=None, help="a multiple of 16 (default: the model's)")
     p.add_argument("--width", type=cli.pixels, default=None, help="a multiple of 16 (default: the model's)")
+    p.add_argument("--buckets", default=None,
+                   help="clips of several sizes: HxWxF,... (e.g. 480x720x49,720x480x49); each clip trains in the "
+                        "nearest, each batch in one (default: one bucket, --height x --width x --num-frames)")
+    p.add_argument("--full", action="store_true",
+                   help="full fine-tuning: every transformer weight trains (fp32 + AdamW: 16 bytes a parameter)")
+    p.add_argument("--freeze", default=None,
+                   help="with --full: parameters that stay frozen, PATTERN,... (globs or module paths, e.g. "
+                        "'patch_embed,time_embedding')")
     p.add_argument("--rank", type=cli.positive_int, default=128, help="LoRA rank")
     p.add_argument("--alpha", type=cli.positive_float, default=64.0,
                    help="the LoRA scale is alpha/rank (THUDM's default 64/128)")
     p.add_argument("--steps", type=cli.positive_int, default=1000, help="optimizer steps")
     p.add_argument("--batch-size", type=cli.positive_int, default=1, help="samples per micro-step, over all processes")
     p.add_argument("--grad-accum", type=cli.positive_int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--lr", type=cli.positive_float, default=1e-4, help="peak learning rate")
+    p.add_argument("--lr", type=cli.positive_float, default=None,
+                   help="peak learning rate (default 1e-4; 2e-5 with --full, THUDM's SFT rate)")
     p.add_argument("--warmup", type=cli.nonnegative_int, default=100, help="linear warm-up steps, then cosine decay to 0")
     p.add_argument("--weight-decay", type=cli.nonnegative_float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=cli.positive_float, default=1.0, help="gradient clipping")
@@ -518,7 +706,10 @@ def parse_args(argv=None):
                    help="render --validation-prompt every N steps (0: never)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the local rank's GPU when "
                                                   "there is one, else cpu)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = 2e-5 if args.full else 1e-4
+    return args
 
 
 def setup_distributed(device_arg):
@@ -544,18 +735,30 @@ def all_ok(ok: bool, world: int, device) -> bool:
 
 
 def check_args(args, info, world: int) -> Request:
-    """Every flag, before any work. Returns the plan of the validation render (generate.plan), which also fixes the
-    training size: --num-frames, --height and --width, or the model's."""
+    """Every flag, before any work (no weight is read). Returns the plan of the validation render (generate.plan),
+    which also fixes the training size: --num-frames, --height and --width, or the model's; with --buckets, the
+    first bucket's."""
     if args.validation_image and not info.is_i2v:
         raise ValueError(f"--validation-image: {args.model} is a text-to-video model; leave it out")
     if args.validation_image and not args.validation_prompt:
         raise ValueError("--validation-image needs --validation-prompt (and --validate-every N)")
     if args.validation_prompt and info.is_i2v and not args.validation_image:
         raise ValueError(f"--validation-prompt: {args.model} is an image-to-video model; add --validation-image PATH")
+    if args.freeze and not args.full:
+        raise ValueError("--freeze lists what full fine-tuning keeps frozen: add --full (a LoRA trains only itself)")
+    if args.full and args.freeze:
+        check_freeze(args.freeze, info)
+    size = (args.num_frames, args.height, args.width)
+    if args.buckets is not None:
+        if any(v is not None for v in size):
+            raise ValueError("--buckets sets every training size: leave out --num-frames, --height and --width")
+        buckets = parse_buckets(args.buckets, info)
+        args.buckets = ",".join(f"{h}x{w}x{f}" for h, w, f in buckets)  # one spelling, compared on resume
+        size = (buckets[0][2], buckets[0][0], buckets[0][1])  # the validation render's
     # an I2V plan needs an image; without a validation render, a blank one only fixes the size
     image = args.validation_image or (torch.zeros(3, 16, 16) if info.is_i2v else None)
-    request = plan(info, args.validation_prompt or "", num_frames=args.num_frames, height=args.height,
-                   width=args.width, seed=args.seed, image=image)
+    request = plan(info, args.validation_prompt or "", num_frames=size[0], height=size[1], width=size[2],
+                   seed=args.seed, image=image)
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the process count {world}")
     if args.validate_every and not args.validation_prompt:
@@ -594,13 +797,15 @@ def train(args, world: int, rank: int, local: int, device) -> int:
                          f"checkpoint, and this trainer, use 'v_prediction'")
     cache = args.cache_dir or os.path.join(args.output, "cache")
     args.i2v = info.is_i2v
-    settings = cache_settings(args.model, args.num_frames, args.height, args.width, args.max_text_len, dtype, args.i2v)
+    buckets = parse_buckets(args.buckets, info) if args.buckets else [(args.height, args.width, args.num_frames)]
+    settings = [cache_settings(args.model, f, h, w, args.max_text_len, dtype, args.i2v) for h, w, f in buckets]
 
     # 1. Validate every sample, then fill the cache; one process per machine does it, the others wait.
-    ok, good = True, []
+    ok, found = True, None
     if local == 0:
-        samples, problems = find_samples(args.data)
-        good, problems = validate(samples, problems, cache, settings, args.num_frames)
+        found = sort_samples(*find_samples(args.data), cache, settings, buckets, strict=args.buckets is None)
+        problems = found.problems or ([] if found.good else
+                                      [f"no clip fits a bucket of --buckets {args.buckets}"] + found.dropped)
         if problems:
             print(f"error: {len(problems)} problem(s) in the dataset {args.data}; nothing was written. Fix or remove:\n  "
                   + "\n  ".join(problems), file=sys.stderr)
@@ -611,31 +816,48 @@ def train(args, world: int, rank: int, local: int, device) -> int:
             if args.cache_dir:
                 cli.claim_folder(args.cache_dir, TOOL, "--cache-dir")
             root, prefix = (args.cache_dir, "") if args.cache_dir else (args.output, "cache/")
-            cli.record(root, [f"{prefix}{kind}/{k}.safetensors" for s, lat, txt in good
-                              for kind, k in (("latents", lat), ("text", txt))], TOOL)
-            build_cache(args, good, cache, device, dtype)
+            cli.record(root, [f"{prefix}{kind}/{k}.safetensors" for s, lat, txt in found.good
+                              for kind, k in (("latents", lat), ("text", txt))]
+                       + [f"{prefix}clips/{d}.json" for d in found.shapes], TOOL)
+            build_cache(args, found.good, cache, device, dtype, [buckets[b] for b in found.bucket], found.shapes)
     if not all_ok(ok, world, device):
         return 2
     if rank == 0 and not args.resume and (gone := start_clean(args.output)):
         say(f"a new run in {args.output}: removed the earlier run's {', '.join(gone)} (the cache is kept; "
             f"--resume continues a run instead)")
     if local != 0:  # the cache is complete now: list the same samples (cheap: every clip is cached)
-        good, _ = validate(*find_samples(args.data), cache, settings, args.num_frames)
+        found = sort_samples(*find_samples(args.data), cache, settings, buckets, strict=args.buckets is None)
+    good = found.good
+    groups = [[i for i, b in enumerate(found.bucket) if b == n] for n in range(len(buckets))]
     say(f"{len(good)} samples, cache {cache}")
+    if args.buckets:
+        say("clips per bucket: " + ", ".join(f"{h}x{w}x{f} {len(g)}" for (h, w, f), g in zip(buckets, groups))
+            + f"; {len(found.dropped)} dropped" + "".join(f"\n  dropped {d}" for d in found.dropped))
 
-    # 2. The transformer with LoRA on its attention projections; only A and B train (fp32 master weights).
-    model = load_transformer(os.path.join(args.model, "transformer"), dtype=dtype, device=device, config=info.transformer)
+    # 2. The transformer: with LoRA on its attention projections, only A and B training (fp32 master weights); or
+    # with --full every weight but the frozen ones, in fp32 (the master weights; autocast computes in --dtype).
+    resume = find_resume(args.output, args.resume) if args.resume else None
+    weights = os.path.join(args.model, "transformer")
+    if args.full and resume:
+        weights = os.path.join(resume, "transformer")
+        if not os.path.isdir(weights):
+            raise ValueError(f"--resume {resume}: no transformer/ folder in it, so not a --full run's checkpoint; "
+                             f"resume with the same settings")
+    model = load_transformer(weights, dtype=torch.float32 if args.full else dtype, device=device,
+                             config=info.transformer)
     torch.manual_seed(args.seed)
-    params = add_lora(model, args.rank, args.alpha)
+    if args.full:
+        params = unfreeze(model, check_freeze(args.freeze, info) if args.freeze else [])
+    else:
+        params = add_lora(model, args.rank, args.alpha)
     model.gradient_checkpointing = args.gradient_checkpointing
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=args.weight_decay)
     start = 0
-    if args.resume:
-        path = find_resume(args.output, args.resume)
-        start = load_checkpoint(path, model, optimizer, args)
-        say(f"resumed from {path} at step {start}")
+    if resume:
+        start = load_checkpoint(resume, model, optimizer, args)
+        say(f"resumed from {resume} at step {start}")
     log = os.path.join(args.output, "loss.jsonl")
     if rank == 0:
         os.makedirs(args.output, exist_ok=True)
@@ -645,7 +867,9 @@ def train(args, world: int, rank: int, local: int, device) -> int:
         else:
             open(log, "w").close()
     render = Renderer(args, info, request, device, dtype) if args.validate_every and rank == 0 else None
-    say(f"LoRA rank {args.rank}, alpha {args.alpha:g}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
+    what = (f"full fine-tuning{f' (frozen: {args.freeze})' if args.freeze else ''}" if args.full else
+            f"LoRA rank {args.rank}, alpha {args.alpha:g}")
+    say(f"{what}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
         f"parameters; {world} process(es), global batch {args.batch_size} x {args.grad_accum} accumulation")
 
     # 3. The loop. Process `rank` takes its slice of each micro-batch of the global sample stream.
@@ -658,9 +882,10 @@ def train(args, world: int, rank: int, local: int, device) -> int:
             group["lr"] = lr
         total = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
-            first = (step * args.grad_accum + micro) * args.batch_size + rank * per_rank
+            m = step * args.grad_accum + micro
+            first = m * args.batch_size + rank * per_rank
             positions = [(args.seed, p) for p in range(first, first + per_rank)]
-            items = [good[dataset_index(args.seed, p, len(good))] for _, p in positions]
+            items = [good[i] for i in micro_batch(args.seed, m, args.batch_size, groups)[rank * per_rank:][:per_rank]]
             x0, text, t, noise, cond = (x if x is None else x.to(device) for x in make_batch(
                 items, positions, cache, info.vae.scaling_factor, scheduler.num_train_timesteps,
                 info.transformer.patch_size_t, args.i2v, info.vae.invert_scale_latents))
@@ -689,9 +914,15 @@ def train(args, world: int, rank: int, local: int, device) -> int:
 
     # 4. The result.
     if rank == 0:
-        out = os.path.join(args.output, WEIGHT_NAME)
-        cli.record(args.output, [WEIGHT_NAME, "loss.png"], TOOL)
-        atomic_write(out, lambda p: save_lora(p, lora_state_dict(model), args.rank, args.alpha))
+        out = os.path.join(args.output, "transformer" if args.full else WEIGHT_NAME)
+        cli.record(args.output, [os.path.basename(out) + ("/" if args.full else ""), "loss.png"], TOOL)
+        if args.full:
+            with cli.output_folder(out, TOOL) as tmp:
+                os.rmdir(tmp)  # save_component makes the folder itself
+                save_transformer(model, args.model, tmp)
+            cli.record(args.output, ["transformer"], TOOL, relist=True)
+        else:
+            atomic_write(out, lambda p: save_lora(p, lora_state_dict(model), args.rank, args.alpha))
         png = os.path.join(args.output, "loss.png")
         plotted = plot_losses(log, png)
         print(f"wrote {out} and {log}" + (f" and {png}" if plotted else ""))

@@ -1,0 +1,222 @@
+"""train_lora.py beyond one-size LoRA (issue 36, items 2, 3 and 5): buckets of mixed clip sizes and lengths, and full
+fine-tuning (--full), on a tiny random 2b snapshot and clips made here.
+
+Buckets: clips of two sizes in one folder train in two buckets, each batch from one, a too-short clip dropped and
+named; a bad --buckets is refused in one line before any weight is read. Full: an interrupted and resumed run equals
+the uninterrupted one bit for bit, frozen parameters stay the base's, and the transformer/ folder it writes loads in
+diffusers' CogVideoXTransformer3DModel.from_pretrained with our outputs."""
+import json
+import os
+import shutil
+
+import imageio
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_lora
+from model import load_transformer
+from pipeline import read_model_info
+from tiny import MAX_TEXT, make_snapshot
+
+
+def write_clip(folder, name, frames, h, w, caption, seed=0):
+    """A coloured square moving right on black, `frames` frames of h x w, with its caption file."""
+    rng = np.random.default_rng(seed)
+    colour = rng.integers(64, 256, 3).astype(np.uint8)
+    arr = np.zeros((frames, h, w, 3), np.uint8)
+    for f in range(frames):
+        x = (2 * f) % max(1, w - 12)
+        arr[f, h // 3:h // 3 + 12, x:x + 12] = colour
+    imageio.mimwrite(os.path.join(folder, name + ".mp4"), list(arr), fps=8, format="FFMPEG", macro_block_size=16)
+    with open(os.path.join(folder, name + ".txt"), "w") as f:
+        f.write(caption)
+
+
+@pytest.fixture(scope="module")
+def snap(tmp_path_factory):
+    return make_snapshot(str(tmp_path_factory.mktemp("snap")), "2b")
+
+
+BUCKETS = "32x48x17,48x32x9"  # a landscape bucket of 17 frames, a portrait one of 9 (8k+1 for the tiny 2b)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Clips of two sizes and three lengths in one folder: two landscape 48x64 of 20 frames (-> 32x48x17), two
+    portrait 64x48 of 12 frames (-> 48x32x9), a landscape one of 12 frames (too short for 32x48x17: -> 48x32x9, its
+    aspect lost to its length) and a landscape one of 5 frames (too short for both: dropped)."""
+    folder = str(tmp_path_factory.mktemp("mixed"))
+    for i, (frames, h, w) in enumerate([(20, 48, 64), (20, 48, 64), (12, 64, 48), (12, 64, 48), (12, 48, 64)]):
+        write_clip(folder, f"clip{i}", frames, h, w, f"a square moving right {i}", seed=i)
+    write_clip(folder, "short", 5, 48, 64, "a short clip")
+    return folder
+
+
+def args_for(snap, data, out, *extra):
+    return ["--model", snap, "--data", data, "--output", str(out), "--cache-dir", os.path.join(os.path.dirname(data),
+            "cache"), "--rank", "4", "--alpha", "2", "--lr", "3e-2", "--warmup", "1", "--batch-size", "2", *extra]
+
+
+# ---------------------------------------------------------------- buckets
+
+
+def test_nearest_bucket_prefers_aspect_then_area_then_length_and_never_pads():
+    buckets = [(480, 720, 49), (720, 480, 49), (768, 1360, 81), (480, 720, 81)]
+    assert train_lora.nearest_bucket(100, 480, 720, buckets) == 3     # same size: the most frames that fit
+    assert train_lora.nearest_bucket(60, 480, 720, buckets) == 0      # 81 would pad: never
+    assert train_lora.nearest_bucket(60, 1080, 720, buckets) == 1     # portrait: the portrait bucket
+    assert train_lora.nearest_bucket(90, 1080, 1920, buckets) == 2    # 16:9 -> 768x1360 (aspect before area)
+    assert train_lora.nearest_bucket(60, 1080, 1920, buckets) == 0    # ... unless too short for it
+    assert train_lora.nearest_bucket(48, 480, 720, buckets) is None   # shorter than every bucket
+
+
+def test_micro_batches_come_from_one_bucket_and_one_bucket_is_the_plain_stream():
+    groups = [[0, 1, 2, 3, 4], [5, 6], [7]]
+    bucket = {i: b for b, g in enumerate(groups) for i in g}
+    seen = []
+    for m in range(3 + 1 + 1):  # one round: ceil(5/2) + ceil(2/2) + ceil(1/2) turns
+        batch = train_lora.micro_batch(7, m, 2, groups)
+        assert len(batch) == 2 and len({bucket[i] for i in batch}) == 1, batch
+        assert batch == train_lora.micro_batch(7, m, 2, groups)  # a pure function: resume and torchrun rely on it
+        seen += batch
+    assert set(seen) == set(range(8))  # every clip within a round
+    plain = [train_lora.dataset_index(7, p, 5) for p in range(20)]
+    assert sum((train_lora.micro_batch(7, m, 4, [list(range(5))]) for m in range(5)), []) == plain
+
+
+def test_clips_of_two_sizes_train_in_their_buckets(snap, mixed, tmp_path, capsys, monkeypatch):
+    """The run reports clips per bucket and the dropped clip with why; the cache holds each clip's latents at its
+    bucket's size (17 frames -> 5 latent frames of 4x6; 9 -> 3 of 6x4) and its shape under clips/, so a second
+    listing decodes nothing; every batch stacks (one bucket each) and the loss is logged for each step."""
+    out, cache = tmp_path / "run", str(tmp_path / "cache")
+    assert train_lora.main(args_for(snap, mixed, out, "--buckets", BUCKETS, "--steps", "4", "--cache-dir", cache,
+                                    "--no-gradient-checkpointing")) == 0
+    said = capsys.readouterr().out
+    assert "clips per bucket: 32x48x17 2, 48x32x9 3; 1 dropped" in said, said
+    assert "dropped short.mp4: 5 frames" in said and "shortest has 9" in said
+    shapes = sorted(tuple(load_file(os.path.join(cache, "latents", n))["mean"].shape)
+                    for n in os.listdir(os.path.join(cache, "latents")))
+    assert shapes == [(3, 4, 6, 4)] * 3 + [(5, 4, 4, 6)] * 2, shapes
+    assert len(os.listdir(os.path.join(cache, "clips"))) == 6  # the dropped clip's shape is kept too
+    assert [json.loads(x)["step"] for x in open(out / "loss.jsonl")] == [1, 2, 3, 4]
+
+    info = read_model_info(snap)
+    buckets = train_lora.parse_buckets(BUCKETS, info)
+    settings = [train_lora.cache_settings(snap, f, h, w, MAX_TEXT, torch.float32) for h, w, f in buckets]
+    monkeypatch.setattr(train_lora, "read_video", lambda *a: pytest.fail("a cached clip was decoded"))
+    found = train_lora.sort_samples(*train_lora.find_samples(mixed), cache, settings, buckets, strict=False)
+    assert [s.name for s, _, _ in found.good] == [f"clip{i}.mp4" for i in range(5)]
+    assert found.bucket == [0, 0, 1, 1, 1] and len(found.dropped) == 1 and not found.problems
+    assert all(os.path.isfile(train_lora.latent_path(cache, k)) for _, k, _ in found.good)
+    one = [train_lora.cache_settings(snap, 9, 48, 32, MAX_TEXT, torch.float32)]
+    alone = train_lora.sort_samples(*train_lora.find_samples(mixed), cache, one, [(48, 32, 9)], strict=False)
+    assert alone.good[2][1] == found.good[2][1]  # the key is the bucket's, not the bucket list's
+    assert found.good[0][1] != train_lora.cache_keys(found.good[0][0], train_lora.sha256_file(
+        found.good[0][0].video), one[0])[0]  # another bucket, another key
+
+
+@pytest.mark.parametrize("buckets,extra,words", [
+    ("32x48x8", [], ["--buckets 32x48x8", "8k+1", "9"]),
+    ("32x40x9", [], ["--buckets 32x40x9", "width=40", "multiple of 16"]),
+    ("32x48", [], ["--buckets '32x48'", "HEIGHTxWIDTHxFRAMES"]),
+    ("32x48x9,", [], ["--buckets ''", "HEIGHTxWIDTHxFRAMES"]),
+    ("32x48x9,32X48x9", [], ["32X48x9", "twice"]),
+    ("32x48x9", ["--height", "32"], ["--buckets", "--height"]),
+], ids=["frames", "width", "format", "empty", "twice", "with-height"])
+def test_bad_buckets_are_refused_in_one_line_before_any_weight_is_read(snap, mixed, tmp_path, capsys, monkeypatch,
+                                                                       buckets, extra, words):
+    for name in ("load_transformer", "load_vae", "load_text_encoder", "read_video"):
+        monkeypatch.setattr(train_lora, name, lambda *a, **k: pytest.fail("read before --buckets was checked"))
+    rc = train_lora.main(args_for(snap, mixed, tmp_path / "out", "--buckets", buckets, *extra))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and all(w in err for w in words), err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_learned_position_table_allows_only_its_size(tmp_path):
+    info = read_model_info(make_snapshot(str(tmp_path / "i2v"), "5b-i2v"))
+    assert train_lora.parse_buckets("32x32x9, 32x32x17", info) == [(32, 32, 9), (32, 32, 17)]
+    with pytest.raises(ValueError, match=r"--buckets 48x32x9: .* 32x32 only; every bucket must be 32x32xFRAMES"):
+        train_lora.parse_buckets("32x32x9,48x32x9", info)
+
+
+# ---------------------------------------------------------------- full fine-tuning
+
+
+@pytest.fixture(scope="module")
+def full_run(snap, mixed, tmp_path_factory):
+    """4 steps of --full over both buckets (gradient checkpointing on, the default), patch_embed frozen, a checkpoint
+    every 2 steps."""
+    out = tmp_path_factory.mktemp("full")
+    assert train_lora.main(args_for(snap, mixed, out, *FULL)) == 0
+    return str(out)
+
+
+FULL = ["--full", "--freeze", "patch_embed", "--lr", "1e-3", "--steps", "4", "--checkpoint-every", "2",
+        "--buckets", BUCKETS]
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
+
+
+def test_full_fine_tuning_writes_the_official_layout_and_keeps_the_frozen_weights(snap, full_run):
+    assert sorted(os.listdir(full_run)) == [".cogvideox-mini.json", "checkpoint-000002", "checkpoint-000004",
+                                            "loss.jsonl", "transformer"]
+    assert sorted(os.listdir(os.path.join(full_run, "checkpoint-000002"))) == [
+        ".cogvideox-mini.json", "training_state.pt", "transformer"]
+    config = lambda folder: json.load(open(os.path.join(folder, "transformer", "config.json")))
+    assert config(full_run) == config(snap)
+    base, tuned = weights(snap), weights(full_run)
+    assert set(tuned) == set(base) and all(v.dtype == torch.float32 for v in tuned.values())
+    same = {k for k in base if torch.equal(base[k].float(), tuned[k])}
+    assert {k for k in base if k.startswith("patch_embed.")} <= same  # frozen
+    assert not any(k.startswith("transformer_blocks.0.") for k in same), sorted(same)  # trained
+    assert all(torch.equal(tuned[k], b) for k, b in weights(os.path.join(full_run, "checkpoint-000004")).items())
+
+
+def test_full_resume_equals_the_uninterrupted_run(snap, mixed, full_run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(full_run, copy, ignore=shutil.ignore_patterns("checkpoint-000004", "transformer"))
+    shutil.copytree(os.path.join(full_run, "checkpoint-000002"), copy / "checkpoint-000002", dirs_exist_ok=True)
+    assert train_lora.main(args_for(snap, mixed, copy, *FULL, "--resume", "latest")) == 0
+    assert str(copy / "checkpoint-000002") in capsys.readouterr().out
+    a, b = weights(full_run), weights(str(copy))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert open(copy / "loss.jsonl").read() == open(os.path.join(full_run, "loss.jsonl")).read()
+    # another frozen list, or LoRA on a full run's checkpoint, is refused, naming what changed
+    assert train_lora.main(args_for(snap, mixed, copy, *FULL, "--freeze", "time_embedding", "--resume", "latest")) == 2
+    assert "--freeze was patch_embed" in capsys.readouterr().err
+    assert train_lora.main(args_for(snap, mixed, copy, *FULL[3:], "--resume", "latest")) == 2
+    assert "--full was True" in capsys.readouterr().err
+
+
+def test_full_fine_tune_loads_in_diffusers_from_pretrained_with_our_outputs(snap, full_run):
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.utils import logging
+    logging.set_verbosity_error()
+    peer = CogVideoXTransformer3DModel.from_pretrained(os.path.join(full_run, "transformer")).eval()
+    ours, base = load_transformer(os.path.join(full_run, "transformer")), load_transformer(snap)
+    g = torch.Generator().manual_seed(1)
+    x, text = torch.randn(2, 3, 4, 4, 4, generator=g), torch.randn(2, MAX_TEXT, 32, generator=g)  # (B, F, C, H, W)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        ref = peer(hidden_states=x, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
+        out, before = ours(x, text, t), base(x, text, t)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (out - before).abs().max() > 1e-2  # the fine-tune changed the model
+
+
+def test_freeze_is_checked_before_any_weight_is_read(snap):
+    info = read_model_info(snap)
+    assert train_lora.check_freeze("patch_embed, *.norm1.*", info) == ["patch_embed", "*.norm1.*"]
+    with pytest.raises(ValueError, match="--freeze 'patch_embd' matches no transformer parameter"):
+        train_lora.check_freeze("patch_embed,patch_embd", info)
+    with pytest.raises(ValueError, match="freezes every parameter"):
+        train_lora.check_freeze("*", info)
+    args = train_lora.parse_args(["--model", snap, "--data", "d", "--freeze", "patch_embed"])
+    with pytest.raises(ValueError, match="add --full"):
+        train_lora.check_args(args, info, 1)
+    assert train_lora.parse_args(["--model", "m", "--data", "d", "--full"]).lr == 2e-5
