@@ -21,7 +21,11 @@ Hugging Face layout, so diffusers' CogVideoXPipeline loads it unchanged. Stages,
    ~10% of a frame) plus a tiny KL, in three phases: 64x64 single frames first (F=1 is a valid causal-VAE input, 9x
    cheaper, and colour and shape are per-frame), then whole 9-frame clips for the temporal layers (crops would cut
    the moving shape), then the decoder alone on frozen latents, which sharpens corners without moving the latents.
-   The decoder is trained on the posterior mean, which is all that generation decodes. The reconstruction accuracy
+   Phases 1-2 add a hinge (shape_separation) that keeps a circle, a square and a triangle of the same clip apart in
+   latent space: without it a shape swap moved the latents by ~1% of their variance and the transformer never
+   learned to tell circle from square.
+   The decoder decodes posterior draws in every phase, so a draw (what the official pipelines encode a video to,
+   and what LoRA training sees) decodes like the mean. The reconstruction accuracy
    (shapes.evaluate on encode -> decode of 40 clips) is printed and logged: it bounds what any transformer can
    score. The latents' std sets scaling_factor, so the transformer sees unit-variance latents.
 4. Transformer: the CogVideoX 1.0 expert transformer, 4 layers of width 256 (4 heads of 64), with 5b-style 3D RoPE

@@ -118,3 +118,38 @@ def test_stages_holding_a_users_file_are_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(train_tiny, "save_snapshot", save_and_meddle)
     assert train_tiny.main(["--smoke", "--output", out, "--no-eval"]) == 0
     assert os.path.isdir(out) and (tmp_path / "shapes-tiny.partial" / "notes.txt").read_text() == "mine"
+
+
+def test_shape_triples_differ_only_in_shape():
+    t = train_tiny.shape_triples(3, 0, shapes.split()[0])  # (3, 3 shapes, F, H, W, 3)
+    assert t.shape[:2] == (3, 3)
+    for clip in t:
+        fg = [(v != v[0, 0, 0]).any(-1) for v in clip]  # pixels off the background, (F, H, W) per shape
+        assert all(f.any() for f in fg) and not (fg[0] == fg[1]).all()  # a circle and a square: other pixels
+        # same colour, same path: the centroids of circle and square coincide in every frame
+        centroid = lambda m: torch.stack([torch.tensor(m[f].nonzero()).float().mean(1) for f in range(len(m))])
+        assert (centroid(fg[0]) - centroid(fg[1])).abs().max() < 1.0
+        bg = clip[0, 0, 0, 0].astype(int)
+        far = [v.reshape(-1, 3)[(abs(v.reshape(-1, 3).astype(int) - bg)).sum(1).argmax()] for v in clip]
+        assert (far[0] == far[1]).all() and (far[0] == far[2]).all()  # one colour: a fully covered pixel of each
+
+
+class _Encoder(torch.nn.Module):
+    """Encodes a clip to itself (as the latent mean), so the latents' geometry is set by the test."""
+    def encode(self, x):
+        return x, torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_shape_separation_pushes_only_close_shapes_and_ignores_scale(scale):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 1, 2, 1, 4, 4, generator=g)  # (B, 1, C, F, h, w)
+    same = scale * base.expand(4, 3, 2, 1, 4, 4)  # three identical "shapes": every gap 0
+    loss, gap = train_tiny.shape_separation(_Encoder(), same, margin=0.1)
+    assert gap == 0 and loss.item() == pytest.approx(0.1)
+    far = scale * torch.randn(4, 3, 2, 1, 4, 4, generator=g)  # independent latents: gaps ~2 variances
+    loss, gap = train_tiny.shape_separation(_Encoder(), far, margin=0.1)
+    assert gap > 1 and loss.item() == 0
+    x = same.clone().requires_grad_(True)  # the gradient pulls the shapes apart
+    train_tiny.shape_separation(_Encoder(), x + 0.01 * far, margin=0.1)[0].backward()
+    assert x.grad.abs().sum() > 0
