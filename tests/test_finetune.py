@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import train_lora
 from model import load_transformer
-from pipeline import read_model_info
+from pipeline import load_pipeline, read_model_info
 from tiny import MAX_TEXT, make_snapshot
 
 
@@ -193,7 +193,7 @@ def test_full_resume_equals_the_uninterrupted_run(snap, mixed, full_run, tmp_pat
     assert "--full was True" in capsys.readouterr().err
 
 
-def test_full_fine_tune_loads_in_diffusers_from_pretrained_with_our_outputs(snap, full_run):
+def test_full_fine_tune_loads_in_diffusers_from_pretrained_with_our_outputs(snap, full_run, tmp_path):
     from diffusers import CogVideoXTransformer3DModel
     from diffusers.utils import logging
     logging.set_verbosity_error()
@@ -207,6 +207,14 @@ def test_full_fine_tune_loads_in_diffusers_from_pretrained_with_our_outputs(snap
         out, before = ours(x, text, t), base(x, text, t)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert (out - before).abs().max() > 1e-2  # the fine-tune changed the model
+    # the README's recipe for generate.py: the base's other components linked beside it make a snapshot
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    for name in os.listdir(snap):
+        source = os.path.join(full_run if name == "transformer" else snap, name)
+        os.symlink(source, tuned / name)
+    with torch.no_grad():
+        assert torch.equal(load_pipeline(str(tuned)).transformer(x, text, t), out)
 
 
 def test_freeze_is_checked_before_any_weight_is_read(snap):
@@ -220,3 +228,20 @@ def test_freeze_is_checked_before_any_weight_is_read(snap):
     with pytest.raises(ValueError, match="add --full"):
         train_lora.check_args(args, info, 1)
     assert train_lora.parse_args(["--model", "m", "--data", "d", "--full"]).lr == 2e-5
+
+
+def test_image_to_video_trains_in_buckets(snapshots, tmp_path, capsys):
+    """1.5-I2V (patch_size_t 2, ofs) on clips of two sizes: each clip's conditioning frame is encoded at its bucket's
+    size, and its zero-padded condition has its bucket's latent length, so both buckets train."""
+    data = str(tmp_path / "clips")
+    os.makedirs(data)
+    for i, (h, w) in enumerate([(48, 64), (48, 64), (64, 48), (64, 48)]):
+        write_clip(data, f"clip{i}", 20, h, w, f"a square moving right {i}", seed=i)
+    out, cache = tmp_path / "run", str(tmp_path / "cache")
+    assert train_lora.main(args_for(snapshots("1.5-i2v"), data, out, "--buckets", "32x48x17,48x32x17", "--steps", "2",
+                                    "--cache-dir", cache, "--no-gradient-checkpointing")) == 0
+    assert "clips per bucket: 32x48x17 2, 48x32x17 2; 0 dropped" in capsys.readouterr().out
+    images = sorted(tuple(load_file(os.path.join(cache, "latents", n))["image_mean"].shape)
+                    for n in os.listdir(os.path.join(cache, "latents")))
+    assert images == [(4, 4, 6)] * 2 + [(4, 6, 4)] * 2, images
+    assert os.path.isfile(out / "pytorch_lora_weights.safetensors")
