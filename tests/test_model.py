@@ -188,7 +188,7 @@ def test_input_errors(saved):
         sincos(x, text, t)
 
 
-def test_compiles_without_graph_breaks_and_attention_is_swappable(saved, monkeypatch):
+def test_compiles_without_graph_breaks_and_attention_is_swappable(saved, monkeypatch, fresh_dynamo):
     cfg, shape, L = VARIANTS["rope"]
     ours = M.load_transformer(saved["rope"][1])
     x, text, t, _ = inputs(cfg, shape, L)

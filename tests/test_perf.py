@@ -126,6 +126,55 @@ def test_step_cache_skips_and_stays_close(pair):
     assert sum(rel_err(a, b) for a, b in zip(cached_more, plain)) > sum(errs)  # skipping more costs more
 
 
+class Doubler:
+    """A one-block stack for StepCache: the block doubles the video tokens (so its residual, output - input, is the
+    input itself), and its norm1 hands the cache the tokens themselves as the signal it measures."""
+
+    def __init__(self):
+        self.block_source, self.transformer_blocks, self.ran = None, [self], 0
+
+    def norm1(self, x, c, emb):
+        return x, c
+
+    def __call__(self, x, c, emb, rope):
+        self.ran += 1
+        return 2 * x, c
+
+
+def test_step_cache_decisions_over_a_run_follow_the_definition():
+    """StepCache's state over a whole run, call by call, against a sequence worked out by hand from its definition:
+    each call adds the relative L1 change of the signal since the previous call (skipped or not) to an accumulator;
+    the blocks run on the first call, on call num_steps - 1, and whenever the accumulator reaches the threshold
+    (>=), and a call that runs resets the accumulator to 0; a skipped call returns its input plus the residual of the
+    last call that ran. Threshold 0.5, 10 steps; the signals are constant per sample (sample 2 = 3 x sample 1, so
+    the change is the same per sample), each the last one times (1 + d) with these changes d, exact in float64:
+        call    0     1      2      3      4     5     6     7      8      9
+        d       -     .25    .125   .125   .25   0     .5    .5     .125   .125
+        sum     -     .25    .375   .5     .25   .25   .75   .5     .125   .25
+        runs    first skip   skip   >=.5   skip  skip  >=.5  >=.5   skip   last
+    (the sum restarts from 0 after each call that ran: call 4's .25 is not .75; call 7 runs on its own change alone)."""
+    d = [None, .25, .125, .125, .25, 0, .5, .5, .125, .125]
+    expected = [True, False, False, True, False, False, True, True, False, True]
+    xs = [torch.tensor([1.0, 3.0], dtype=torch.float64).view(2, 1, 1)]
+    for change in d[1:]:
+        xs.append(xs[-1] * (1 + change))
+    model = Doubler()
+    ran, outs = [], []
+    with StepCache(model, threshold=0.5, num_steps=10) as cache:
+        (run_blocks,) = model.block_source
+        for x in xs:
+            before = model.ran
+            outs.append(run_blocks(x, "text", "emb", "rope")[0])
+            ran.append(model.ran > before)
+    assert ran == expected
+    assert cache.calls == 10 and cache.evaluations == sum(expected) == 5
+    last_run = None
+    for i, (x, out) in enumerate(zip(xs, outs)):  # a run doubles; a skip adds the residual (= input) of the last run
+        last_run = x if expected[i] else last_run
+        assert torch.equal(out, 2 * x if expected[i] else x + last_run), i
+    assert model.block_source is None  # the stack is handed back
+
+
 def test_step_cache_in_the_sampling_loop_is_reset_per_generation(pair):
     """Through sampler.denoise with guidance (the CFG batch): fewer evaluations, close result, and a new cache per
     generation gives the same result twice."""
@@ -145,24 +194,22 @@ def test_step_cache_in_the_sampling_loop_is_reset_per_generation(pair):
     assert 0 < rel_err(cached, plain) < 0.5
 
 
-def test_compiled_matches_eager(pair):
+def test_compiled_matches_eager(pair, fresh_dynamo):
     _, ours = pair
     x, text, t, _ = inputs(CFG, SHAPE, L)
-    torch._dynamo.reset()
     compiled = torch.compile(ours, backend="eager", fullgraph=True)
     with torch.no_grad():
         ref, out = ours(x, text, t), compiled(x, text, t)
     assert rel_err(out, ref) < 1e-6
 
 
-def test_compile_makes_one_graph_for_all_blocks():
+def test_compile_makes_one_graph_for_all_blocks(fresh_dynamo):
     """CogVideoXTransformer.compile compiles the block function once: every block runs through the same graph
     (their weights are its inputs), also with the blocks streamed, the output equals eager, and the step cache's
     Python decision stays eager."""
     from torch._dynamo.testing import CompileCounter
     model = M.CogVideoXTransformer(M.TransformerConfig(**dict(CFG, num_layers=3))).eval()
     x, text, t, _ = inputs(CFG, SHAPE, L)
-    torch._dynamo.reset()
     counter = CompileCounter()
     with torch.no_grad():
         ref = model(x, text, t)
@@ -174,7 +221,6 @@ def test_compile_makes_one_graph_for_all_blocks():
             streamed = model(x, text, t)
     assert counter.frame_count == 1 and torch.equal(out, ref) and torch.equal(streamed, ref)
     assert cache.calls == 2 and cache.evaluations == 1
-    torch._dynamo.reset()
 
 
 def stream_spy(blocks, monkeypatch):
@@ -224,6 +270,45 @@ def test_block_stream_is_bit_identical_with_two_blocks_on_the_device(monkeypatch
         assert cache.evaluations == 1 and cache.calls == 2 and restored() and model.block_source is None
 
 
+def test_block_stream_state_over_a_run(monkeypatch):
+    """BlockStream's state from forward to forward over a run that a step cache skips in (a skipped forward leaves
+    the stream after block 0). Threshold 10, the same input on each of 4 steps: by StepCache's definition call 0
+    runs (first), calls 1-2 skip (an identical input changes by 0), call 3 runs (the last step). Worked out from
+    BlockStream's definition (block i's copy is made one block ahead, before block i is handed out):
+        run forward:  copies made of blocks 0, 1, 2, 3; at block i's compute, the copies alive are i's and i + 1's
+        skip forward: copies made of blocks 0 and 1 (block 0 gives the cache its signal; block 1 was prefetched)
+    and after every forward no copy is alive and every parameter is its host tensor again: nothing carries over, so
+    each forward starts from block 0, and each run forward equals the plain forward bit for bit."""
+    model = M.CogVideoXTransformer(M.TransformerConfig(**dict(CFG, num_layers=4))).eval()
+    blocks = list(model.transformer_blocks)
+    x, text, t, _ = inputs(CFG, SHAPE, L)
+    with torch.no_grad():
+        ref = model(x, text, t)
+        seen, restored = stream_spy(blocks, monkeypatch)
+        spied, fetched, copies = BlockStream._fetch, [], []
+
+        def fetch(self, block):
+            made, event = spied(self, block)
+            fetched.append(blocks.index(block))
+            copies.extend(weakref.ref(c) for c in made)
+            return made, event
+        monkeypatch.setattr(BlockStream, "_fetch", fetch)
+        per_forward = []
+        with BlockStream(model, "cpu"), StepCache(model, threshold=10.0, num_steps=4) as cache:
+            for step in range(4):
+                del fetched[:], seen[:]
+                out = model(x, text, t)
+                per_forward.append((list(fetched), list(seen)))
+                assert not [c for c in copies if c() is not None], step  # every copy was dropped
+                assert restored(), step
+                if step in (0, 3):
+                    assert torch.equal(out, ref), step
+    run = ([0, 1, 2, 3], [(0, [0, 1]), (1, [1, 2]), (2, [2, 3]), (3, [3])])
+    skip = ([0, 1], [])
+    assert per_forward == [run, skip, skip, run], per_forward
+    assert cache.evaluations == 2 and model.block_source is None
+
+
 def test_block_stream_runs_t5_block_by_block(monkeypatch):
     """--offload blocks streams T5 too (T5-XXL is 9.5 GB in bf16, more than the rest of a 5b run needs at a time):
     the same last hidden state bit for bit, one block ahead, at most two blocks' copies alive, the relative-position
@@ -269,18 +354,18 @@ def test_block_stream_packs_host_tensors_into_shared_buffers():
     assert big and all(w.untyped_storage().nbytes() < 2 * w.nbytes for w in big)
 
 
-def test_gpu_benchmark_smoke_run(monkeypatch, capsys):
+def test_gpu_benchmark_smoke_run(monkeypatch, capsys, fresh_dynamo):
     """bench/gpu.py --smoke: the GPU benchmark's code at toy sizes on the CPU (in this process, to skip the imports),
     so that it does not rot between GPU runs. Every part runs (no 'Not measured'), every case and stage has its
-    row, ours agrees with the fp32 reference as closely as fp32 allows, and the projection is printed."""
+    row, ours agrees with the fp32 reference as closely as fp32 allows, and the projection is printed. The script's
+    deadline (parts starting later are skipped) is lifted: whether every part runs must not depend on how fast this
+    machine is (#38)."""
     import re
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     import gpu
     monkeypatch.setattr(sys, "argv", ["gpu.py", "--smoke"])
-    try:
-        assert gpu.main() == 0
-    finally:
-        torch._dynamo.reset()
+    monkeypatch.setattr(gpu, "DEADLINE_S", float("inf"))
+    assert gpu.main() == 0
     report = capsys.readouterr().out
     assert "Not measured" not in report, report
     for name in ("5b", "2b"):

@@ -597,6 +597,53 @@ def test_a_sampler_can_be_run_twice(name):
     assert torch.equal(run(sampler), first) and torch.equal(run(S.make_sampler(name, config, n)), first)
 
 
+@pytest.mark.parametrize("zero_snr", [False, True], ids=["snr", "zero-snr"])
+@pytest.mark.parametrize("name", S.SAMPLERS)
+def test_multistep_history_step_by_step(name, zero_snr):
+    """The one piece of state a Sampler carries from step to step is the last x0 estimate, which the multistep DPMs
+    extrapolate from. Which one each step uses, worked out from the definitions (dpm_step, dpmpp_2m_step; Sampler.step)
+    for 5 steps of the 5b schedule (timesteps 999, 799, 599, 399, 199):
+        step 0: first order, no history (D = x0)
+        steps 1, 2, 3: second order, with the x0 of the step just before (i - 1) of the same run
+        step 4: first order: dpm: prev = 199 - 1000 // 5 < 0 (the official rule); dpm++2m: sigma_next = 0
+    except, with the zero terminal SNR of the released models, dpm's step 1: it takes the second-order path (two
+    noise draws, the official quirk) but ᾱ(999) = 0 puts λ there at −∞, so r = ∞ and the history's weight 1/2r is 0:
+    any history gives the same step, and no history (the first-order path, one draw) does not;
+    and a second run with the same Sampler starts afresh (generate.plan makes one Sampler for all the videos of a
+    request): steps 0 and 4 first order again, steps 1-3 on the second run's own x0s. The other samplers keep no
+    history. Observed with the public step() alone: each step is given its own latents, output and generator, and
+    the candidates that reproduce its result bit for bit on a fresh sampler are listed: step i alone (None), or step
+    j of either run first, then step i ((run, j)). A step that uses no history is reproduced by every candidate; one
+    that extrapolates from step j's x0 by (run, j) alone."""
+    config, n = dataclasses.replace(S.PRESETS["cogvideox-5b"], rescale_betas_zero_snr=zero_snr), 5
+    runs = [[(torch.randn(SHAPE), torch.randn(SHAPE)) for _ in range(n)] for _ in range(2)]  # (out, x) per step
+
+    def call(sampler, run, i):
+        out, x = runs[run][i]
+        return sampler.step(out, i, x, torch.Generator().manual_seed(100 * run + i))
+
+    sampler = S.make_sampler(name, config, n)
+    assert sampler.timesteps == [999, 799, 599, 399, 199]
+    results = [[call(sampler, run, i) for i in range(n)] for run in range(2)]  # two runs, one Sampler
+
+    def used(run, i):
+        found = [None] if torch.equal(call(S.make_sampler(name, config, n), run, i), results[run][i]) else []
+        for r, j in [(r, j) for r in range(2) for j in range(n)]:
+            fresh = S.make_sampler(name, config, n)
+            call(fresh, r, j)
+            if torch.equal(call(fresh, run, i), results[run][i]):
+                found.append((r, j))
+        return found
+
+    every = [None] + [(r, j) for r in range(2) for j in range(n)]
+    for run in range(2):
+        if name in ("dpm", "dpm++2m"):
+            expected = [every, every[1:] if zero_snr and name == "dpm" else [(run, 0)], [(run, 1)], [(run, 2)], every]
+        else:
+            expected = [every] * n
+        assert [used(run, i) for i in range(n)] == expected, run
+
+
 @pytest.mark.parametrize("offset", [0, 1])
 def test_ddpm_draws_noise_on_every_step_with_t_above_zero(offset):
     """DDPM adds noise on every step whose t > 0 (DDPMScheduler's rule): with "leading" spacing the run ends at t = 0

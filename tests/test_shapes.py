@@ -155,12 +155,10 @@ def test_evaluator_is_not_fooled():
             assert not score[k] and all(score[j] for j in score if j != k), (c, k, other)
 
 
-def test_tensor_round_trip_and_speed():
-    import time
+def test_tensor_round_trip():
+    # no speed assertion (#38): how long making clips takes depends on the machine, not on the code under test
     train, _ = shapes.split()
-    t0 = time.process_time()
-    videos, _ = shapes.make_clips(500, seed=0, attrs_list=train)
-    assert time.process_time() - t0 < 5  # 2,000 clips in a few seconds
+    videos, _ = shapes.make_clips(4, seed=0, attrs_list=train)
     x = shapes.to_tensor(videos[:4])
     assert x.shape == (4, 9, 3, 64, 64) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1 and x.min() == -1 and x.max() == 1

@@ -49,7 +49,14 @@ def train_tokenizer(folder: str) -> None:
 
 
 def make_snapshot(root: str, family: str = "2b", **overrides) -> str:
-    """Write a tiny snapshot of `family` to root (model_index.json + the five component folders); returns root."""
+    """Write a tiny snapshot of `family` to root (model_index.json + the five component folders); returns root.
+    The weights are drawn from torch's global RNG seeded here, inside fork_rng: the caller's RNG stream is left as it
+    was, so a test draws the same inputs whether its snapshot is made now or was made by an earlier test (#38)."""
+    with torch.random.fork_rng(devices=[]):
+        return _make_snapshot(root, family, **overrides)
+
+
+def _make_snapshot(root, family, **overrides):
     from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline,
                            CogVideoXPipeline, CogVideoXTransformer3DModel)
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
