@@ -21,3 +21,21 @@ def test_a_text_length_other_than_the_models_reaches_the_text_encoder(snapshots)
     check(ours, ref)
     default = generate(load_pipeline(path), PROMPT, progress=False, **kw)
     assert (ours - default).abs().max() > 1e-3
+
+
+def test_negative_prompts_must_pair_with_the_prompts():
+    """plan() takes one negative prompt per prompt, or one string for all; a list of another length (or no prompt at
+    all) is refused before anything is read (plan 21: only the empty prompt list was refused). Real configs, no
+    weights."""
+    import pytest
+    import generate as gen
+    from model import PRESETS as T
+    from pipeline import model_info
+    from sampler import PRESETS as S
+    from vae import PRESETS as V
+    info = model_info("2b", T["cogvideox-2b"], V["cogvideox-2b"], S["cogvideox-2b"])
+    for prompts, negatives in ((["a", "b"], ["x"]), (["a"], ["x", "y"]), ([], "")):
+        with pytest.raises(ValueError):
+            gen.plan(info, prompts, negative_prompt=negatives)
+    assert [job.negatives for job in gen.plan(info, ["a", "b"], negative_prompt=["x", "y"]).jobs] == [["x", "y"]]
+    assert [job.negatives for job in gen.plan(info, ["a", "b"], negative_prompt="x").jobs] == [["x", "x"]]
