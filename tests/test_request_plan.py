@@ -39,3 +39,22 @@ def test_negative_prompts_must_pair_with_the_prompts():
             gen.plan(info, prompts, negative_prompt=negatives)
     assert [job.negatives for job in gen.plan(info, ["a", "b"], negative_prompt=["x", "y"]).jobs] == [["x", "y"]]
     assert [job.negatives for job in gen.plan(info, ["a", "b"], negative_prompt="x").jobs] == [["x", "x"]]
+
+
+def test_plan_without_arguments_is_the_documented_default_run():
+    """plan() called with a prompt alone (as train_lora's validation render calls it) plans the README's default run:
+    one video, DDIM over 50 steps, guidance 6 without the dynamic schedule, seed 42, no tiling, no step cache, the
+    model's own frames, size and text length (plan 9: two videos per prompt went unseen, since the render keeps the
+    first, which equals a single video's)."""
+    import generate as gen
+    from model import PRESETS as T
+    from pipeline import model_info
+    from sampler import PRESETS as S, make_sampler
+    from vae import PRESETS as V
+    info = model_info("2b", T["cogvideox-2b"], V["cogvideox-2b"], S["cogvideox-2b"])
+    r = gen.plan(info, "p")
+    assert (r.num_videos, r.guidance_scale, r.use_dynamic_cfg, r.tiled, r.step_cache) == (1, 6.0, False, False, None)
+    assert (r.num_frames, r.height, r.width, r.text_length) == (49, 480, 720, 226)
+    assert [(j.prompts, j.negatives, j.seed) for j in r.jobs] == [(["p"], [""], 42)]
+    ddim = make_sampler("ddim", info.scheduler, 50)
+    assert r.sampler.solver == "ddim" and r.sampler.num_steps == 50 and r.sampler.timesteps == ddim.timesteps
