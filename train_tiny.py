@@ -1,6 +1,6 @@
 """Train the bundled demo model, demo/shapes-tiny, from scratch: a tiny CogVideoX on moving shapes.
 
-    python train_tiny.py                      # everything, about 50 min on 2 CPU cores -> runs/shapes-tiny
+    python train_tiny.py                      # everything, ~60 min on 2 CPU cores with bf16 units -> runs/shapes-tiny
     python train_tiny.py --smoke              # the same pipeline at toy size, < 1 min (CI)
     python train_tiny.py --device cuda        # the same batches and noise on a GPU
     python evaluate.py                        # colour / shape / motion accuracy of what it generates
