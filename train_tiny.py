@@ -111,8 +111,8 @@ class TrainConfig:
 PRESETS = {
     "default": TrainConfig(),
     "smoke": TrainConfig(vae_channels=(8, 8, 8, 8), vae_groups=2, latent_channels=4, vae_clips=16, vae_frame_steps=10,
-                         shape_triples=1, vae_frame_batch=4, vae_frame_crop=16, vae_steps=4, vae_batch=2, vae_crop=16, decoder_steps=4,
-                         vae_lr=3e-3, heads=2, head_dim=16, layers=1, dit_clips=32, dit_steps=30, dit_batch=16,
+                         shape_triples=1, vae_frame_batch=4, vae_frame_crop=16, vae_steps=4, vae_batch=2, vae_crop=16,
+                         decoder_steps=4, vae_lr=3e-3, heads=2, head_dim=16, layers=1, dit_clips=32, dit_steps=30, dit_batch=16,
                          dit_lr=3e-3, t5_width=32, t5_layers=1, eval_per_combo=0, eval_steps=2),
 }
 
