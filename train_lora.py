@@ -64,7 +64,7 @@ from tqdm import tqdm
 
 import cli
 from cli import atomic_write
-from checkpoint import read_json, save_component
+from checkpoint import read_json, save_component, write_json
 from generate import Request, check_request, make_videos, plan, shard
 from lora import WEIGHT_NAME, add_lora, lora_state_dict, save_lora, set_lora_state
 from media import read_video, resize, save_video
@@ -205,10 +205,10 @@ def parse_buckets(text: str, info) -> list[Size]:
                              f"{info.height}x{info.width}x{info.num_frames}")
         h, w, f = map(int, bits)
         cfg, down = info.transformer, info.spatial_compression
-        if cfg.use_learned_positional_embeddings and (h, w) != (cfg.sample_height * down, cfg.sample_width * down):
-            raise ValueError(f"--buckets {part}: {info.path} has a learned position table for "
-                             f"{cfg.sample_height * down}x{cfg.sample_width * down} only; every bucket must be "
-                             f"{cfg.sample_height * down}x{cfg.sample_width * down}xFRAMES")
+        table = (cfg.sample_height * down, cfg.sample_width * down)  # the size a learned position table was made for
+        if cfg.use_learned_positional_embeddings and (h, w) != table:
+            raise ValueError(f"--buckets {part}: {info.path} has a learned position table for {table[0]}x{table[1]} "
+                             f"only; every bucket must be {table[0]}x{table[1]}xFRAMES")
         try:
             check_request(info, f, h, w, torch.zeros(3, 16, 16) if info.is_i2v else None)
         except ValueError as e:
@@ -246,7 +246,7 @@ def clip_shape(path: str, digest: str, cache: str) -> tuple[int, int, int]:
     """(frames, height, width) of a clip: from cache/clips/<hash>.json when an earlier run wrote it, else decoded."""
     known = os.path.join(cache, "clips", digest + ".json")
     if os.path.isfile(known):
-        return tuple(json.load(open(known)))
+        return tuple(read_json(known))
     frames = read_video(path)                                                       # (N, 3, h, w)
     return len(frames), frames.shape[2], frames.shape[3]
 
@@ -332,7 +332,7 @@ def build_cache(args, good, cache: str, device, dtype, sizes: list[Size] | None 
     sizes: each good sample's bucket (default: all at --height x --width x --num-frames); shapes: the clip shapes
     sort_samples decoded, kept in cache/clips/ so the next run need not decode them to find their buckets."""
     for digest, shape in (shapes or {}).items():
-        atomic_write(os.path.join(cache, "clips", digest + ".json"), lambda p: json.dump(list(shape), open(p, "w")))
+        atomic_write(os.path.join(cache, "clips", digest + ".json"), lambda p: write_json(p, list(shape)))
     sizes = sizes or [(args.height, args.width, args.num_frames)] * len(good)
     todo_v = [(s, k, size) for (s, k, _), size in zip(good, sizes) if not os.path.isfile(latent_path(cache, k))]
     todo_t = {k: s.caption for s, _, k in good if not os.path.isfile(os.path.join(cache, "text", k + ".safetensors"))}
@@ -348,7 +348,7 @@ def build_cache(args, good, cache: str, device, dtype, sizes: list[Size] | None 
                 mean, logvar = vae.encode(frame[None].to(device, dtype))            # (1, C, 1, h, w) each
                 tensors.update(image_mean=mean[0, :, 0].contiguous().cpu(),         # (C, h, w)
                                image_logvar=logvar[0, :, 0].contiguous().cpu())
-            atomic_write(os.path.join(cache, "latents", k + ".safetensors"), lambda p: save_file(tensors, p))
+            atomic_write(latent_path(cache, k), lambda p: save_file(tensors, p))
         del vae
     if todo_t:
         tokenizer = Tokenizer(os.path.join(args.model, "tokenizer"))
@@ -435,7 +435,7 @@ def make_batch(items, positions: list[tuple[int, int]], cache: str, scaling_fact
     x0, text, t, noise, cond = [], [], [], [], []
     for pos, (_, lat_key, txt_key) in zip(positions, items):
         g = sample_generator(*pos)
-        lat = load_file(os.path.join(cache, "latents", lat_key + ".safetensors"))
+        lat = load_file(latent_path(cache, lat_key))
         z = sample_posterior(lat["mean"].float(), lat["logvar"].float(), g) * scaling_factor  # (F, C, H, W)
         x0.append(pad_front(z[None], patch_size_t)[0][0])                             # 1.5: an even latent count
         text.append(load_file(os.path.join(cache, "text", txt_key + ".safetensors"))["embedding"])
