@@ -746,13 +746,12 @@ def check_args(args, info, world: int) -> Request:
         raise ValueError(f"--validation-prompt: {args.model} is an image-to-video model; add --validation-image PATH")
     if args.freeze and not args.full:
         raise ValueError("--freeze lists what full fine-tuning keeps frozen: add --full (a LoRA trains only itself)")
-    if args.full and args.freeze:
-        check_freeze(args.freeze, info)
+    args.freeze_patterns = check_freeze(args.freeze, info) if args.freeze else []  # kept: checked once
     size = (args.num_frames, args.height, args.width)
     if args.buckets is not None:
         if any(v is not None for v in size):
             raise ValueError("--buckets sets every training size: leave out --num-frames, --height and --width")
-        buckets = parse_buckets(args.buckets, info)
+        args.bucket_sizes = buckets = parse_buckets(args.buckets, info)  # kept: parsed and checked once
         args.buckets = ",".join(f"{h}x{w}x{f}" for h, w, f in buckets)  # one spelling, compared on resume
         size = (buckets[0][2], buckets[0][0], buckets[0][1])  # the validation render's
     # an I2V plan needs an image; without a validation render, a blank one only fixes the size
@@ -797,7 +796,7 @@ def train(args, world: int, rank: int, local: int, device) -> int:
                          f"checkpoint, and this trainer, use 'v_prediction'")
     cache = args.cache_dir or os.path.join(args.output, "cache")
     args.i2v = info.is_i2v
-    buckets = parse_buckets(args.buckets, info) if args.buckets else [(args.height, args.width, args.num_frames)]
+    buckets = args.bucket_sizes if args.buckets else [(args.height, args.width, args.num_frames)]
     settings = [cache_settings(args.model, f, h, w, args.max_text_len, dtype, args.i2v) for h, w, f in buckets]
 
     # 1. Validate every sample, then fill the cache; one process per machine does it, the others wait.
@@ -847,7 +846,7 @@ def train(args, world: int, rank: int, local: int, device) -> int:
                              config=info.transformer)
     torch.manual_seed(args.seed)
     if args.full:
-        params = unfreeze(model, check_freeze(args.freeze, info) if args.freeze else [])
+        params = unfreeze(model, args.freeze_patterns)
     else:
         params = add_lora(model, args.rank, args.alpha)
     model.gradient_checkpointing = args.gradient_checkpointing
