@@ -92,7 +92,7 @@ class TrainConfig:
     vae_lr: float = 2e-3
     kl_weight: float = 1e-5
     shape_triples: int = 4              # clips drawn as circle, square and triangle, encoded each VAE step
-    shape_margin: float = 0.1           # the least mean square latent change a shape swap must make, / latent variance
+    shape_margin: float = 0.4           # the least mean square latent change a shape swap must make, / latent variance
     # transformer
     heads: int = 4
     head_dim: int = 64
