@@ -195,6 +195,12 @@ def _fit_shapes(mask):
 
 def classify(frames, cfg=ClipConfig()):
     """Attributes read from the pixels of uint8 (F, H, W, 3) frames; colour/shape/motion are None if no object."""
+    return measure(frames, cfg)[0]
+
+
+def measure(frames, cfg=ClipConfig()):
+    """classify's Attrs, and where the object is: centroids cx, cy (F,) in pixels and found (F,), the frames that
+    hold one shape (all False when there is no object)."""
     x = np.asarray(frames, np.float32) / 255  # (F, H, W, 3)
     border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1).reshape(-1, 3)
     bg = np.median(border, axis=0)
@@ -202,14 +208,15 @@ def classify(frames, cfg=ClipConfig()):
     dist = np.linalg.norm(x - bg, axis=-1)  # (F, H, W)
     area_lo, area_hi = 0.5 * 2 * cfg.size[0] ** 2, 1.5 * 4 * cfg.size[1] ** 2  # smallest triangle, largest square
     far = np.quantile(dist, 1 - area_lo / dist[0].size / 2)  # a distance reached inside any object
+    none = np.zeros(len(x), bool)
     if far < 0.3:
-        return Attrs(None, None, None, background)
+        return Attrs(None, None, None, background), np.full(len(x), np.nan), np.full(len(x), np.nan), none
     fg = np.median(x[dist > 0.7 * far], axis=0)
     mask = _open(dist > 0.5 * np.linalg.norm(fg - bg))  # half coverage, whatever the contrast
     area, cx, cy, iou = _fit_shapes(mask)
     found = (area >= area_lo) & (area <= area_hi) & (iou.max(1) >= 0.6)  # (F,) frames that hold one shape
     if found.sum() < max(2, len(x) / 2):
-        return Attrs(None, None, None, background)
+        return Attrs(None, None, None, background), cx, cy, none
     colour = _nearest(fg, ALL_COLOURS, exclude=[background])
     shape = SHAPES[int(np.argmax(iou[found].sum(0)))]
     t = np.nonzero(found)[0]
@@ -217,7 +224,7 @@ def classify(frames, cfg=ClipConfig()):
     motion = None
     if max(abs(vx), abs(vy)) * (len(x) - 1) >= 4:  # at least 4 px over the clip
         motion = ("right" if vx > 0 else "left") if abs(vx) >= abs(vy) else ("down" if vy > 0 else "up")
-    return Attrs(colour, shape, motion, background)
+    return Attrs(colour, shape, motion, background), cx, cy, found
 
 
 def score_video(frames, attrs, cfg=ClipConfig()):

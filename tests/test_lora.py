@@ -1194,3 +1194,39 @@ def test_i2v_lora_trains_and_diffusers_i2v_pipeline_gives_our_frames(snapshots, 
         assert not bad.exists()
     assert train_lora.main(train_args(snapshots("5b"), data, tmp_path / "bad3", "--steps", "2", "--validation-image",
                                       png)) == 2
+
+
+def test_widened_text_to_video_model_starts_as_itself_and_loads_as_i2v(snapshots, tmp_path, monkeypatch):
+    """bench/i2v_lesson.widen (how 5b-I2V was made from 5b): the widened transformer reads [video; image] latents
+    and, with the new half of its patch embedding at zero, predicts exactly what the text-to-video model predicts
+    for the video latents, whatever the image; our loader sees an I2V model, and diffusers'
+    CogVideoXImageToVideoPipeline loads the folder and gives our frames."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import i2v_lesson
+    from pipeline import load_pipeline
+    base, wide = snapshots("5b"), str(tmp_path / "wide")
+    i2v_lesson.widen(base, wide)
+    info = read_model_info(wide)
+    assert info.is_i2v and not read_model_info(base).is_i2v
+    t2v = load_transformer(base).to(torch.bfloat16).float()  # the widened weights are stored in bf16
+    i2v = load_transformer(wide)
+    g = torch.Generator().manual_seed(0)
+    x, image = torch.randn(2, 3, 4, 4, 4, generator=g), torch.randn(2, 3, 4, 4, 4, generator=g)  # (B, F, C, H, W)
+    text, t = torch.randn(2, MAX_TEXT, t2v.config.text_embed_dim, generator=g), torch.tensor([10, 700])
+    with torch.no_grad():
+        # equal but for the order of a matmul's sums: the zero half still adds its 0 * image terms
+        torch.testing.assert_close(i2v(torch.cat([x, image], 2), text, t), t2v(x, text, t), rtol=1e-6, atol=1e-6)
+    peer = peer_i2v_frames(wide)
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ours = gen.generate(load_pipeline(wide), "a red circle moving right", image=image, num_frames=9, height=32, width=32,
+                    num_inference_steps=3, max_sequence_length=MAX_TEXT, progress=False, seed=5)
+    torch.testing.assert_close(ours, peer(image), rtol=0, atol=1e-5)
+
+
+def peer_i2v_frames(folder):
+    from diffusers import CogVideoXImageToVideoPipeline
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return lambda image: pipe(image=image[None], prompt="a red circle moving right", negative_prompt="", num_frames=9,
+                              height=32, width=32, num_inference_steps=3, max_sequence_length=MAX_TEXT,
+                              generator=torch.Generator().manual_seed(5), output_type="pt").frames
