@@ -1,7 +1,12 @@
 """The image-to-video lesson: how CogVideoX-5b-I2V was made from CogVideoX-5b, redone on the demo model.
 
-    python bench/i2v_lesson.py --output runs/shapes-tiny-i2v    # ~30 min on 2 CPU cores; demo/shapes-tiny-i2v came from it
+    python train_tiny.py                                          # the v2 recipe -> runs/shapes-tiny (~60 min)
+    python bench/i2v_lesson.py --model runs/shapes-tiny --output runs/shapes-tiny-i2v      # ~13 min on 2 CPU cores
     python generate.py --model runs/shapes-tiny-i2v --image first_frame.png --prompt "a red circle moving right ..."
+
+The base must have a real posterior: the shipped demo (v1) encodes every frame to a posterior of std 1.00 against a
+spread of 0.68 between frames, so its condition latents, drawn from that posterior as every I2V pipeline does, are
+mostly noise (README, "The demo model").
 
 5b-I2V is 5b with a wider input: its patch embedding reads 32 latent channels instead of 16, the noisy video's and
 the image's (the first frame, VAE-encoded and padded with zero latents to the video's length), stacked on the
@@ -38,7 +43,7 @@ import train_lora  # noqa: E402
 from checkpoint import read_json, save_component, write_json  # noqa: E402
 from generate import generate  # noqa: E402
 from model import load_transformer  # noqa: E402
-from pipeline import load_pipeline, resolve_model_path  # noqa: E402
+from pipeline import load_pipeline, read_model_info  # noqa: E402
 
 TOOL = "bench/i2v_lesson.py"
 START_TOLERANCE = 4.0  # px: a shape moves 2-3 px a frame, so within 4 px of the image's is "starts there"
@@ -127,10 +132,10 @@ def print_table(results: dict) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="the text-to-video snapshot to widen (default: demo/shapes-tiny)")
+    p.add_argument("--model", required=True, help="the text-to-video snapshot to widen: a v2 train_tiny.py run")
     p.add_argument("--output", required=True, help="a new folder: the image-to-video snapshot")
-    p.add_argument("--clips", type=cli.positive_int, default=2000, help="training clips (each its own condition)")
-    p.add_argument("--train-steps", type=cli.positive_int, default=3000)
+    p.add_argument("--clips", type=cli.positive_int, default=4000, help="training clips (each its own condition)")
+    p.add_argument("--train-steps", type=cli.positive_int, default=4000)
     p.add_argument("--batch-size", type=cli.positive_int, default=16)
     p.add_argument("--lr", type=cli.positive_float, default=3e-4)
     p.add_argument("--per-combo", type=cli.positive_int, default=3, help="videos per held-out prompt (28 prompts)")
@@ -141,11 +146,17 @@ def main(argv=None) -> int:
     p.add_argument("--keep", default=None, help="a new folder to keep the clips and train_lora.py's run in")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    base = resolve_model_path(args.model)
+    base = args.model
     for flag, path in (("--output", args.output), ("--keep", args.keep)):
         if path and os.path.exists(path):
             print(f"error: {flag} {path} exists; name a new folder", file=sys.stderr)
             return 2
+    try:
+        if read_model_info(base).is_i2v:
+            raise ValueError(f"{base} is already an image-to-video model; give a text-to-video one")
+    except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+        print(f"error: --model {base}: {e}", file=sys.stderr)
+        return 2
     work = args.keep or tempfile.mkdtemp(prefix="i2v-lesson-")
     widened, data, run = (os.path.join(work, d) for d in ("widened", "clips", "run"))
     widen(base, widened)
