@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cli
 import edit as E
 import model as M
 import sampler as S
@@ -441,3 +442,59 @@ def test_edit_latents_takes_a_batch(snapshots):
     assert both.shape == z.shape and (both - alone).abs().max() < 1e-5
     inject = E.edit_latents(pipe, z, PROMPT, generator=torch.Generator().manual_seed(0), **kw)
     assert inject.shape == z.shape and torch.isfinite(inject).all() and (inject[0] - inject[1]).abs().max() > 1e-3
+
+
+def test_edit_latents_reads_the_models_text_length_by_default(snapshots):
+    """Found by mutation testing (bench/MUTANTS.md, issue 34): every other call passes max_sequence_length; without
+    it edit_latents encodes the prompts at the model's own text length."""
+    pipe = load_pipeline(snapshots("5b"))
+    kw = dict(method="plain", num_inference_steps=2, guidance_scale=2.0, progress=False)
+    assert torch.equal(E.edit_latents(pipe, latents("5b"), PROMPT, **kw),
+                       E.edit_latents(pipe, latents("5b"), PROMPT, max_sequence_length=pipe.info.max_text_seq_length,
+                                      **kw))
+
+
+def test_cli_method_and_video_reach_the_checks(snapshots, tmp_path, capsys):
+    """Found by mutation testing (bench/MUTANTS.md, issue 34): the checks that run before any weight is read see
+    --video and --method. A folder as --video stops with exit 2 naming --video. On a model without RoPE (CogVideoX-2b)
+    the default method, inject, stops with exit 2 naming --method; neither writes anything. `--method plain` writes
+    the frames of edit(method="plain"), with the two progress bars."""
+    import imageio
+    import imageio.v3 as iio
+    path, src = snapshots("2b"), str(tmp_path / "in.gif")
+    imageio.mimwrite(src, list((clip(9).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()), duration=125)
+    common = ["--model", path, "--video", src, "--prompt", PROMPT, "--steps", "2", "--guidance", "2"]
+    out = tmp_path / "frames"
+    capsys.readouterr()
+    folder = ["--video", str(tmp_path), "--method", "plain"] + common[:2] + common[4:] + ["--output", str(out)]
+    assert E.main(folder) == 2 and "--video" in capsys.readouterr().err
+    assert E.main(common + ["--output", str(out)]) == 2 and "--method" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["in.gif"]
+    assert E.main(common + ["--method", "plain", "--output", str(out)]) == 0
+    bars = [line for line in capsys.readouterr().err.split("\n") if "100%|" in line]  # a bar redraws with \r
+    assert len(bars) == 2  # the command line shows the inversion's and the denoising's progress
+    png = np.stack([iio.imread(out / f) for f in sorted(os.listdir(out)) if f.endswith(".png")])
+    want = E.edit(load_pipeline(path), read_video(src), PROMPT, method="plain", num_inference_steps=2,
+                  guidance_scale=2.0, max_sequence_length=MAX_TEXT, progress=False)
+    assert np.array_equal(png, to_uint8(want[0]))
+    # an --output the user names replaces a file this project did not write; the run prints both paths it wrote
+    import shutil
+    mine = str(tmp_path / "mine.gif")
+    shutil.copy(src, mine)
+    capsys.readouterr()
+    assert E.main(common + ["--method", "plain", "--output", mine]) == 0 and cli.written_by_us(mine)
+    printed = capsys.readouterr().out
+    assert mine in printed and str(tmp_path / "mine.png") in printed
+
+
+def test_a_short_video_given_as_a_path_is_edited_whole(snapshots, tmp_path):
+    """Found by mutation testing (bench/MUTANTS.md, issue 34): without num_frames, a video given as a path with fewer
+    frames than the model's default gives the frame count of its own length (5 frames: 1 on a model of 8k + 1), as
+    the same video given as frames does."""
+    import imageio
+    path = str(tmp_path / "short.gif")
+    imageio.mimwrite(path, list((clip(5).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()), duration=125)
+    pipe = load_pipeline(snapshots("5b"))
+    kw = dict(method="plain", num_inference_steps=2, guidance_scale=2.0, max_sequence_length=MAX_TEXT, progress=False)
+    out = E.edit(pipe, path, PROMPT, **kw)
+    assert out.shape[1] == E.edit_frames(pipe.info, 5) == 1 and torch.equal(out, E.edit(pipe, read_video(path), PROMPT, **kw))
