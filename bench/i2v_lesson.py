@@ -44,6 +44,7 @@ from checkpoint import read_json, save_component, write_json  # noqa: E402
 from generate import generate  # noqa: E402
 from model import load_transformer  # noqa: E402
 from pipeline import load_pipeline, read_model_info  # noqa: E402
+from train_tiny import fast_bf16  # noqa: E402
 
 TOOL = "bench/i2v_lesson.py"
 START_TOLERANCE = 4.0  # px: a shape moves 2-3 px a frame, so within 4 px of the image's is "starts there"
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
     write_clips(data, args.clips, seed=21)
 
     t0 = time.perf_counter()
-    dtype = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"  # train_tiny.fast_bf16's test
+    dtype = "bf16" if fast_bf16(torch.device("cpu")) else "fp32"
     rc = train_lora.main(["--model", widened, "--data", data, "--output", run, "--full", "--num-frames", "9",
                           "--height", "64", "--width", "64", "--steps", str(args.train_steps),
                           "--batch-size", str(args.batch_size), "--lr", str(args.lr),
