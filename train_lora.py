@@ -324,20 +324,22 @@ def micro_batch(seed: int, micro: int, batch: int, groups: list[list[int]]) -> l
 
 
 @torch.no_grad()
-def build_cache(args, good, cache: str, device, dtype, sizes: list[Size] | None = None, shapes=None) -> None:
+def build_cache(args, good, cache: str, device, dtype, sizes: list[Size] | None = None, shapes=None,
+                vae_config=None) -> None:
     """Encode what the cache lacks: each clip to its VAE posterior (mean, logvar), each caption to T5 states. The
     posterior is stored rather than one draw, so every step draws a fresh latent (the VAE's own augmentation). I2V
     (args.i2v): also the posterior of the clip's noised first frame, noised once per clip as diffusers' script does
     when it caches (THUDM's trainer re-noises every step, which needs the VAE in memory while training).
     sizes: each good sample's bucket (default: all at --height x --width x --num-frames); shapes: the clip shapes
-    sort_samples decoded, kept in cache/clips/ so the next run need not decode them to find their buckets."""
+    sort_samples decoded, kept in cache/clips/ so the next run need not decode them to find their buckets.
+    vae_config: the VAE config the checks read (ModelInfo.vae), so the file is read once per run."""
     for digest, shape in (shapes or {}).items():
         atomic_write(os.path.join(cache, "clips", digest + ".json"), lambda p: write_json(p, list(shape)))
     sizes = sizes or [(args.height, args.width, args.num_frames)] * len(good)
     todo_v = [(s, k, size) for (s, k, _), size in zip(good, sizes) if not os.path.isfile(latent_path(cache, k))]
     todo_t = {k: s.caption for s, _, k in good if not os.path.isfile(os.path.join(cache, "text", k + ".safetensors"))}
     if todo_v:
-        vae = load_vae(os.path.join(args.model, "vae"), dtype=dtype, device=device)
+        vae = load_vae(os.path.join(args.model, "vae"), dtype=dtype, device=device, config=vae_config)
         for s, k, (height, width, frames) in tqdm(todo_v, desc="encoding clips"):
             clip = load_clip(s.video, frames, height, width)
             mean, logvar = vae.encode(clip[None].to(device, dtype))                 # (1, C, F, H, W) each
@@ -818,7 +820,8 @@ def train(args, world: int, rank: int, local: int, device) -> int:
             cli.record(root, [f"{prefix}{kind}/{k}.safetensors" for s, lat, txt in found.good
                               for kind, k in (("latents", lat), ("text", txt))]
                        + [f"{prefix}clips/{d}.json" for d in found.shapes], TOOL)
-            build_cache(args, found.good, cache, device, dtype, [buckets[b] for b in found.bucket], found.shapes)
+            build_cache(args, found.good, cache, device, dtype, [buckets[b] for b in found.bucket], found.shapes,
+                        info.vae)
     if not all_ok(ok, world, device):
         return 2
     if rank == 0 and not args.resume and (gone := start_clean(args.output)):

@@ -808,6 +808,23 @@ def test_checkpoints_record_the_lora_shape_and_refuse_pickled_code(trained, tmp_
         train_lora.load_checkpoint(str(bad), None, None, None)
 
 
+def test_a_run_reads_each_model_config_once(snap, data, tmp_path, monkeypatch):
+    """The checks, the cache's VAE and the validation render share one parse of the transformer, VAE and scheduler
+    configs (ModelInfo carries them), so a file changed mid-run cannot give the checks and the models different
+    shapes. (T5's config is read by each load of T5, with the weights it describes.)"""
+    import builtins
+    reads, real_open = [], builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: reads.append(str(f)) or real_open(f, *a, **k))
+    out = tmp_path / "run"
+    assert train_lora.main(["--model", snap, "--data", data, "--output", str(out), "--rank", str(RANK), "--steps", "1",
+                            "--num-frames", "9", "--height", "32", "--width", "32", "--no-gradient-checkpointing",
+                            "--validation-prompt", PROMPT, "--validate-every", "1"]) == 0
+    assert os.listdir(out / "cache" / "latents") and os.listdir(out / "validation")  # encoded and rendered
+    # the VAE's: parsed once, and its text hashed once into the cache keys (train_lora.fingerprint)
+    for config, n in (("transformer/config.json", 1), ("vae/config.json", 2), ("scheduler/scheduler_config.json", 1)):
+        assert reads.count(os.path.join(snap, *config.split("/"))) == n, config
+
+
 def test_default_run_checkpoints_caches_under_output_and_renders_at_the_training_size(snap, data, tmp_path,
                                                                                        monkeypatch, capsys):
     """What every other training test here turns off or overrides: gradient checkpointing on (the default) sends each
