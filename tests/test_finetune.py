@@ -217,6 +217,16 @@ def test_full_fine_tune_loads_in_diffusers_from_pretrained_with_our_outputs(snap
         assert torch.equal(load_pipeline(str(tuned)).transformer(x, text, t), out)
 
 
+def test_a_full_run_in_bf16_renders_its_validation_prompt(snap, mixed, tmp_path):
+    """--full keeps fp32 master weights and computes in --dtype: its validation render runs the fp32 transformer under
+    bf16 autocast beside T5 and the VAE in bf16 (without autocast the bf16 text states meet fp32 weights and fail)."""
+    out = tmp_path / "run"
+    assert train_lora.main(args_for(snap, mixed, out, "--full", "--steps", "1", "--dtype", "bf16", "--buckets", BUCKETS,
+                                    "--validation-prompt", "a square moving right", "--validate-every", "1")) == 0
+    video = imageio.v3.imread(out / "validation" / "step-000001.mp4", index=None)
+    assert video.shape[0] > 1 and video.std() > 1
+
+
 def test_freeze_is_checked_before_any_weight_is_read(snap):
     info = read_model_info(snap)
     assert train_lora.check_freeze("patch_embed, *.norm1.*", info) == ["patch_embed", "*.norm1.*"]
