@@ -367,13 +367,13 @@ def test_torchrun_splits_a_prompt_file_with_identical_files(tmp_path):
 
 
 def test_generate_defaults_come_from_the_model():
-    """The API fills in what the model says (the demo's 12-token text, 9 frames, 64x64), as the CLI does; a prompt
+    """The API fills in what the model says (the demo's 16-token text, 9 frames, 64x64), as the CLI does; a prompt
     list gives prompt-major videos, the first equal to that prompt alone with the same seed and batch position."""
     pipe = generate.load_pipeline(DEMO_MODEL, device="cpu")
-    assert pipe.dtype == torch.float32 and pipe.info.max_text_seq_length == 12
+    assert pipe.dtype == torch.float32 and pipe.info.max_text_seq_length == 16
     kw = dict(num_inference_steps=2, progress=False)
     a = generate.generate(pipe, PROMPT, **kw)
-    assert torch.equal(a, generate.generate(pipe, PROMPT, max_sequence_length=12, num_frames=9, height=64, width=64, **kw))
+    assert torch.equal(a, generate.generate(pipe, PROMPT, max_sequence_length=16, num_frames=9, height=64, width=64, **kw))
     assert not torch.equal(a, generate.generate(pipe, PROMPT, max_sequence_length=226, **kw))
     both = generate.generate(pipe, [PROMPT, "a blue square moving up on a white background"], num_videos=2, **kw)
     assert both.shape == (4, 9, 3, 64, 64)
