@@ -120,8 +120,9 @@ def signed_distance(shape, dx, dy, s):
     return np.maximum(dy - s, (2 * np.abs(dx) - dy - s) / np.sqrt(5))
 
 
-def render(attrs, rng, cfg=ClipConfig()):
-    """One clip as uint8 (F, H, W, 3); the start position, size and speed are drawn from rng (np.random.Generator)."""
+def render(attrs, rng, cfg=ClipConfig(), rgb=None):
+    """One clip as uint8 (F, H, W, 3); the start position, size and speed are drawn from rng (np.random.Generator).
+    rgb (three values in [0, 1]) paints the shape in a colour that has no name, instead of attrs.colour."""
     F, H, W = cfg.num_frames, cfg.height, cfg.width
     s = rng.uniform(*cfg.size)
     speed = rng.uniform(*cfg.speed)
@@ -134,7 +135,7 @@ def render(attrs, rng, cfg=ClipConfig()):
     cx, cy = (x0 + dx * speed * t).astype(np.float32), (y0 + dy * speed * t).astype(np.float32)  # (F, 1, 1)
     py, px = np.mgrid[0:H, 0:W].astype(np.float32) + 0.5  # pixel centres, (H, W)
     cover = np.clip(0.5 - signed_distance(attrs.shape, px - cx, py - cy, s), 0, 1)  # (F, H, W)
-    bg, fg = np.array(BACKGROUNDS[attrs.background]), np.array(ALL_COLOURS[attrs.colour])
+    bg, fg = np.array(BACKGROUNDS[attrs.background]), np.array(ALL_COLOURS[attrs.colour] if rgb is None else rgb)
     palette = np.round(255 * (bg + np.linspace(0, 1, 256)[:, None] * (fg - bg))).astype(np.uint8)  # (256, 3)
     return palette[np.round(255 * cover).astype(np.uint8)]  # (F, H, W, 3)
 

@@ -25,7 +25,9 @@ Hugging Face layout, so diffusers' CogVideoXPipeline loads it unchanged. Stages,
    latent space: without it a shape swap moved the latents by ~1% of their variance and the transformer never
    learned to tell circle from square.
    The decoder decodes posterior draws in every phase, so a draw (what the official pipelines encode a video to,
-   and what LoRA training sees) decodes like the mean. The reconstruction accuracy
+   and what LoRA training sees) decodes like the mean. Half the VAE's clips paint the shape a colour no caption has
+   (random_colour), so the VAE, like the official one, can encode colours the transformer never learned to draw:
+   what a LoRA that teaches a new colour word needs. The reconstruction accuracy
    (shapes.evaluate on encode -> decode of 40 clips) is printed and logged: it bounds what any transformer can
    score. The latents' std sets scaling_factor, so the transformer sees unit-variance latents.
 4. Transformer: the CogVideoX 1.0 expert transformer, 4 layers of width 256 (4 heads of 64), with 5b-style 3D RoPE
@@ -93,6 +95,7 @@ class TrainConfig:
     kl_weight: float = 1e-5
     shape_triples: int = 4              # clips drawn as circle, square and triangle, encoded each VAE step
     shape_margin: float = 0.4           # the least mean square latent change a shape swap must make, / latent variance
+    vae_random_colours: float = 0.5     # share of VAE clips painted a random colour (the transformer's keep the 5 named)
     # transformer
     heads: int = 4
     head_dim: int = 64
@@ -209,14 +212,38 @@ def posterior_draw(mean, logvar, gen):
     return mean + (0.5 * logvar).exp() * eps
 
 
-def shape_triples(n, seed, attrs_list):
+def random_colour(rng, background, share):
+    """With probability `share`, a colour with no name for a VAE clip (else None: the caption's colour). Each channel
+    is 0, 1 or uniform in between, so the corners of the RGB cube (cyan, magenta, ...) come up as often as the
+    colours between them, at least 0.5 away from the background in some channel so the shape stays visible.
+    Why: a VAE that saw only the five named colours cannot encode any other (v2's first release reconstructed cyan
+    with the right colour in 3% of clips), and the official VAE saw every colour of real video, so teaching the
+    transformer a new colour word (the LoRA lesson) needs a VAE that can already draw it."""
+    if rng.random() >= share:
+        return None
+    while True:
+        rgb = np.where(rng.random(3) < 2 / 3, rng.integers(2, size=3), rng.random(3))
+        if np.abs(rgb - shapes.BACKGROUNDS[background]).max() >= 0.5:
+            return rgb
+
+
+def vae_clips(n, seed, attrs_list, share):
+    """n clips for the VAE: the attributes of make_clips, a share of them painted a random colour. uint8
+    (N, F, H, W, 3)."""
+    rng = np.random.default_rng(seed)
+    picks = [attrs_list[i] for i in rng.integers(len(attrs_list), size=n)]
+    return np.stack([shapes.render(a, rng, rgb=random_colour(rng, a.background, share)) for a in picks])
+
+
+def shape_triples(n, seed, attrs_list, share=0.0):
     """n clips, each rendered three times with the same start, size, speed, colour and background: as a circle, a
-    square and a triangle. uint8 (n, 3 shapes, F, H, W, 3)."""
+    square and a triangle (a share of them in a random colour). uint8 (n, 3 shapes, F, H, W, 3)."""
     rng = np.random.default_rng(seed)
     picks = [attrs_list[i] for i in rng.integers(len(attrs_list), size=n)]
     seeds = rng.integers(2**31, size=n)
-    return np.stack([np.stack([shapes.render(a._replace(shape=s), np.random.default_rng(k)) for s in shapes.SHAPES])
-                     for a, k in zip(picks, seeds)])
+    colours = [random_colour(rng, a.background, share) for a in picks]
+    return np.stack([np.stack([shapes.render(a._replace(shape=s), np.random.default_rng(k), rgb=rgb)
+                               for s in shapes.SHAPES]) for a, k, rgb in zip(picks, seeds, colours)])
 
 
 def shape_separation(vae, x, margin):
@@ -319,6 +346,12 @@ def reconstruction_accuracy(vae, n=40, seed=5):
         y = vae.decode(z)  # (n, 3, F, H, W)
         out[f"{name}_error"] = round((y - x).abs().mean().item(), 4)
         out[name] = shapes.evaluate(shapes.from_tensor(y.transpose(1, 2)), caps)
+    # a colour no caption has (the LoRA lesson's): the transformer can only learn to draw what the VAE can decode
+    new = [a._replace(colour=c) for c in shapes.NEW_COLOURS for a in train_attrs if shapes.BACKGROUNDS[a.background]
+           != shapes.ALL_COLOURS[c]]
+    vids, caps = shapes.make_clips(n, seed + 1, new)
+    y = vae.decode(vae.encode(shapes.to_tensor(vids).transpose(1, 2).to(x.device))[0])  # (n, 3, F, H, W)
+    out["new_colours"] = shapes.evaluate(shapes.from_tensor(y.transpose(1, 2)), caps)
     return out
 
 
@@ -512,7 +545,7 @@ def train(cfg: TrainConfig, out: str, evaluate_after: bool = True, vae_from: str
             vae = load_vae(vae_from, device=device)
         else:
             if "vae" not in done or "decoder" not in done:
-                vids, _ = shapes.make_clips(cfg.vae_clips, cfg.seed + 1, train_attrs)
+                vids = vae_clips(cfg.vae_clips, cfg.seed + 1, train_attrs, cfg.vae_random_colours)
                 clips = shapes.to_tensor(vids).transpose(1, 2).contiguous().to(device)  # (N, 3, F, H, W)
             if "vae" in done:
                 vae = CogVideoXVAE(vae_config(cfg))
@@ -520,8 +553,9 @@ def train(cfg: TrainConfig, out: str, evaluate_after: bool = True, vae_from: str
                 vae = vae.to(device).eval().requires_grad_(False)
             else:
                 torch.manual_seed(cfg.seed + 1)
-                triples = shapes.to_tensor(shape_triples(cfg.vae_clips // 4, cfg.seed + 5, train_attrs).reshape(
-                    -1, *vids.shape[1:])).transpose(1, 2).unflatten(0, (-1, 3)).to(device)  # (N/4, 3, 3, F, H, W)
+                triples = shape_triples(cfg.vae_clips // 4, cfg.seed + 5, train_attrs, cfg.vae_random_colours)
+                triples = shapes.to_tensor(triples.reshape(-1, *vids.shape[1:])).transpose(1, 2).unflatten(
+                    0, (-1, 3)).to(device)  # (N/4, 3, 3, F, H, W)
                 vae, first, last = train_vae(cfg, clips, logfile, torch.Generator().manual_seed(cfg.seed + 1), triples)
                 summary["vae_rec"] = (first, last)
                 save_stage(stages, "vae", vae.state_dict(), first_last=[first, last])
@@ -534,7 +568,8 @@ def train(cfg: TrainConfig, out: str, evaluate_after: bool = True, vae_from: str
               f"; reconstruction (40 clips), mean | draw: " + ", ".join(
                   f"{k} {100 * acc['mean'][k]:.0f}% | {100 * acc['draw'][k]:.0f}%"
                   for k in ("colour", "shape", "motion", "background"))
-              + f"; pixel error {acc['mean_error']:.4f} | {acc['draw_error']:.4f}")
+              + f"; pixel error {acc['mean_error']:.4f} | {acc['draw_error']:.4f}; colours no caption has ("
+              + ", ".join(shapes.NEW_COLOURS) + f"): colour {100 * acc['new_colours']['colour']:.0f}%")
 
         print("3/5 posteriors and text embeddings, cached once")
         vids, caps = shapes.make_clips(cfg.dit_clips, cfg.seed + 2, train_attrs)

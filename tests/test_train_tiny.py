@@ -134,6 +134,29 @@ def test_shape_triples_differ_only_in_shape():
         assert (far[0] == far[1]).all() and (far[0] == far[2]).all()  # one colour: a fully covered pixel of each
 
 
+def test_vae_clips_paint_a_share_of_shapes_in_colours_with_no_name():
+    """The VAE's clips: with share 0 every shape has its caption's colour; with share 1 the colours are spread over the
+    RGB cube, its corners (cyan among them) included, and never within 0.5 of the background in every channel."""
+    import numpy as np
+    named = np.array(list(shapes.COLOURS.values()))
+    attrs = shapes.split()[0]
+
+    def shape_colours(videos):
+        flat = videos[:, 0].reshape(len(videos), -1, 3).astype(int)  # frame 0, (N, H*W, 3)
+        bg = flat[:, :1]
+        return np.stack([f[abs(f - b).sum(1).argmax()] for f, b in zip(flat, bg)]) / 255, bg[:, 0] / 255
+
+    fg, _ = shape_colours(train_tiny.vae_clips(24, 0, attrs, share=0.0))
+    assert all((abs(named - c).max(1) < 1e-6).any() for c in fg)
+    fg, bg = shape_colours(train_tiny.vae_clips(200, 0, attrs, share=1.0))
+    off_palette = [not (abs(named - c).max(1) < 0.05).any() for c in fg]
+    assert np.mean(off_palette) > 0.5
+    assert (abs(fg - bg).max(1) >= 0.5 - 1 / 255).all()
+    assert (abs(fg - shapes.NEW_COLOURS["cyan"]).max(1) < 0.2).any()
+    half = train_tiny.vae_clips(200, 0, attrs, share=0.5)
+    assert 0.25 < np.mean([not (abs(named - c).max(1) < 0.05).any() for c in shape_colours(half)[0]]) < 0.75
+
+
 class _Encoder(torch.nn.Module):
     """Encodes a clip to itself (as the latent mean), so the latents' geometry is set by the test."""
     def encode(self, x):
