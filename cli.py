@@ -88,6 +88,7 @@ def pixels(text: str) -> int:
 
 positive_float = _number(float, lambda v: v > 0, "a number > 0")
 nonnegative_float = _number(float, lambda v: v >= 0, "a number >= 0")
+probability = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 strength = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 finite_float = _number(float, lambda v: True, "a finite number")
 

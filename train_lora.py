@@ -20,7 +20,9 @@ Versus THUDM's finetune/ trainer: the same loss (see diffusion_loss), timesteps 
 (0.9, 0.95), weight decay 1e-4, clipping at 1.0, rank 128 / alpha 64, bf16 with fp32 LoRA weights. Different on
 purpose: warm-up then cosine decay instead of a constant LR, a default LR of 1e-4 (theirs 2e-5; SAT's configs
 suggest 5e-4 to 1e-3 for LoRA), clips shorter than --num-frames refused instead of padded with their last frame,
-cover-and-crop resizing instead of a stretch, and the alpha written into the LoRA file.
+cover-and-crop resizing instead of a stretch, and the alpha written into the LoRA file. --caption-dropout (off, as
+theirs; SAT's configs drop 10% of captions) trains a share of samples on the empty caption, which guidance's
+unconditional branch is (make_batch).
 
 Reproducibility: the data order, the timestep, the noise and the VAE posterior draw of every sample are pure
 functions of (--seed, the sample's position in the global stream), and the LR is a pure function of the step. So a
@@ -187,8 +189,16 @@ def cache_settings(model: str, num_frames: int, height: int, width: int, max_tex
 
 def cache_keys(sample: Sample, video_hash: str, settings: dict) -> tuple[str, str]:
     """(latent key, text key): a changed clip, caption, size, dtype or model gives new keys, so it is recomputed."""
-    key = lambda *a: hashlib.sha256(json.dumps(a, sort_keys=True).encode()).hexdigest()[:32]
-    return key(video_hash, settings["video"]), key(sample.caption, settings["text"])
+    return _key(video_hash, settings["video"]), _key(sample.caption, settings["text"])
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def empty_caption_key(settings: dict) -> str:
+    """The text key of the empty caption, which --caption-dropout trains on: the unconditional input of guidance."""
+    return _key("", settings["text"])
 
 
 Size = tuple[int, int, int]  # a bucket: (height, width, frames), in pixels
@@ -325,19 +335,21 @@ def micro_batch(seed: int, micro: int, batch: int, groups: list[list[int]]) -> l
 
 @torch.no_grad()
 def build_cache(args, good, cache: str, device, dtype, sizes: list[Size] | None = None, shapes=None,
-                vae_config=None) -> None:
+                vae_config=None, empty_key: str | None = None) -> None:
     """Encode what the cache lacks: each clip to its VAE posterior (mean, logvar), each caption to T5 states. The
     posterior is stored rather than one draw, so every step draws a fresh latent (the VAE's own augmentation). I2V
     (args.i2v): also the posterior of the clip's noised first frame, noised once per clip as diffusers' script does
     when it caches (THUDM's trainer re-noises every step, which needs the VAE in memory while training).
     sizes: each good sample's bucket (default: all at --height x --width x --num-frames); shapes: the clip shapes
     sort_samples decoded, kept in cache/clips/ so the next run need not decode them to find their buckets.
-    vae_config: the VAE config the checks read (ModelInfo.vae), so the file is read once per run."""
+    vae_config: the VAE config the checks read (ModelInfo.vae), so the file is read once per run. empty_key: also
+    the empty caption, under this key (--caption-dropout)."""
     for digest, shape in (shapes or {}).items():
         atomic_write(os.path.join(cache, "clips", digest + ".json"), lambda p: write_json(p, list(shape)))
     sizes = sizes or [(args.height, args.width, args.num_frames)] * len(good)
     todo_v = [(s, k, size) for (s, k, _), size in zip(good, sizes) if not os.path.isfile(latent_path(cache, k))]
-    todo_t = {k: s.caption for s, _, k in good if not os.path.isfile(os.path.join(cache, "text", k + ".safetensors"))}
+    captions = {k: s.caption for s, _, k in good} | ({empty_key: ""} if empty_key else {})
+    todo_t = {k: c for k, c in captions.items() if not os.path.isfile(os.path.join(cache, "text", k + ".safetensors"))}
     if todo_v:
         vae = load_vae(os.path.join(args.model, "vae"), dtype=dtype, device=device, config=vae_config)
         for s, k, (height, width, frames) in tqdm(todo_v, desc="encoding clips"):
@@ -430,10 +442,13 @@ def training_ofs(ofs_embed_dim: int | None, batch: int) -> torch.Tensor | None:
 
 
 def make_batch(items, positions: list[tuple[int, int]], cache: str, scaling_factor: float, timesteps: int, patch_size_t,
-               i2v: bool = False, invert_scale: bool = False, dropout: float = IMAGE_DROPOUT):
+               i2v: bool = False, invert_scale: bool = False, dropout: float = IMAGE_DROPOUT,
+               caption_dropout: float = 0.0, empty_key: str | None = None):
     """The samples at these stream positions -> x0 (B, F, C, H, W) fp32 scaled latents, text (B, L, D), t (B,), the
     noise (B, F, C, H, W) and, for I2V, the condition (B, F, C, H, W) (else None), all drawn from each sample's own
-    generator (the condition's draws after the others, so T2V streams are unchanged)."""
+    generator (the condition's draws after the others, so T2V streams are unchanged). caption_dropout: the
+    probability that a sample's text is the empty caption's (cache key empty_key), drawn last, so a run without it
+    draws what it always drew."""
     x0, text, t, noise, cond = [], [], [], [], []
     for pos, (_, lat_key, txt_key) in zip(positions, items):
         g = sample_generator(*pos)
@@ -447,6 +462,8 @@ def make_batch(items, positions: list[tuple[int, int]], cache: str, scaling_fact
             image = sample_posterior(lat["image_mean"].float(), lat["image_logvar"].float(), g)  # (C, H, W)
             image = condition_latents(condition_scale(image, scaling_factor, invert_scale), len(x0[-1]))
             cond.append(drop_condition(image, g, dropout))                            # (F, C, H, W)
+        if caption_dropout and torch.rand((), generator=g) < caption_dropout:
+            text[-1] = load_file(os.path.join(cache, "text", empty_key + ".safetensors"))["embedding"]  # (L, D)
     return torch.stack(x0), torch.stack(text), torch.cat(t), torch.stack(noise), torch.stack(cond) if i2v else None
 
 
@@ -580,8 +597,8 @@ def start_clean(output: str) -> list[str]:
 
 # Settings that must not change across a resume, or it would not continue the same run.
 SAME_ON_RESUME = ("model", "rank", "alpha", "seed", "batch_size", "grad_accum", "num_frames", "height", "width",
-                  "buckets", "full", "freeze")
-ADDED_LATER = {"buckets": None, "full": False, "freeze": None}  # what a checkpoint from before these flags ran with
+                  "buckets", "full", "freeze", "caption_dropout")
+ADDED_LATER = {"buckets": None, "full": False, "freeze": None, "caption_dropout": 0.0}  # what a checkpoint from before these flags ran with
 
 
 def load_checkpoint(path: str, model, optimizer, args) -> int:
@@ -695,6 +712,9 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=cli.nonnegative_float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=cli.positive_float, default=1.0, help="gradient clipping")
     p.add_argument("--seed", type=cli.seed, default=42, help="data order, timesteps, noise")
+    p.add_argument("--caption-dropout", type=cli.probability, default=0.0,
+                   help="probability that a sample trains on the empty caption (SAT's configs: 0.1; THUDM's finetune/ "
+                        "and diffusers' scripts: 0): guidance extrapolates from the empty caption's prediction")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="frozen weights and autocast: default bf16 on GPU, fp32 on CPU (the LoRA itself is fp32)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
@@ -800,6 +820,7 @@ def train(args, world: int, rank: int, local: int, device) -> int:
     args.i2v = info.is_i2v
     buckets = args.bucket_sizes if args.buckets else [(args.height, args.width, args.num_frames)]
     settings = [cache_settings(args.model, f, h, w, args.max_text_len, dtype, args.i2v) for h, w, f in buckets]
+    empty_key = empty_caption_key(settings[0])  # the text settings are the same in every bucket
 
     # 1. Validate every sample, then fill the cache; one process per machine does it, the others wait.
     ok, found = True, None
@@ -819,9 +840,10 @@ def train(args, world: int, rank: int, local: int, device) -> int:
             root, prefix = (args.cache_dir, "") if args.cache_dir else (args.output, "cache/")
             cli.record(root, [f"{prefix}{kind}/{k}.safetensors" for s, lat, txt in found.good
                               for kind, k in (("latents", lat), ("text", txt))]
-                       + [f"{prefix}clips/{d}.json" for d in found.shapes], TOOL)
+                       + [f"{prefix}clips/{d}.json" for d in found.shapes]
+                       + [f"{prefix}text/{empty_key}.safetensors"] * bool(args.caption_dropout), TOOL)
             build_cache(args, found.good, cache, device, dtype, [buckets[b] for b in found.bucket], found.shapes,
-                        info.vae)
+                        info.vae, empty_key if args.caption_dropout else None)
     if not all_ok(ok, world, device):
         return 2
     if rank == 0 and not args.resume and (gone := start_clean(args.output)):
@@ -890,7 +912,8 @@ def train(args, world: int, rank: int, local: int, device) -> int:
             items = [good[i] for i in micro_batch(args.seed, m, args.batch_size, groups)[rank * per_rank:][:per_rank]]
             x0, text, t, noise, cond = (x if x is None else x.to(device) for x in make_batch(
                 items, positions, cache, info.vae.scaling_factor, scheduler.num_train_timesteps,
-                info.transformer.patch_size_t, args.i2v, info.vae.invert_scale_latents))
+                info.transformer.patch_size_t, args.i2v, info.vae.invert_scale_latents,
+                caption_dropout=args.caption_dropout, empty_key=empty_key))
             ofs = training_ofs(info.transformer.ofs_embed_dim, len(x0))
             sync = world == 1 or micro == args.grad_accum - 1
             with (contextlib.nullcontext() if sync else net.no_sync()):

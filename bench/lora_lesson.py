@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--caption-dropout", type=float, default=0.0, help="train_lora.py's: a share of empty captions")
     p.add_argument("--per-combo", type=int, default=2, help="videos per cyan prompt (36 prompts)")
     p.add_argument("--held-out-per-combo", type=int, default=10, help="videos per held-out prompt (28 prompts)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps when scoring")
@@ -104,6 +105,7 @@ def main(argv=None) -> int:
                           "--width", "64", "--rank", str(args.rank), "--alpha", str(args.rank),
                           "--steps", str(args.train_steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                           "--warmup", str(args.train_steps // 10), "--checkpoint-every", str(args.train_steps),
+                          "--caption-dropout", str(args.caption_dropout),
                           "--no-gradient-checkpointing", "--seed", "0", "--device", "cpu"])  # fp32 on a CPU
     minutes = (time.perf_counter() - t0) / 60
     if rc:
@@ -115,7 +117,8 @@ def main(argv=None) -> int:
     err, span = peer_difference(model, out)
 
     print(f"\nLoRA lesson on {model}: {2 * args.clips} clips ({args.clips} {COLOUR}), rank {args.rank}, "
-          f"{args.train_steps} steps of batch {args.batch_size}, lr {args.lr}, fp32, {args.threads} threads: "
+          f"{args.train_steps} steps of batch {args.batch_size}, lr {args.lr}, caption dropout {args.caption_dropout}, "
+          f"fp32, {args.threads} threads: "
           f"train_lora.py took {minutes:.1f} min end to end; scored with {args.steps} DDIM steps, guidance 6")
     shapes.print_table(results)
     print(f"diffusers load_lora_weights vs ours, one {COLOUR} prompt, 20 steps: max abs {err:.2e} "

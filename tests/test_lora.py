@@ -686,6 +686,54 @@ def test_v15_batch_noise_has_the_shape_of_x0(tmp_path):
     assert noise.shape == x0.shape
 
 
+def test_caption_dropout_swaps_in_the_empty_caption_and_draws_nothing_else(tmp_path):
+    """--caption-dropout: a dropped sample trains on the empty caption's embedding (what guidance's unconditional
+    branch is); latents, timesteps and noise are the ones a run without it draws, and with 0 nothing changes."""
+    for sub in ("latents", "text"):
+        (tmp_path / sub).mkdir()
+    save_file({"mean": torch.randn(3, 4, 2, 2), "logvar": torch.full((3, 4, 2, 2), -4.0)}, tmp_path / "latents/z.safetensors")
+    own, empty = torch.randn(5, 8), torch.randn(5, 8)
+    save_file({"embedding": own}, tmp_path / "text" / "c.safetensors")
+    save_file({"embedding": empty}, tmp_path / "text" / "e.safetensors")
+    items, positions = [(None, "z", "c")] * 64, [(7, p) for p in range(64)]
+    batch = lambda p: train_lora.make_batch(items, positions, str(tmp_path), 0.7, 1000, None, caption_dropout=p,
+                                            empty_key="e")
+    plain, none, every, half = train_lora.make_batch(items, positions, str(tmp_path), 0.7, 1000, None), batch(0.0), \
+        batch(1.0), batch(0.5)
+    for b in (none, every, half):
+        assert all(torch.equal(b[i], plain[i]) for i in (0, 2, 3))  # x0, t, noise
+    assert torch.equal(none[1], plain[1]) and (plain[1] == own).all()
+    assert (every[1] == empty).all()
+    dropped = [torch.equal(x, empty) for x in half[1]]
+    assert all(d or torch.equal(x, own) for d, x in zip(dropped, half[1])) and 16 <= sum(dropped) <= 48
+
+
+def test_a_run_with_caption_dropout_caches_the_empty_caption(snap, data, tmp_path, capsys):
+    """The empty caption is encoded once into the cache (listed as ours), the LoRA differs from a run without dropout,
+    a resume with another --caption-dropout is refused naming it, and a value outside [0, 1] is refused by the
+    parser."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    common = ["--model", snap, "--data", data, "--cache-dir", str(cache), "--rank", str(RANK), "--alpha", str(ALPHA),
+              "--lr", "3e-2", "--warmup", "1", "--steps", "4", "--checkpoint-every", "2", "--batch-size", "2",
+              "--no-gradient-checkpointing"]
+    assert train_lora.main([*common, "--output", str(tmp_path / "plain")]) == 0
+    assert len(os.listdir(cache / "text")) == len(CAPTIONS)
+    assert train_lora.main([*common, "--output", str(out), "--caption-dropout", "0.5"]) == 0
+    assert len(os.listdir(cache / "text")) == len(CAPTIONS) + 1
+    empty = train_lora.empty_caption_key(train_lora.cache_settings(snap, 9, 32, 32, MAX_TEXT, torch.float32))
+    assert os.path.isfile(cache / "text" / f"{empty}.safetensors")
+    a, _ = read_lora(str(tmp_path / "plain"))
+    b, _ = read_lora(str(out))
+    assert lora_gap(a, b)[0] > 0
+    capsys.readouterr()
+    assert train_lora.main([*common, "--output", str(out), "--resume", "latest", "--steps", "6"]) == 2
+    assert "--caption-dropout" in capsys.readouterr().err
+    for bad in ("1.5", "-0.1", "x"):
+        with pytest.raises(SystemExit) as e:
+            train_lora.parse_args([*common, "--output", str(out), "--caption-dropout", bad])
+        assert e.value.code == 2 and "--caption-dropout" in capsys.readouterr().err
+
+
 def test_diffusion_loss_feeds_the_model_in_the_training_dtype():
     """The network gets x_t and the text embeddings in the training dtype (the official trainer casts latents and
     prompt embeddings to weight_dtype); the loss is still taken in fp32 against v."""
