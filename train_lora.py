@@ -598,7 +598,8 @@ def start_clean(output: str) -> list[str]:
 # Settings that must not change across a resume, or it would not continue the same run.
 SAME_ON_RESUME = ("model", "rank", "alpha", "seed", "batch_size", "grad_accum", "num_frames", "height", "width",
                   "buckets", "full", "freeze", "caption_dropout")
-ADDED_LATER = {"buckets": None, "full": False, "freeze": None, "caption_dropout": 0.0}  # what a checkpoint from before these flags ran with
+# what a checkpoint from before these flags ran with
+ADDED_LATER = {"buckets": None, "full": False, "freeze": None, "caption_dropout": 0.0}
 
 
 def load_checkpoint(path: str, model, optimizer, args) -> int:
