@@ -175,6 +175,20 @@ def test_step_cache_decisions_over_a_run_follow_the_definition():
     assert model.block_source is None  # the stack is handed back
 
 
+def test_step_cache_inside_a_block_stream_runs_its_blocks_and_hands_it_back():
+    """Under --offload blocks the stream is entered first (model.block_source = the streamed blocks): the cache runs
+    those blocks, and on exit gives the stream back, so the rest of the generation still streams. Found by mutation
+    testing: exiting to None instead passed every test, as every test entered the cache with no stream."""
+    model = Doubler()
+    stream = [model]  # what offload.BlockStream supplies: the blocks, each moved in as it runs
+    model.block_source = stream
+    x = torch.ones(2, 1, 1)
+    with StepCache(model, threshold=0.5):
+        (run_blocks,) = model.block_source
+        assert torch.equal(run_blocks(x, "text", "emb", "rope")[0], 2 * x) and model.ran == 1
+    assert model.block_source is stream
+
+
 def test_step_cache_in_the_sampling_loop_is_reset_per_generation(pair):
     """Through sampler.denoise with guidance (the CFG batch): fewer evaluations, close result, and a new cache per
     generation gives the same result twice."""
