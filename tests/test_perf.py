@@ -366,6 +366,17 @@ def test_block_stream_packs_host_tensors_into_shared_buffers():
     assert 1 < len(storages) < len(tensors)  # shared, and more than one buffer
     big = [w for w in tensors if w.nbytes > chunk]
     assert big and all(w.untyped_storage().nbytes() < 2 * w.nbytes for w in big)
+    # sizes that are not multiples of 512 bytes (the model's all are): each keeps its bytes, none overlaps the next
+    odd = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+           for n in (5130, 1, 511, 513, 1025, 4096)]
+    copies = [o.clone() for o in odd]
+    BlockStream(model, "cpu")._pack(odd, chunk=chunk)
+    assert all(torch.equal(o, c) and (o.data_ptr() - o.untyped_storage().data_ptr()) % 512 == 0
+               for o, c in zip(odd, copies))
+    # 13,312 aligned bytes in chunks of 8,192: one full buffer (5,632 + 3 x 512 + 1,024 = 7,680 used), then the rest
+    # (1,536 + 4,096) in a buffer of exactly what is left, not another whole chunk
+    buffers = {o.untyped_storage().data_ptr(): o.untyped_storage().nbytes() for o in odd}
+    assert sorted(buffers.values()) == [5632, 8192]
 
 
 def test_gpu_benchmark_smoke_run(monkeypatch, capsys, fresh_dynamo):
