@@ -140,11 +140,12 @@ def render(attrs, rng, cfg=ClipConfig(), rgb=None):
     return palette[np.round(255 * cover).astype(np.uint8)]  # (F, H, W, 3)
 
 
-def make_clips(n, seed, attrs_list, cfg=ClipConfig()):
-    """n clips with attributes drawn uniformly from attrs_list: uint8 (N, F, H, W, 3) and their captions."""
+def make_clips(n, seed, attrs_list, cfg=ClipConfig(), paint=None):
+    """n clips with attributes drawn uniformly from attrs_list: uint8 (N, F, H, W, 3) and their captions.
+    paint(rng, attrs): an unnamed colour for that clip's shape (render's rgb), or None for its caption's."""
     rng = np.random.default_rng(seed)
     picks = [attrs_list[i] for i in rng.integers(len(attrs_list), size=n)]
-    videos = np.stack([render(a, rng, cfg) for a in picks])  # (N, F, H, W, 3)
+    videos = np.stack([render(a, rng, cfg, paint and paint(rng, a)) for a in picks])  # (N, F, H, W, 3)
     return videos, [caption(a) for a in picks]
 
 

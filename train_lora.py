@@ -842,7 +842,7 @@ def train(args, world: int, rank: int, local: int, device) -> int:
             cli.record(root, [f"{prefix}{kind}/{k}.safetensors" for s, lat, txt in found.good
                               for kind, k in (("latents", lat), ("text", txt))]
                        + [f"{prefix}clips/{d}.json" for d in found.shapes]
-                       + [f"{prefix}text/{empty_key}.safetensors"] * bool(args.caption_dropout), TOOL)
+                       + ([f"{prefix}text/{empty_key}.safetensors"] if args.caption_dropout else []), TOOL)
             build_cache(args, found.good, cache, device, dtype, [buckets[b] for b in found.bucket], found.shapes,
                         info.vae, empty_key if args.caption_dropout else None)
     if not all_ok(ok, world, device):

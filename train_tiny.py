@@ -28,9 +28,9 @@ Hugging Face layout, so diffusers' CogVideoXPipeline loads it unchanged. Stages,
    and what LoRA training sees) decodes like the mean. `vae_random_colours` paints a share of the VAE's clips a colour
    no caption has (random_colour), so the VAE, like the official one, can encode colours the transformer never
    learned to draw, which a LoRA that teaches a new colour word needs. It is 0 in the shipped recipe: at 0.5 (the
-   sixth run in the README) cyan reconstructs right, but shapes reconstruct and generate worse. The reconstruction accuracy
-   (shapes.evaluate on encode -> decode of 40 clips) is printed and logged: it bounds what any transformer can
-   score. The latents' std sets scaling_factor, so the transformer sees unit-variance latents.
+   sixth run in the README) cyan reconstructs right, but shapes reconstruct and generate worse. The reconstruction
+   accuracy (shapes.evaluate on encode -> decode of 40 clips) is printed and logged: it bounds what any transformer
+   can score. The latents' std sets scaling_factor, so the transformer sees unit-variance latents.
 4. Transformer: the CogVideoX 1.0 expert transformer, 4 layers of width 256 (4 heads of 64), with 5b-style 3D RoPE
    (positions relative, text without position; the 2b sincos table would work too) and the 5b schedule
    (snr_shift_scale 1: the 2b shift of 3 was chosen for 480x720 latents and would leave an 8x8 latent mostly noise),
@@ -231,9 +231,7 @@ def random_colour(rng, background, share):
 def vae_clips(n, seed, attrs_list, share):
     """n clips for the VAE: the attributes of make_clips, a share of them painted a random colour. uint8
     (N, F, H, W, 3)."""
-    rng = np.random.default_rng(seed)
-    picks = [attrs_list[i] for i in rng.integers(len(attrs_list), size=n)]
-    return np.stack([shapes.render(a, rng, rgb=random_colour(rng, a.background, share)) for a in picks])
+    return shapes.make_clips(n, seed, attrs_list, paint=lambda rng, a: random_colour(rng, a.background, share))[0]
 
 
 def shape_triples(n, seed, attrs_list, share=0.0):

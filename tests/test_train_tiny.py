@@ -135,8 +135,9 @@ def test_shape_triples_differ_only_in_shape():
 
 
 def test_vae_clips_paint_a_share_of_shapes_in_colours_with_no_name():
-    """The VAE's clips: with share 0 every shape has its caption's colour (make_clips' clips); with share 1 the colours are spread over the
-    RGB cube, its corners (cyan among them) included, and never within 0.5 of the background in every channel."""
+    """The VAE's clips: with share 0 every shape has its caption's colour (make_clips' clips); with share 1 the
+    colours are spread over the RGB cube, its corners (cyan among them) included, and never within 0.5 of the
+    background in every channel."""
     import numpy as np
     named = np.array(list(shapes.COLOURS.values()))
     attrs = shapes.split()[0]
