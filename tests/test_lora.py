@@ -806,6 +806,51 @@ def test_check_args_names_each_bad_argument(snap, data, tmp_path):
     refused(lambda: train_lora.check_args(bad, info, 1), "num_frames=8")
 
 
+def test_check_args_plans_the_validation_render_and_keeps_what_it_parsed(snapshots, data, tmp_path):
+    """What check_args hands on: the validation render's plan (its prompt, seed, size: --buckets' first bucket or
+    the flags'), the parsed --freeze patterns and --buckets sizes; and, on an I2V model, the first frame: the
+    validation image, or a blank one when nothing is rendered. The flags that only go together are refused in
+    process, each naming what to add or leave out."""
+    png = str(tmp_path / "first.png")
+    image = torch.rand(3, 24, 40, generator=torch.Generator().manual_seed(1))
+    imageio.v3.imwrite(png, to_uint8(image[None])[0])
+
+    def args(snap, *extra, size=(17, 48, 64)):  # the tiny models' own size is 9 x 32 x 32
+        a = train_lora.parse_args(["--model", snap, "--data", data, "--output", str(tmp_path / "out"), "--seed", "7",
+                                   *extra])
+        a.num_frames, a.height, a.width = size
+        return a
+    t2v = snapshots("2b")
+    info = read_model_info(t2v)
+    a = args(t2v, "--validation-prompt", "a red circle", "--validate-every", "2")
+    r = train_lora.check_args(a, info, 1)
+    assert (r.num_frames, r.height, r.width, r.image) == (17, 48, 64, None) and a.freeze_patterns == []
+    assert [(j.prompts, j.seed) for j in r.jobs] == [(["a red circle"], 7)]
+    assert [j.prompts for j in train_lora.check_args(args(t2v), info, 1).jobs] == [[""]]
+    a = args(t2v, "--full", "--freeze", "patch_embed, *.norm1.*")
+    train_lora.check_args(a, info, 1)
+    assert a.freeze_patterns == ["patch_embed", "*.norm1.*"]
+    a = args(t2v, "--buckets", "48X64x17, 64x48x9", size=(None, None, None))
+    r = train_lora.check_args(a, info, 1)
+    assert (a.bucket_sizes, a.buckets) == ([(48, 64, 17), (64, 48, 9)], "48x64x17,64x48x9")
+    assert (r.num_frames, r.height, r.width) == (17, 48, 64)  # the first bucket's
+    for extra, names in [(["--validation-image", png], ["--validation-image"]),
+                         (["--freeze", "patch_embed"], ["--freeze", "--full"]),
+                         (["--buckets", "32x48x9"], ["--buckets", "--num-frames"])]:
+        refused(lambda: train_lora.check_args(args(t2v, *extra), info, 1), *names)
+
+    i2v = snapshots("5b-i2v")
+    info = read_model_info(i2v)
+    blank = train_lora.check_args(args(i2v, size=(9, 32, 32)), info, 1).image  # no render: a blank first frame
+    assert blank.dim() == 3 and blank.shape[0] == 3 and not blank.any()
+    r = train_lora.check_args(args(i2v, "--validation-prompt", "x", "--validate-every", "2", "--validation-image", png,
+                                   size=(9, 32, 32)), info, 1)
+    assert torch.equal(r.image, torch.from_numpy(imageio.v3.imread(png)).permute(2, 0, 1).float() / 255)
+    for extra, names in [(["--validation-prompt", "x", "--validate-every", "2"], ["--validation-image"]),
+                         (["--validation-image", png], ["--validation-prompt"])]:
+        refused(lambda: train_lora.check_args(args(i2v, *extra, size=(9, 32, 32)), info, 1), *names)
+
+
 def test_clips_are_read_as_the_vae_reads_pixels(data):
     """load_clip: the frames at the official stride, covered and centre-cropped to the size (generate.resize), as
     (3, F, H, W) in [-1, 1] (x * 2 - 1), against the clip decoded here with imageio; a clip with exactly
