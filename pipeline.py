@@ -34,7 +34,6 @@ class ModelInfo:
     81 frames at 768x1360, 16 fps for 1.5)."""
     path: str
     is_i2v: bool            # the transformer takes [noise; image latents] on channels
-    is_v15: bool            # CogVideoX 1.5: patch_size_t = 2, 16k+1 frames
     num_frames: int
     height: int
     width: int
@@ -100,7 +99,7 @@ def model_info(path: str, transformer_config, vae_config, scheduler_config) -> M
         fps = 16 if is_v15 else 8
     rope = transformer_config.use_rotary_positional_embeddings
     return ModelInfo(path=path, is_i2v=transformer_config.in_channels == 2 * transformer_config.out_channels,
-                     is_v15=is_v15, num_frames=transformer_config.sample_frames, height=height, width=width, fps=fps,
+                     num_frames=transformer_config.sample_frames, height=height, width=width, fps=fps,
                      frame_multiple=16 if is_v15 else 8,
                      temporal_compression=vae_config.temporal_compression_ratio, spatial_compression=spatial,
                      max_text_seq_length=transformer_config.max_text_seq_length,

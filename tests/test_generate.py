@@ -923,6 +923,18 @@ def test_load_pipeline_dtype_and_offload_arguments(snapshots):
     for offload, want in [(None, None), (False, None), (True, "model"), ("model", "model"), ("blocks", "blocks")]:
         assert load_pipeline(path, offload=offload).offload == want, offload
     refused(lambda: load_pipeline(path, offload="disk"), "offload", "'disk'")
+    refused(lambda: load_pipeline(path, device="tpu"), "'tpu'")  # a device name is checked as --device is
+
+
+def test_a_snapshot_without_one_of_its_five_folders_is_refused_naming_it(snapshots, tmp_path):
+    import shutil
+    from checkpoint import CheckpointError
+    from pipeline import read_model_info
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        path = tmp_path / sub
+        shutil.copytree(snapshots("2b"), path)
+        shutil.rmtree(path / sub)
+        refused(lambda: read_model_info(str(path)), f"{sub}/", error=CheckpointError)
 
 
 def test_peak_memory_is_the_high_water_mark_in_gib(monkeypatch):
@@ -1101,7 +1113,9 @@ def test_check_request_takes_exactly_what_each_model_takes_and_suggests_values_i
     t2v = model_info("2b", T["cogvideox-2b"], V["cogvideox-2b"], S["cogvideox-2b"])
     i2v = model_info("5b-i2v", T["cogvideox-5b-i2v"], V["cogvideox-5b"], S["cogvideox-5b"])
     v15 = model_info("1.5", T["cogvideox1.5-5b"], V["cogvideox1.5-5b"], S["cogvideox-5b"])
-    assert v15.is_v15 and not t2v.is_v15 and not i2v.is_v15
+    # 1.5: 16k+1 frames at 16 fps, its card's size; the precision each was trained in (fp16 for 2b only)
+    assert [(i.frame_multiple, i.fps, i.height, i.width, i.gpu_dtype) for i in (t2v, i2v, v15)] == [
+        (8, 8, 480, 720, torch.float16), (8, 8, 480, 720, torch.bfloat16), (16, 16, 768, 1360, torch.bfloat16)]
     image, video = torch.zeros(3, 480, 720), torch.zeros(9, 3, 480, 720)
 
     def suggested(info, n=49, h=480, w=720, name="num_frames"):
