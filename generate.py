@@ -245,7 +245,7 @@ def prompt_notes(tokenizer: Tokenizer, prompts: list[str]) -> list[str]:
 
 
 @torch.no_grad()
-def make_videos(pipe: Pipeline, request: Request, job: Job, *, progress: bool = True,
+def make_videos(pipe: Pipeline, request: Request, job: Job, *, progress: bool,
                 timings: dict | None = None) -> torch.Tensor:
     """One job of a plan -> frames (len(job.prompts) * request.num_videos, F, 3, H, W) float in [0, 1], prompt-major.
     timings receives the wall time of each stage ("text", "denoise", "decode") and the number of full transformer

@@ -823,7 +823,11 @@ def test_bf16_runs_every_input_kind(snapshots, family):
     else:
         kw.update(image=torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1)), num_frames=17)
     full = generate(load_pipeline(path), PROMPT, **kw)
-    half = generate(load_pipeline(path, dtype=torch.bfloat16), PROMPT, **kw)
+    pipe = load_pipeline(path, dtype=torch.bfloat16)
+    seen = set()  # the dtypes of the latents and the ofs tensor the transformer is given, at every step
+    pipe.transformer.register_forward_pre_hook(lambda m, a: seen.update(v.dtype for v in (a[0], a[3]) if v is not None))
+    half = generate(pipe, PROMPT, **kw)
+    assert seen == {torch.bfloat16}
     diff = (half - full).abs()
     print(f"{family} bf16 vs fp32 frames: mean {diff.mean():.4f}, max {diff.max():.4f}")
     assert half.dtype == torch.float32 and half.shape == full.shape and diff.mean() < 0.02
@@ -924,6 +928,27 @@ def test_load_pipeline_dtype_and_offload_arguments(snapshots):
         assert load_pipeline(path, offload=offload).offload == want, offload
     refused(lambda: load_pipeline(path, offload="disk"), "offload", "'disk'")
     refused(lambda: load_pipeline(path, device="tpu"), "'tpu'")  # a device name is checked as --device is
+
+
+def test_generate_shows_its_progress_unless_asked_not_to(snapshots, capsys):
+    pipe = load_pipeline(snapshots("2b"))
+    kw = dict(num_inference_steps=3, max_sequence_length=MAX_TEXT)
+    generate(pipe, PROMPT, **kw)
+    assert "3/3" in capsys.readouterr().err  # the denoising bar, on by default
+    generate(pipe, PROMPT, progress=False, **kw)
+    assert "3/3" not in capsys.readouterr().err
+
+
+def test_a_step_cache_that_never_refreshes_still_evaluates_the_first_and_the_last_step(snapshots):
+    """generate(step_cache=...) gives the cache its threshold and the step count: with a threshold nothing reaches,
+    2 of 4 steps run the blocks (StepCache's definition); with one every change exceeds, all 4, as without a cache."""
+    pipe = load_pipeline(snapshots("2b"))
+    kw = dict(num_inference_steps=4, max_sequence_length=MAX_TEXT, progress=False)
+    for threshold, evaluations in ((1e9, 2), (1e-12, 4)):
+        timings = {}
+        frames = generate(pipe, PROMPT, step_cache=threshold, timings=timings, **kw)
+        assert timings["evaluations"] == evaluations, threshold
+    assert torch.equal(frames, generate(pipe, PROMPT, **kw))
 
 
 def test_a_snapshot_without_one_of_its_five_folders_is_refused_naming_it(snapshots, tmp_path):
