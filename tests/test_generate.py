@@ -1299,10 +1299,26 @@ def test_negative_prompts_must_pair_with_the_prompts():
     from vae import PRESETS as V
     info = model_info("2b", T["cogvideox-2b"], V["cogvideox-2b"], S["cogvideox-2b"])
     for prompts, negatives in ((["a", "b"], ["x"]), (["a"], ["x", "y"]), ([], "")):
-        with pytest.raises(ValueError):
-            gen.plan(info, prompts, negative_prompt=negatives)
+        refused(lambda: gen.plan(info, prompts, negative_prompt=negatives), "prompt(s)", "negative prompt(s)")
     assert [job.negatives for job in gen.plan(info, ["a", "b"], negative_prompt=["x", "y"]).jobs] == [["x", "y"]]
     assert [job.negatives for job in gen.plan(info, ["a", "b"], negative_prompt="x").jobs] == [["x", "x"]]
+
+
+def test_plan_with_an_output_names_each_video_and_checks_the_paths(tmp_path):
+    """The Python API's plan(output=...) (no prompt-file lines): one job whose videos go to the path given, or to
+    derived names when there are several; a path holding a file someone else wrote is refused before any work."""
+    import generate as gen
+    from model import PRESETS as T
+    from pipeline import model_info
+    from sampler import PRESETS as S
+    from vae import PRESETS as V
+    info = model_info("2b", T["cogvideox-2b"], V["cogvideox-2b"], S["cogvideox-2b"])
+    out = str(tmp_path / "clip.mp4")
+    assert [j.outputs for j in gen.plan(info, "a", output=out).jobs] == [[(out, True)]]
+    two = gen.plan(info, "a", output=out, num_videos=2).jobs
+    assert [j.outputs for j in two] == [[(str(tmp_path / "clip_0.mp4"), False), (str(tmp_path / "clip_1.mp4"), False)]]
+    (tmp_path / "clip_0.mp4").write_text("someone else's")
+    refused(lambda: gen.plan(info, "a", output=out, num_videos=2), "clip_0.mp4")
 
 
 def test_plan_without_arguments_is_the_documented_default_run():
