@@ -821,7 +821,8 @@ def train(args, world: int, rank: int, local: int, device) -> int:
     args.i2v = info.is_i2v
     buckets = args.bucket_sizes if args.buckets else [(args.height, args.width, args.num_frames)]
     settings = [cache_settings(args.model, f, h, w, args.max_text_len, dtype, args.i2v) for h, w, f in buckets]
-    empty_key = empty_caption_key(settings[0])  # the text settings are the same in every bucket
+    # --caption-dropout's empty caption (the text settings are the same in every bucket)
+    empty_key = empty_caption_key(settings[0]) if args.caption_dropout else None
 
     # 1. Validate every sample, then fill the cache; one process per machine does it, the others wait.
     ok, found = True, None
@@ -842,9 +843,9 @@ def train(args, world: int, rank: int, local: int, device) -> int:
             cli.record(root, [f"{prefix}{kind}/{k}.safetensors" for s, lat, txt in found.good
                               for kind, k in (("latents", lat), ("text", txt))]
                        + [f"{prefix}clips/{d}.json" for d in found.shapes]
-                       + ([f"{prefix}text/{empty_key}.safetensors"] if args.caption_dropout else []), TOOL)
+                       + ([f"{prefix}text/{empty_key}.safetensors"] if empty_key else []), TOOL)
             build_cache(args, found.good, cache, device, dtype, [buckets[b] for b in found.bucket], found.shapes,
-                        info.vae, empty_key if args.caption_dropout else None)
+                        info.vae, empty_key)
     if not all_ok(ok, world, device):
         return 2
     if rank == 0 and not args.resume and (gone := start_clean(args.output)):
