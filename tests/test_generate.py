@@ -1058,6 +1058,8 @@ def test_cli_prompt_file_under_torchrun_takes_every_world_th_prompt(snapshots, t
     assert {"b-0001.gif", "b-0005.gif"} <= set(os.listdir(tmp_path)) and not (tmp_path / "b-0004.gif").exists()
     for line in (1, 5):  # each video's report names its files
         assert f"{tmp_path / f'b-{line:04d}.gif'}, {tmp_path / f'b-{line:04d}.png'}" in out
+    # the progress lines count this process's videos and give each prompt's line in the file
+    assert re.findall(r"\[(\d+)/(\d+)\] line (\d+): (.*)", out) == [("1", "2", "1", PROMPT), ("2", "2", "5", "a green triangle")]
     assert 0 <= float(re.search(r"loaded in (\d+\.\d)s", out)[1]) <= elapsed + 0.05  # a duration, not a clock
     named = tmp_path / "named.gif"  # the output the user names is theirs to replace, whoever wrote it
     named.write_bytes(b"an older file of the user's")
