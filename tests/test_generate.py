@@ -1061,10 +1061,16 @@ def test_cli_prompt_file_under_torchrun_takes_every_world_th_prompt(snapshots, t
     # the progress lines count this process's videos and give each prompt's line in the file
     assert re.findall(r"\[(\d+)/(\d+)\] line (\d+): (.*)", out) == [("1", "2", "1", PROMPT), ("2", "2", "5", "a green triangle")]
     assert 0 <= float(re.search(r"loaded in (\d+\.\d)s", out)[1]) <= elapsed + 0.05  # a duration, not a clock
+    # each video reports the time of its three stages (durations: together within the run's time), and no step
+    # cache was asked for, so none is reported
+    stages = [float(v) for row in re.findall(r"text (\d+\.\d)s, denoise (\d+\.\d)s, decode (\d+\.\d)s", out)
+              for v in row]
+    assert len(stages) == 6 and sum(stages) <= elapsed + 0.2 and "step cache" not in out
     named = tmp_path / "named.gif"  # the output the user names is theirs to replace, whoever wrote it
     named.write_bytes(b"an older file of the user's")
     assert gen.main(["--model", path, "--prompt", PROMPT, "--steps", "1", "--num-frames", "9", "--output", str(named)]) == 0
     assert iio.imread(named, index=None).shape == (9, 32, 32, 3)
+    assert not re.search(r"\[\d+/\d+\] line", capsys.readouterr().out)  # prompt-file progress only for a prompt file
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
     assert gen.main([*argv, "--output", str(tmp_path / "c.gif")]) == 0
