@@ -149,22 +149,28 @@ def test_context_parallel_gives_the_one_process_frames(setup, reference, tmp_pat
 
 def test_torchrun_context_parallel_writes_the_video_once(setup, tmp_path):
     """torchrun --nproc_per_node 2 generate.py --context-parallel: process 0 writes the one-process frames (unguided:
-    Ulysses over both processes, bit-exact in fp32), once; the other process writes and prints nothing of it."""
+    Ulysses over both processes, bit-exact in fp32), once per video; the other process writes and prints nothing of
+    it. Two prompts from a file: both processes make every video together, one after the other."""
     from generate import generate
     from media import to_uint8
     from pipeline import load_pipeline
     path, out = setup["snapshots"]["2b"], tmp_path / "out"
+    prompts = [PROMPT, "a blue square moving up on a white background"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     size = dict(num_frames=9, height=80, width=48, num_inference_steps=2, guidance_scale=1.0)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                         str(free_port()), os.path.join(ROOT, "generate.py"), "--context-parallel", "--model", path,
-                        "--prompt", PROMPT, "--num-frames", "9", "--height", "80", "--width", "48", "--steps", "2",
-                        "--guidance", "1", "--output", str(out / "clip")], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                        "--prompt-file", str(tmp_path / "prompts.txt"), "--num-frames", "9", "--height", "80",
+                        "--width", "48", "--steps", "2", "--guidance", "1", "--output", str(out / "clip")],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(out)) == ["clip", "clip.png"] and r.stdout.count("wrote ") == 1, r.stdout
-    png = np.stack([iio.imread(p) for p in sorted((out / "clip").glob("*.png"))])
-    want = to_uint8(generate(load_pipeline(path), PROMPT, progress=False, **size)[0])
-    assert np.array_equal(png, want), np.abs(png.astype(int) - want).max()
+    assert sorted(os.listdir(out)) == ["clip-0001", "clip-0001.png", "clip-0002", "clip-0002.png"], os.listdir(out)
+    assert r.stdout.count("wrote ") == 2, r.stdout
+    pipe = load_pipeline(path)
+    for line, prompt in enumerate(prompts, 1):
+        png = np.stack([iio.imread(p) for p in sorted((out / f"clip-{line:04d}").glob("*.png"))])
+        want = to_uint8(generate(pipe, prompt, seed=42 + line - 1, progress=False, **size)[0])
+        assert np.array_equal(png, want), (line, np.abs(png.astype(int) - want).max())
 
 
 def test_context_parallel_refusals(capsys):
