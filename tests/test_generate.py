@@ -1065,7 +1065,7 @@ def test_cli_prompt_file_under_torchrun_takes_every_world_th_prompt(snapshots, t
     # cache was asked for, so none is reported
     stages = [float(v) for row in re.findall(r"text (\d+\.\d)s, denoise (\d+\.\d)s, decode (\d+\.\d)s", out)
               for v in row]
-    assert len(stages) == 6 and sum(stages) <= elapsed + 0.2 and "step cache" not in out
+    assert len(stages) == 6 and sum(stages) <= elapsed + 0.3 and "step cache" not in out  # 6 values rounded to 0.1 s
     named = tmp_path / "named.gif"  # the output the user names is theirs to replace, whoever wrote it
     named.write_bytes(b"an older file of the user's")
     assert gen.main(["--model", path, "--prompt", PROMPT, "--steps", "1", "--num-frames", "9", "--output", str(named)]) == 0
