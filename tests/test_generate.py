@@ -1296,16 +1296,21 @@ def test_a_text_length_other_than_the_models_reaches_the_text_encoder(snapshots)
     assert (ours - default).abs().max() > 1e-3
 
 
+def preset_info_2b():
+    """CogVideoX-2b's ModelInfo from the presets in source: real configs, no snapshot, no weights."""
+    from model import PRESETS as T
+    from pipeline import model_info
+    from sampler import PRESETS as S
+    from vae import PRESETS as V
+    return model_info("2b", T["cogvideox-2b"], V["cogvideox-2b"], S["cogvideox-2b"])
+
+
 def test_negative_prompts_must_pair_with_the_prompts():
     """plan() takes one negative prompt per prompt, or one string for all; a list of another length (or no prompt at
     all) is refused before anything is read (plan 21: only the empty prompt list was refused). Real configs, no
     weights."""
     import generate as gen
-    from model import PRESETS as T
-    from pipeline import model_info
-    from sampler import PRESETS as S
-    from vae import PRESETS as V
-    info = model_info("2b", T["cogvideox-2b"], V["cogvideox-2b"], S["cogvideox-2b"])
+    info = preset_info_2b()
     for prompts, negatives in ((["a", "b"], ["x"]), (["a"], ["x", "y"]), ([], "")):
         refused(lambda: gen.plan(info, prompts, negative_prompt=negatives), "prompt(s)", "negative prompt(s)")
     assert [job.negatives for job in gen.plan(info, ["a", "b"], negative_prompt=["x", "y"]).jobs] == [["x", "y"]]
@@ -1316,11 +1321,7 @@ def test_plan_with_an_output_names_each_video_and_checks_the_paths(tmp_path):
     """The Python API's plan(output=...) (no prompt-file lines): one job whose videos go to the path given, or to
     derived names when there are several; a path holding a file someone else wrote is refused before any work."""
     import generate as gen
-    from model import PRESETS as T
-    from pipeline import model_info
-    from sampler import PRESETS as S
-    from vae import PRESETS as V
-    info = model_info("2b", T["cogvideox-2b"], V["cogvideox-2b"], S["cogvideox-2b"])
+    info = preset_info_2b()
     out = str(tmp_path / "clip.mp4")
     assert [j.outputs for j in gen.plan(info, "a", output=out).jobs] == [[(out, True)]]
     two = gen.plan(info, "a", output=out, num_videos=2).jobs
@@ -1335,11 +1336,8 @@ def test_plan_without_arguments_is_the_documented_default_run():
     model's own frames, size and text length (plan 9: two videos per prompt went unseen, since the render keeps the
     first, which equals a single video's)."""
     import generate as gen
-    from model import PRESETS as T
-    from pipeline import model_info
-    from sampler import PRESETS as S, make_sampler
-    from vae import PRESETS as V
-    info = model_info("2b", T["cogvideox-2b"], V["cogvideox-2b"], S["cogvideox-2b"])
+    from sampler import make_sampler
+    info = preset_info_2b()
     r = gen.plan(info, "p")
     assert (r.num_videos, r.guidance_scale, r.use_dynamic_cfg, r.tiled, r.step_cache) == (1, 6.0, False, False, None)
     assert (r.num_frames, r.height, r.width, r.text_length) == (49, 480, 720, 226)
