@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import cli
 import train_lora
 from model import load_transformer
 from pipeline import load_pipeline, read_model_info
@@ -100,6 +101,7 @@ def test_clips_of_two_sizes_train_in_their_buckets(snap, mixed, tmp_path, capsys
                     for n in os.listdir(os.path.join(cache, "latents")))
     assert shapes == [(3, 4, 6, 4)] * 3 + [(5, 4, 4, 6)] * 2, shapes
     assert len(os.listdir(os.path.join(cache, "clips"))) == 6  # the dropped clip's shape is kept too
+    cli.check_folder(cache, "--cache-dir")  # every file in the cache is recorded as ours, so a later run may replace it
     assert [json.loads(x)["step"] for x in open(out / "loss.jsonl")] == [1, 2, 3, 4]
 
     info = read_model_info(snap)
@@ -115,6 +117,18 @@ def test_clips_of_two_sizes_train_in_their_buckets(snap, mixed, tmp_path, capsys
     assert alone.good[2][1] == found.good[2][1]  # the key is the bucket's, not the bucket list's
     assert found.good[0][1] != train_lora.cache_keys(found.good[0][0], train_lora.sha256_file(
         found.good[0][0].video), one[0])[0]  # another bucket, another key
+
+
+def test_a_dataset_none_of_whose_clips_fits_a_bucket_is_refused(snap, tmp_path, capsys):
+    """Every clip shorter than every bucket: exit 2 naming --buckets and the clip, and nothing written (not a run on
+    zero samples)."""
+    data = tmp_path / "short"
+    data.mkdir()
+    write_clip(str(data), "short", 5, 48, 64, "a short clip")
+    rc = train_lora.main(args_for(snap, str(data), tmp_path / "out", "--buckets", BUCKETS, "--steps", "1"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "--buckets" in err and "short.mp4" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["short"]  # no output folder, no cache
 
 
 @pytest.mark.parametrize("buckets,extra,words", [

@@ -528,6 +528,7 @@ def test_bad_dataset_lists_every_problem(snap, data, tmp_path, capsys):
                  "videos/short.mp4 (line 5)"):  # each problem named once, on a line of its own
         assert sum(name in line for line in err.splitlines()) == 1, (name, err)
     assert "good.mp4" not in err
+    assert sum(line.startswith("error:") for line in err.splitlines()) == 1, err  # the report is the only error: no work after it
     assert not os.path.exists(tmp_path / "out")  # nothing written: no output folder, no cache
 
 
