@@ -1,6 +1,6 @@
 """The image-to-video lesson: how CogVideoX-5b-I2V was made from CogVideoX-5b, redone on the demo model.
 
-    python train_tiny.py                                          # the v2 recipe -> runs/shapes-tiny (~60 min)
+    python train_tiny.py                                          # the demo's recipe -> runs/shapes-tiny (~1.6 h)
     python bench/i2v_lesson.py --model runs/shapes-tiny --output runs/shapes-tiny-i2v      # ~13 min on 2 CPU cores
     python generate.py --model runs/shapes-tiny-i2v --image first_frame.png --prompt "a red circle moving right ..."
 
@@ -133,7 +133,8 @@ def print_table(results: dict) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="the text-to-video snapshot to widen: a v2 train_tiny.py run")
+    p.add_argument("--model", required=True,
+                   help="the text-to-video snapshot to widen: a train_tiny.py run with a real posterior (v2 or later)")
     p.add_argument("--output", required=True, help="a new folder: the image-to-video snapshot")
     p.add_argument("--clips", type=cli.positive_int, default=4000, help="training clips (each its own condition)")
     p.add_argument("--train-steps", type=cli.positive_int, default=4000)

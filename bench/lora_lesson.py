@@ -1,7 +1,7 @@
 """The LoRA lesson: teach the demo model a colour its training data never had (cyan) with train_lora.py on the CPU,
 and measure the lesson from pixels.
 
-    python bench/lora_lesson.py                      # demo/shapes-tiny; ~15 min on 2 CPU cores, ~4 of them training
+    python bench/lora_lesson.py                      # demo/shapes-tiny; ~15 min on one CPU thread, ~3 of them training
     python bench/lora_lesson.py --keep runs/lesson   # keep the clips and the LoRA (generate.py --lora runs/lesson/lora)
 
 1. Data, as train_lora.py reads it (name.gif + name.txt pairs): `--clips` cyan clips over every shape, motion and
@@ -79,12 +79,12 @@ def peer_difference(model: str, lora_folder: str) -> tuple[float, float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="default: the bundled demo model (demo/shapes-tiny)")
-    p.add_argument("--clips", type=int, default=144, help="cyan clips (and as many old-colour clips)")
-    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--clips", type=int, default=288, help="cyan clips (and as many old-colour clips)")
+    p.add_argument("--train-steps", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--caption-dropout", type=float, default=0.0, help="train_lora.py's: a share of empty captions")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--caption-dropout", type=float, default=0.3, help="train_lora.py's: a share of empty captions")
     p.add_argument("--per-combo", type=int, default=2, help="videos per cyan prompt (36 prompts)")
     p.add_argument("--held-out-per-combo", type=int, default=10, help="videos per held-out prompt (28 prompts)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps when scoring")
