@@ -190,3 +190,49 @@ def test_the_shipped_vae_has_a_real_posterior():
     assert acc["posterior_std"] <= 0.1 * acc["mean_spread"], acc
     assert acc["draw_error"] <= 1.5 * acc["mean_error"], acc
     assert acc["draw"]["colour"] == acc["mean"]["colour"] == 1.0, acc
+
+
+def test_smoke_snapshot_matches_peer(smoke):
+    check_parity(smoke[0], num_inference_steps=2)
+
+
+def test_shipped_checkpoint_matches_peer():
+    check_parity(DEMO_MODEL, prompt="a white square moving left on a gray background", negative_prompt="",
+                 seed=7, num_inference_steps=4)
+
+
+def test_shipped_defaults_and_tokenizer():
+    from transformers import T5Tokenizer
+    pipe = load_pipeline(DEMO_MODEL)
+    info = pipe.info
+    assert (info.num_frames, info.height, info.width, info.fps) == (9, 64, 64, 8)
+    L = pipe.transformer.config.max_text_seq_length
+    peer = T5Tokenizer.from_pretrained(os.path.join(DEMO_MODEL, "tokenizer"))
+    train, held_out = shapes.split()
+    for prompt in [shapes.caption(a) for a in train + held_out] + ["", "A purple dog  jumps."]:
+        ref = peer(prompt, padding="max_length", max_length=L, truncation=True, add_special_tokens=True).input_ids
+        assert pipe.tokenizer(prompt, max_length=L)[0].tolist() == ref, prompt
+    # every caption fits without truncation: its last token is </s> or padding follows it
+    ids = pipe.tokenizer([shapes.caption(a) for a in train + held_out], max_length=L)
+    assert ((ids == 1).sum(1) == 1).all()
+
+
+def test_a_snapshot_with_a_users_file_inside_is_never_replaced(smoke, tmp_path):
+    """--output names a snapshot this script wrote: it is replaced only if it holds nothing else at any depth. A
+    user's file at the top or inside a component folder is refused before any work (no stage folder is made, the
+    snapshot unchanged). The snapshot's files carry the umask's permissions (safetensors creates them 0600)."""
+    import shutil
+    out = tmp_path / "shapes-tiny"
+    shutil.copytree(smoke[0], out)
+    for user in ("transformer/mine.txt", "tokenizer/sub/mine.txt", "mine.txt"):
+        (out / user).parent.mkdir(exist_ok=True)
+        (out / user).write_text("the user's\n")
+        assert train_tiny.main(["--smoke", "--output", str(out), "--no-eval", "--threads", "1"]) == 2, user
+        assert (out / user).read_text() == "the user's\n" and not os.path.exists(str(out) + ".partial")
+        assert weights(out) == weights(smoke[0])
+    mask = os.umask(0)
+    os.umask(mask)
+    for base, dirs, files in os.walk(smoke[0]):
+        for name in dirs + files:
+            mode = os.stat(os.path.join(base, name)).st_mode & 0o777
+            assert mode == (0o777 if name in dirs else 0o666) & ~mask, (os.path.join(base, name), oct(mode))
