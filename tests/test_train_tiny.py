@@ -182,6 +182,30 @@ def test_shape_separation_pushes_only_close_shapes_and_ignores_scale(scale):
     assert x.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_transformer_trains_in_bf16_only_where_it_is_fast(monkeypatch, bf16):
+    """bf16 autocast where fast_bf16 says the hardware has bf16 units, fp32 where it would be emulated (22x slower
+    on an AVX2-only CPU): the dtype of the transformer's prediction in a training step follows it."""
+    import io
+    from model import CogVideoXTransformer
+    cfg = train_tiny.PRESETS["smoke"]
+    monkeypatch.setattr(train_tiny, "fast_bf16", lambda device: bf16)  # the hardware, not the code under test
+    seen, forward = set(), CogVideoXTransformer.forward
+
+    def watched(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        seen.add(out.dtype)
+        return out
+    monkeypatch.setattr(CogVideoXTransformer, "forward", watched)
+    means = torch.randn(4, 3, cfg.latent_channels, 8, 8)  # (N, T, C, h, w)
+    text = torch.randn(2, cfg.max_text_seq_length, cfg.t5_width)  # (K, L, D)
+    model, first, last = train_tiny.train_transformer(
+        train_tiny.replace(cfg, dit_steps=2), means, 0.1 * torch.ones_like(means), 1.0, text, torch.tensor([0, 0, 0, 0]),
+        1, io.StringIO(), torch.Generator().manual_seed(0))
+    assert seen == {torch.bfloat16 if bf16 else torch.float32}
+    assert next(model.parameters()).dtype == torch.float32 and torch.isfinite(torch.tensor([first, last])).all()
+
+
 def test_the_shipped_vae_has_a_real_posterior():
     """The shipped VAE's posterior is tight (std <= 0.1 of the spread of its means) and a draw from it decodes about as
     well as the mean, so whatever samples the posterior (train_lora.py, the official and diffusers pipelines, image
