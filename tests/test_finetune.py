@@ -236,9 +236,13 @@ def test_a_full_run_in_bf16_renders_its_validation_prompt(snap, mixed, tmp_path)
     bf16 autocast beside T5 and the VAE in bf16 (without autocast the bf16 text states meet fp32 weights and fail)."""
     out = tmp_path / "run"
     assert train_lora.main(args_for(snap, mixed, out, "--full", "--steps", "1", "--dtype", "bf16", "--buckets", BUCKETS,
-                                    "--validation-prompt", "a square moving right", "--validate-every", "1")) == 0
+                                    "--validation-prompt", "a square moving right", "--validate-every", "1",
+                                    "--cache-dir", str(tmp_path / "cache"))) == 0
     video = imageio.v3.imread(out / "validation" / "step-000001.mp4", index=None)
     assert video.shape[0] > 1 and video.std() > 1
+    cached = [load_file(os.path.join(b, f)) for b, _, fs in os.walk(tmp_path / "cache") for f in fs
+              if f.endswith(".safetensors")]  # encoded in --dtype: half the disk of fp32
+    assert cached and {t.dtype for c in cached for t in c.values()} == {torch.bfloat16}
 
 
 def test_freeze_is_checked_before_any_weight_is_read(snap):

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import cli
 import generate as gen
 import train_lora
 from lora import TARGETS, LoRALinear, add_lora, load_lora, lora_state_dict, read_lora, save_lora
@@ -717,10 +718,13 @@ def test_a_run_with_caption_dropout_caches_the_empty_caption(snap, data, tmp_pat
     common = ["--model", snap, "--data", data, "--cache-dir", str(cache), "--rank", str(RANK), "--alpha", str(ALPHA),
               "--lr", "3e-2", "--warmup", "1", "--steps", "4", "--checkpoint-every", "2", "--batch-size", "2",
               "--no-gradient-checkpointing"]
+    def recorded_exactly():  # after a finished run the cache's marker lists what the cache holds, nothing more
+        return sorted(json.load(open(cache / cli.MARKER_FILE))["tree"]) == cli.listing(str(cache))
+
     assert train_lora.main([*common, "--output", str(tmp_path / "plain")]) == 0
-    assert len(os.listdir(cache / "text")) == len(CAPTIONS)
+    assert len(os.listdir(cache / "text")) == len(CAPTIONS) and recorded_exactly()
     assert train_lora.main([*common, "--output", str(out), "--caption-dropout", "0.5"]) == 0
-    assert len(os.listdir(cache / "text")) == len(CAPTIONS) + 1
+    assert len(os.listdir(cache / "text")) == len(CAPTIONS) + 1 and recorded_exactly()
     empty = train_lora.empty_caption_key(train_lora.cache_settings(snap, 9, 32, 32, MAX_TEXT, torch.float32))
     assert os.path.isfile(cache / "text" / f"{empty}.safetensors")
     a, _ = read_lora(str(tmp_path / "plain"))
@@ -1103,7 +1107,7 @@ def run_files(folder):
             for b, _, fs in os.walk(folder) for f in fs}
 
 
-def test_a_rerun_starts_clean_or_resumes_and_never_touches_a_users_file(snap, data, trained, tmp_path):
+def test_a_rerun_starts_clean_or_resumes_and_never_touches_a_users_file(snap, data, trained, tmp_path, capsys):
     """Without --resume a run starts clean, and only in a folder holding nothing but an earlier run's files: a file
     of the user's at the top or inside a checkpoint is refused before any work (the folder byte for byte as it was,
     loss.jsonl included); otherwise the earlier run's checkpoints, log and renders are removed, so `--resume latest`
@@ -1118,9 +1122,13 @@ def test_a_rerun_starts_clean_or_resumes_and_never_touches_a_users_file(snap, da
         assert train_lora.main(train_args(snap, data, run, "--steps", "2", *resume)) == 2, (user, resume)
         assert run_files(run) == before, (user, resume)
         (run / user).unlink()
+    earlier = [n for n in sorted(os.listdir(run)) if n not in ("cache", cli.MARKER_FILE)]
+    capsys.readouterr()
     old = os.umask(0o022)
     try:
         assert train_lora.main(train_args(snap, data, run, "--steps", "4", "--checkpoint-every", "2")) == 0
+        said = capsys.readouterr().out.splitlines()
+        assert any(all(n in line for n in earlier) for line in said), (earlier, said)  # says what it removed
         assert sorted(os.listdir(run)) == [".cogvideox-mini.json", "checkpoint-000002", "checkpoint-000004",
                                            "loss.jsonl", "pytorch_lora_weights.safetensors"]
         assert [json.loads(line)["step"] for line in open(run / "loss.jsonl")] == [1, 2, 3, 4]
