@@ -205,6 +205,10 @@ def test_full_resume_equals_the_uninterrupted_run(snap, mixed, full_run, tmp_pat
     assert "--freeze was patch_embed" in capsys.readouterr().err
     assert train_lora.main(args_for(snap, mixed, copy, *FULL[3:], "--resume", "latest")) == 2
     assert "--full was True" in capsys.readouterr().err
+    # a --full resume from a checkpoint without the transformer's weights (a LoRA run's) is refused, naming --resume
+    shutil.rmtree(copy / "checkpoint-000002" / "transformer")
+    assert train_lora.main(args_for(snap, mixed, copy, *FULL, "--resume", str(copy / "checkpoint-000002"))) == 2
+    assert "--resume" in capsys.readouterr().err
 
 
 def test_full_fine_tune_loads_in_diffusers_from_pretrained_with_our_outputs(snap, full_run, tmp_path):
