@@ -249,6 +249,18 @@ def test_a_full_run_in_bf16_renders_its_validation_prompt(snap, mixed, tmp_path)
     assert cached and {t.dtype for c in cached for t in c.values()} == {torch.bfloat16}
 
 
+def test_a_full_bf16_run_keeps_fp32_master_weights(snap, mixed, tmp_path):
+    """--full --dtype bf16 computes in bf16 but trains and saves fp32 weights: one step at lr 1e-6 moves each trained
+    weight by about 1e-6 (Adam's first step is lr * sign(gradient)), which bf16 weights (a step of ~1e-4 at 0.02)
+    would round away, and loading them in bf16 would move every weight by up to that much."""
+    out = tmp_path / "run"
+    assert train_lora.main(args_for(snap, mixed, out, "--full", "--steps", "1", "--dtype", "bf16", "--lr", "1e-6",
+                                    "--warmup", "0", "--buckets", BUCKETS, "--cache-dir", str(tmp_path / "cache"))) == 0
+    base, tuned = load_transformer(snap).state_dict(), load_transformer(str(out / "transformer")).state_dict()
+    moved = max((tuned[k] - base[k]).abs().max().item() for k in base)
+    assert 0 < moved <= 1e-5, moved
+
+
 def test_freeze_is_checked_before_any_weight_is_read(snap):
     info = read_model_info(snap)
     assert train_lora.check_freeze("patch_embed, *.norm1.*", info) == ["patch_embed", "*.norm1.*"]
