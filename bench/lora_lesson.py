@@ -5,8 +5,10 @@ and measure the lesson from pixels.
     python bench/lora_lesson.py --keep runs/lesson   # keep the clips and the LoRA (generate.py --lora runs/lesson/lora)
 
 1. Data, as train_lora.py reads it (name.gif + name.txt pairs): `--clips` cyan clips over every shape, motion and
-   background, and as many clips of the demo's training prompts. The second half is a prior-preservation set (as in
-   DreamBooth): without it the cheapest way to lower the loss is to make every colour a bit more cyan.
+   background, and `--prior-clips` (default as many) clips of the demo's training prompts. The second set is a
+   prior-preservation set (as in DreamBooth): without it the cheapest way to lower the loss is to make every colour a
+   bit more cyan. `--prior own` makes those clips with the model itself, as DreamBooth does (measured worse here:
+   the README's "What the shape cost comes from").
 2. train_lora.py on those clips, timed end to end (validation, caching, training, writing the file).
 3. Scored by shapes.evaluate before and after: every cyan prompt (36) with `--per-combo` seeds, and the held-out
    prompts with `--held-out-per-combo` seeds (the README's table uses 10: n = 280), to see what the lesson cost.
@@ -19,6 +21,7 @@ import tempfile
 import time
 
 import imageio.v3 as iio
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,12 +38,28 @@ COLOUR = "cyan"
 LESSON = [shapes.Attrs(COLOUR, s, m, b) for s in shapes.SHAPES for m in shapes.MOTIONS for b in shapes.BACKGROUNDS]
 
 
-def write_clips(folder: str, clips: int, seed: int) -> None:
-    """`clips` cyan clips and `clips` clips of the training prompts, as name.gif + name.txt."""
+def own_clips(model: str, n: int, seed: int, attrs_list, steps: int):
+    """n videos the model itself makes of prompts drawn from attrs_list (guidance 6), as make_clips returns them."""
+    rng = np.random.default_rng(seed)
+    picks = [attrs_list[i] for i in rng.integers(len(attrs_list), size=n)]
+    pipe = load_pipeline(model, device="cpu")
+    L = pipe.transformer.config.max_text_seq_length
+    videos = [shapes.from_tensor(generate(pipe, shapes.caption(a), seed=seed + i, num_inference_steps=steps,
+                                          guidance_scale=6.0, max_sequence_length=L, progress=False)[0] * 2 - 1)
+              for i, a in enumerate(picks)]  # (F, H, W, 3) uint8 each
+    return np.stack(videos), [shapes.caption(a) for a in picks]
+
+
+def write_clips(folder: str, clips: int, prior: int, seed: int, own: str | None = None, own_steps: int = 50) -> None:
+    """`clips` cyan clips and `prior` clips of the training prompts, as name.gif + name.txt; with `own` (a model
+    path) the prior clips are that model's own videos of those prompts, as DreamBooth's prior preservation uses."""
     train, _ = shapes.split()
     os.makedirs(folder)
-    for tag, attrs, s in (("new", LESSON, seed), ("old", train, seed + 1)):
-        videos, captions = shapes.make_clips(clips, s, attrs)
+    for tag, attrs, n, s in (("new", LESSON, clips, seed), ("old", train, prior, seed + 1)):
+        if tag == "old" and own:
+            videos, captions = own_clips(own, n, s, attrs, own_steps)
+        else:
+            videos, captions = shapes.make_clips(n, s, attrs)
         for i, (video, text) in enumerate(zip(videos, captions)):
             iio.imwrite(os.path.join(folder, f"{tag}{i:04d}.gif"), video, duration=125, loop=0)
             with open(os.path.join(folder, f"{tag}{i:04d}.txt"), "w") as f:
@@ -79,7 +98,10 @@ def peer_difference(model: str, lora_folder: str) -> tuple[float, float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="default: the bundled demo model (demo/shapes-tiny)")
-    p.add_argument("--clips", type=int, default=288, help="cyan clips (and as many old-colour clips)")
+    p.add_argument("--clips", type=int, default=288, help="cyan clips")
+    p.add_argument("--prior-clips", type=int, default=None, help="clips of the training prompts (default: --clips)")
+    p.add_argument("--prior", choices=("renders", "own"), default="renders",
+                   help="the prior clips: rendered by shapes.py, or the model's own videos of those prompts")
     p.add_argument("--train-steps", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rank", type=int, default=4)
@@ -98,7 +120,8 @@ def main(argv=None) -> int:
         return 2
     work = args.keep or tempfile.mkdtemp(prefix="lora-lesson-")
     data, out = os.path.join(work, "clips"), os.path.join(work, "lora")
-    write_clips(data, args.clips, seed=11)
+    prior = args.clips if args.prior_clips is None else args.prior_clips
+    write_clips(data, args.clips, prior, seed=11, own=model if args.prior == "own" else None)
 
     t0 = time.perf_counter()
     rc = train_lora.main(["--model", model, "--data", data, "--output", out, "--num-frames", "9", "--height", "64",
@@ -116,7 +139,8 @@ def main(argv=None) -> int:
             results[f"{prompts}, {name}"] = table
     err, span = peer_difference(model, out)
 
-    print(f"\nLoRA lesson on {model}: {2 * args.clips} clips ({args.clips} {COLOUR}), rank {args.rank}, "
+    print(f"\nLoRA lesson on {model}: {args.clips + prior} clips ({args.clips} {COLOUR}, prior: {args.prior}), "
+          f"rank {args.rank}, "
           f"{args.train_steps} steps of batch {args.batch_size}, lr {args.lr}, caption dropout {args.caption_dropout}, "
           f"fp32, {args.threads} threads: "
           f"train_lora.py took {minutes:.1f} min end to end; scored with {args.steps} DDIM steps, guidance 6")
