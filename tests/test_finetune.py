@@ -196,8 +196,9 @@ def test_full_resume_equals_the_uninterrupted_run(snap, mixed, full_run, tmp_pat
     shutil.copytree(full_run, copy, ignore=shutil.ignore_patterns("checkpoint-000004", "transformer"))
     shutil.copytree(os.path.join(full_run, "checkpoint-000002"), copy / "checkpoint-000002", dirs_exist_ok=True)
     assert train_lora.main(args_for(snap, mixed, copy, *FULL, "--resume", "latest")) == 0
-    said = capsys.readouterr().out
+    said, bar = capsys.readouterr()
     assert str(copy / "checkpoint-000002") in said and "patch_embed" in said  # what trains: all but the frozen
+    assert "2/4" in bar and "4/4" in bar  # the progress bar starts at the resumed step and counts to --steps
     a, b = weights(full_run), weights(str(copy))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert open(copy / "loss.jsonl").read() == open(os.path.join(full_run, "loss.jsonl")).read()
