@@ -7,6 +7,7 @@ the uninterrupted one bit for bit, frozen parameters stay the base's, and the tr
 diffusers' CogVideoXTransformer3DModel.from_pretrained with our outputs."""
 import json
 import os
+import re
 import shutil
 
 import imageio
@@ -198,7 +199,8 @@ def test_full_resume_equals_the_uninterrupted_run(snap, mixed, full_run, tmp_pat
     assert train_lora.main(args_for(snap, mixed, copy, *FULL, "--resume", "latest")) == 0
     said, bar = capsys.readouterr()
     assert str(copy / "checkpoint-000002") in said and "patch_embed" in said  # what trains: all but the frozen
-    assert "2/4" in bar and "4/4" in bar  # the progress bar starts at the resumed step and counts to --steps
+    assert "2/4" in bar and "4/4" in bar  # the progress bar starts at the resumed step and counts to --steps,
+    assert re.search(r"loss=[0-9]", bar) and re.search(r"lr=[0-9]", bar)  # showing the loss and the learning rate
     a, b = weights(full_run), weights(str(copy))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert open(copy / "loss.jsonl").read() == open(os.path.join(full_run, "loss.jsonl")).read()
