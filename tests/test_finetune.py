@@ -248,6 +248,7 @@ def test_a_full_run_in_bf16_renders_its_validation_prompt(snap, mixed, tmp_path)
                                     "--cache-dir", str(tmp_path / "cache"))) == 0
     video = imageio.v3.imread(out / "validation" / "step-000001.mp4", index=None)
     assert video.shape[0] > 1 and video.std() > 1
+    cli.check_folder(str(out), "--output")  # the renders are recorded as ours: a rerun may replace them
     cached = [load_file(os.path.join(b, f)) for b, _, fs in os.walk(tmp_path / "cache") for f in fs
               if f.endswith(".safetensors")]  # encoded in --dtype: half the disk of fp32
     assert cached and {t.dtype for c in cached for t in c.values()} == {torch.bfloat16}
