@@ -1235,6 +1235,36 @@ def diffusers_i2v_step(snap, data, cache, good, positions, num_frames, dropout):
     return loss.item(), net, image_latents
 
 
+def test_a_1_5_i2v_run_scales_the_condition_as_its_vae_config_says(snapshots, data, tmp_path):
+    """1.5-I2V divides the image latent by the scaling factor (its VAE config's invert_scale_latents) where 1.0
+    multiplies: the first loss a train_lora.py run logs (the LoRA's B starts at zero, so the model is the base one)
+    is the loss of its first batch built with the snapshot's flag, not of the same batch built without it."""
+    snap, frames, seed = snapshots("1.5-i2v"), I2V_FRAMES["1.5-i2v"], 7
+    info = read_model_info(snap)
+    assert info.vae.invert_scale_latents
+    out, cache = tmp_path / "run", str(tmp_path / "cache")
+    assert train_lora.main(["--model", snap, "--data", data, "--output", str(out), "--cache-dir", cache,
+                            "--num-frames", str(frames), "--height", "32", "--width", "32", "--batch-size", "4",
+                            "--steps", "1", "--seed", str(seed), "--no-gradient-checkpointing"]) == 0
+    logged = json.loads(open(out / "loss.jsonl").readline())["loss"]
+    settings = train_lora.cache_settings(snap, frames, 32, 32, MAX_TEXT, torch.float32, i2v=True)
+    good, problems = train_lora.validate(*train_lora.find_samples(data), cache, settings, frames)
+    items = [good[i] for i in train_lora.micro_batch(seed, 0, 4, [list(range(len(good)))])]
+    model = load_transformer(os.path.join(snap, "transformer"))
+    losses = []
+    for invert in (True, False):
+        x0, text, t, noise, cond = train_lora.make_batch(items, [(seed, p) for p in range(4)], cache,
+                                                         info.vae.scaling_factor, 1000, info.transformer.patch_size_t,
+                                                         True, invert)
+        with torch.no_grad():
+            losses.append(train_lora.diffusion_loss(model, info.scheduler, x0, text, t, noise, torch.float32, cond,
+                                                    train_lora.training_ofs(info.transformer.ofs_embed_dim, 4)).item())
+    # the two differ by ~1.5e-5 relative here (a random tiny model barely reads its condition): the bounds are 10x
+    # tighter than that, and the logged loss matched the flagged batch's to every digit
+    assert not problems and logged == pytest.approx(losses[0], rel=1e-6), (logged, losses)
+    assert losses[1] != pytest.approx(losses[0], rel=1e-6), (logged, losses)
+
+
 @pytest.mark.parametrize("family", ["5b-i2v", "1.5-i2v"])
 def test_i2v_training_step_matches_diffusers_script(snapshots, data, tmp_path, family):
     """One I2V step of train_lora (build_cache, make_batch, diffusion_loss, with our transformer) gives the loss and
