@@ -38,26 +38,27 @@ COLOUR = "cyan"
 LESSON = [shapes.Attrs(COLOUR, s, m, b) for s in shapes.SHAPES for m in shapes.MOTIONS for b in shapes.BACKGROUNDS]
 
 
-def own_clips(model: str, n: int, seed: int, attrs_list, steps: int):
-    """n videos the model itself makes of prompts drawn from attrs_list (guidance 6), as make_clips returns them."""
+def own_clips(model: str, n: int, seed: int, attrs_list):
+    """n videos the model itself makes of prompts drawn from attrs_list (generate.py's defaults: 50 DDIM steps,
+    guidance 6), as make_clips returns them."""
     rng = np.random.default_rng(seed)
     picks = [attrs_list[i] for i in rng.integers(len(attrs_list), size=n)]
     pipe = load_pipeline(model, device="cpu")
     L = pipe.transformer.config.max_text_seq_length
-    videos = [shapes.from_tensor(generate(pipe, shapes.caption(a), seed=seed + i, num_inference_steps=steps,
-                                          guidance_scale=6.0, max_sequence_length=L, progress=False)[0] * 2 - 1)
+    videos = [shapes.from_tensor(generate(pipe, shapes.caption(a), seed=seed + i, max_sequence_length=L,
+                                          progress=False)[0] * 2 - 1)
               for i, a in enumerate(picks)]  # (F, H, W, 3) uint8 each
     return np.stack(videos), [shapes.caption(a) for a in picks]
 
 
-def write_clips(folder: str, clips: int, prior: int, seed: int, own: str | None = None, own_steps: int = 50) -> None:
+def write_clips(folder: str, clips: int, prior: int, seed: int, own: str | None = None) -> None:
     """`clips` cyan clips and `prior` clips of the training prompts, as name.gif + name.txt; with `own` (a model
     path) the prior clips are that model's own videos of those prompts, as DreamBooth's prior preservation uses."""
     train, _ = shapes.split()
     os.makedirs(folder)
     for tag, attrs, n, s in (("new", LESSON, clips, seed), ("old", train, prior, seed + 1)):
         if tag == "old" and own:
-            videos, captions = own_clips(own, n, s, attrs, own_steps)
+            videos, captions = own_clips(own, n, s, attrs)
         else:
             videos, captions = shapes.make_clips(n, s, attrs)
         for i, (video, text) in enumerate(zip(videos, captions)):
