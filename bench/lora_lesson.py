@@ -40,15 +40,13 @@ LESSON = [shapes.Attrs(COLOUR, s, m, b) for s in shapes.SHAPES for m in shapes.M
 
 def own_clips(model: str, n: int, seed: int, attrs_list):
     """n videos the model itself makes of prompts drawn from attrs_list (generate.py's defaults: 50 DDIM steps,
-    guidance 6), as make_clips returns them."""
-    rng = np.random.default_rng(seed)
-    picks = [attrs_list[i] for i in rng.integers(len(attrs_list), size=n)]
+    guidance 6), as make_clips returns them: the prompts make_clips draws, so the renders' prior and this one match."""
+    _, captions = shapes.make_clips(n, seed, attrs_list)
     pipe = load_pipeline(model, device="cpu")
     L = pipe.transformer.config.max_text_seq_length
-    videos = [shapes.from_tensor(generate(pipe, shapes.caption(a), seed=seed + i, max_sequence_length=L,
-                                          progress=False)[0] * 2 - 1)
-              for i, a in enumerate(picks)]  # (F, H, W, 3) uint8 each
-    return np.stack(videos), [shapes.caption(a) for a in picks]
+    videos = [shapes.from_tensor(generate(pipe, c, seed=seed + i, max_sequence_length=L, progress=False)[0] * 2 - 1)
+              for i, c in enumerate(captions)]  # (F, H, W, 3) uint8 each
+    return np.stack(videos), captions
 
 
 def write_clips(folder: str, clips: int, prior: int, seed: int, own: str | None = None) -> None:
