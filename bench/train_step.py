@@ -12,7 +12,6 @@ process's peak RSS growth.
     python bench/train_step.py                 # 1 and 2 threads
     python bench/train_step.py --threads 2 --steps 20 --compile
 """
-import argparse
 import contextlib
 import dataclasses
 import os
@@ -27,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import cli  # noqa: E402
 import model as M  # noqa: E402
 import train_tiny  # noqa: E402
 from sampler import PRESETS as SCHEDULERS, add_noise, v_target  # noqa: E402
@@ -114,10 +114,10 @@ def run(threads, args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--steps", type=int, default=20, help="timed steps per implementation")
-    p.add_argument("--warmup", type=int, default=5)
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=cli.positive_int, nargs="+", default=[1, 2])
+    p.add_argument("--steps", type=cli.positive_int, default=20, help="timed steps per implementation")
+    p.add_argument("--warmup", type=cli.nonnegative_int, default=5)
     p.add_argument("--compile", action="store_true", help="also ours under torch.compile (needs a C++ compiler)")
     args = p.parse_args()
     for threads in args.threads:
