@@ -30,6 +30,7 @@ import cli  # noqa: E402
 import model as M  # noqa: E402
 import train_tiny  # noqa: E402
 from sampler import PRESETS as SCHEDULERS, add_noise, v_target  # noqa: E402
+from transformer import peer_rope, status_kb  # noqa: E402  (bench/transformer.py, beside this file)
 
 
 def make_step(net, call, bf16, attention):
@@ -59,11 +60,6 @@ def batches(n, cfg, tcfg, seed=0):
                torch.randint(0, 1000, (tcfg.dit_batch,), generator=g), torch.randn(x0.shape, generator=g))
 
 
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-
-
 def run(threads, args):
     from diffusers import CogVideoXTransformer3DModel
     from torch.utils.flop_counter import FlopCounterMode
@@ -79,14 +75,7 @@ def run(threads, args):
         if args.compile:
             ours["ours, compiled"] = M.load_transformer(tmp).train().requires_grad_(True)
     peer.train()
-    rope = None
-    if cfg.use_rotary_positional_embeddings:
-        from diffusers import CogVideoXPipeline
-        from types import SimpleNamespace
-        fake = SimpleNamespace(vae_scale_factor_spatial=8, transformer=peer)
-        frames = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
-        rope = CogVideoXPipeline._prepare_rotary_positional_embeddings(
-            fake, cfg.sample_height * 8, cfg.sample_width * 8, frames, torch.device("cpu"))
+    rope = peer_rope(peer, next(batches(1, cfg, tcfg))[0])
     steps = {"diffusers": make_step(peer, lambda x, c, t: peer(x, c, t, image_rotary_emb=rope, return_dict=False)[0],
                                     bf16, "default")}
     for name, net in ours.items():
@@ -97,16 +86,16 @@ def run(threads, args):
     flops = counter.get_total_flops()
     data = list(batches(args.warmup + args.steps, cfg, tcfg))
     times = {k: [] for k in steps}
-    rss0 = peak_rss_mb()
+    rss0 = status_kb("VmHWM") / 1024
     for i, batch in enumerate(data):
         for k in (list(steps) if i % 2 == 0 else list(steps)[::-1]):  # alternate: load from other jobs hits all
             t0 = time.perf_counter()
             steps[k](*batch)
             if i >= args.warmup:
                 times[k].append(time.perf_counter() - t0)
-    base = statistics.median(times["diffusers"])
+    base, grew = statistics.median(times["diffusers"]), status_kb("VmHWM") / 1024 - rss0
     print(f"\n{threads} thread(s), batch {tcfg.dit_batch}, {'bf16 autocast' if bf16 else 'fp32'}, "
-          f"{flops / 1e9:.1f} GFLOP a step, median of {args.steps} steps; peak RSS grew {peak_rss_mb() - rss0:.0f} MB")
+          f"{flops / 1e9:.1f} GFLOP a step, median of {args.steps} steps; peak RSS grew {grew:.0f} MB")
     print("| | ms / step | vs diffusers | GFLOP/s | 28,000 steps |\n|---|---:|---:|---:|---:|")
     for k, ts in times.items():
         s = statistics.median(ts)
